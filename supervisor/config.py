@@ -1,0 +1,529 @@
+"""Configuration: read `supervisor.toml`, validate it, and hand out frozen objects.
+
+The contract is DESIGN.md, "Contract: configuration (TOML)". The rules:
+
+* Every problem is collected and reported at once (`ConfigError.problems`),
+  each with the dotted key path it is about ("functions.hello.timeout") and a
+  message written for the person editing the file: what is wrong and what
+  is expected. A user fixing a config should need one round trip, not ten.
+* Unknown keys are errors: a typo (`timout`) must not be silently ignored.
+* Types are strict: TOML has real integers, booleans and strings, so `"4"`
+  where an integer belongs is a mistake, not something to coerce.
+* Durations are strings with a unit (`"250ms"`, `"10s"`, `"1.5m"`, `"2h"`);
+  a bare number is rejected because nobody can tell whether 10 means
+  seconds or milliseconds. Sizes are bytes (a TOML integer or `"1024"`) or
+  strings with a binary unit (`B`, `KiB`, `MiB`, `GiB`); decimal units
+  (`KB`, `MB`) are refused rather than guessed.
+* Relative paths (`code_dir`, `run_dir`) are relative to the config file's
+  directory, so a config means the same thing whatever the current directory.
+* The environment overrides the file: `ca_port` from `FC_SERVER_PORT`, else
+  `FC_CUSTOM_LISTEN_PORT`, else `CA_PORT` (the platform decides the port);
+  `run_dir` from `SUPERVISOR_RUN_DIR`. An empty variable counts as unset.
+* Importing handlers runs user code, so it is not part of validation:
+  `check_handlers` does it in throwaway subprocesses, on request.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tomllib
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from fractions import Fraction
+from pathlib import Path
+from typing import Annotated, Any, Literal, NamedTuple, TypeVar
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+
+
+class Problem(NamedTuple):
+    path: str  # dotted key path, e.g. "functions.hello.timeout"
+    message: str
+
+
+class ConfigError(Exception):
+    """A config that cannot be used; `problems` lists every reason."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = list(problems)
+        super().__init__(
+            "\n".join(f"{p.path}: {p.message}" if p.path else p.message for p in self.problems)
+        )
+
+
+# --- durations and sizes --------------------------------------------------------
+
+_DURATION_RE = re.compile(r"\s*(\d+(?:\.\d+)?|\.\d+)\s*(ms|s|m|h)\s*", re.ASCII)
+_DURATION_UNITS = {"ms": Fraction(1, 1000), "s": Fraction(1), "m": Fraction(60), "h": Fraction(3600)}
+_DURATION_HELP = "expected a duration such as '10s', '250ms', '1.5m' or '2h' (a number and a unit: ms, s, m, h)"
+
+_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?|\.\d+)\s*(B|KiB|MiB|GiB)?\s*", re.ASCII)
+_SIZE_UNITS = {None: 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
+_SIZE_HELP = "expected a size such as '6MiB', '512KiB', '1GiB', '100B' or a number of bytes"
+
+
+def parse_duration(text: str) -> float:
+    """'10s', '250ms', '1.5m', '2h' -> seconds. Raises ValueError with a user-facing message."""
+    match = _DURATION_RE.fullmatch(text)
+    if match is None:
+        if re.fullmatch(r"\s*[0-9]+(?:\.[0-9]+)?\s*", text):
+            raise ValueError(f"{text!r} has no unit; write e.g. '{text.strip()}s' or '{text.strip()}ms' (units: ms, s, m, h)")
+        raise ValueError(f"{_DURATION_HELP}, got {text!r}")
+    # Fraction keeps the arithmetic exact, so "3ms" is exactly 3/1000 rounded once.
+    return float(Fraction(match.group(1)) * _DURATION_UNITS[match.group(2)])
+
+
+def parse_size(text: str) -> int:
+    """'6MiB', '512KiB', '1GiB', '100B', '1024' -> bytes. Raises ValueError with a user-facing message."""
+    match = _SIZE_RE.fullmatch(text)
+    if match is None:
+        if re.fullmatch(r"\s*[\d.]+\s*[kKmMgGtT]i?[bB]?\s*", text):
+            raise ValueError(f"{text!r}: use binary units B, KiB, MiB or GiB (e.g. '256MiB'); decimal units like MB are not accepted")
+        raise ValueError(f"{_SIZE_HELP}, got {text!r}")
+    value = Fraction(match.group(1)) * _SIZE_UNITS[match.group(2)]
+    if value.denominator != 1:
+        raise ValueError(f"{text!r} is not a whole number of bytes")
+    return int(value)
+
+
+def _show(value: Any) -> str:
+    """A value as the user wrote it in TOML, short enough for one line."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "a list"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _duration(value: Any, info: ValidationInfo) -> Any:
+    if isinstance(value, str):
+        return parse_duration(value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not (info.context or {}).get("from_file"):
+            return value  # built in Python (tests, other modules): numbers are seconds
+        # The one mistake worth a precise hint: a TOML number without a unit.
+        raise ValueError(f"a duration needs a unit: write it as a string, e.g. \"{value}s\" or \"{value}ms\"")
+    raise ValueError(f"{_DURATION_HELP}, got {_show(value)}")
+
+
+def _size(value: Any) -> Any:
+    if isinstance(value, str):
+        return parse_size(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value  # a TOML integer is a number of bytes
+    raise ValueError(f"{_SIZE_HELP}, got {_show(value)}")
+
+
+def _directory(value: Any, info: ValidationInfo) -> Path:
+    if not isinstance(value, (str, Path)) or str(value) == "":
+        raise ValueError(f"expected a directory path as a string, got {_show(value)}")
+    base: Path = (info.context or {}).get("base_dir", Path.cwd())
+    path = (base / Path(value).expanduser()).resolve()
+    if not path.exists():
+        raise ValueError(f"directory {str(path)!r} does not exist (relative paths start at the config file's directory, {str(base)!r})")
+    if not path.is_dir():
+        raise ValueError(f"{str(path)!r} is not a directory")
+    return path
+
+
+def _run_dir(value: Any, info: ValidationInfo) -> Path:
+    if not isinstance(value, (str, Path)) or str(value) == "":
+        raise ValueError(f"expected a directory path as a string, got {_show(value)}")
+    # It need not exist yet: the supervisor creates it.
+    return (info.context or {}).get("base_dir", Path.cwd()) / Path(value).expanduser()
+
+
+Duration = Annotated[float, BeforeValidator(_duration), Field(ge=0)]
+PositiveDuration = Annotated[float, BeforeValidator(_duration), Field(gt=0)]
+Size = Annotated[int, BeforeValidator(_size), Field(gt=0)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+EnvName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+
+_ENTRY_RE = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")
+_NAME_RE = re.compile(r"[A-Za-z0-9_-]+")
+_PORT_ENV = ("FC_SERVER_PORT", "FC_CUSTOM_LISTEN_PORT", "CA_PORT")  # highest precedence first
+
+# --- the models -------------------------------------------------------------------
+
+# strict: TOML is typed, so coercing "4" to 4 would only hide a mistake.
+_MODEL_CONFIG = ConfigDict(strict=True, extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class Limits(BaseModel):
+    model_config = _MODEL_CONFIG
+
+    memory: Size | None = None  # bytes
+    cpu: Annotated[float, Field(gt=0)] | None = None  # cores
+    pids: Annotated[int, Field(ge=1)] | None = None
+    nofile: Annotated[int, Field(ge=1)] | None = None
+    user: str | None = None
+    network: Literal["inherit", "none"] = "inherit"
+    seccomp: bool = True
+    require_isolation: bool = False
+
+
+class FunctionConfig(BaseModel):
+    model_config = _MODEL_CONFIG
+
+    name: str
+    runtime: Literal["python", "custom", "lambda", "scf"] = "python"
+    handler: str | None = None
+    interface: Literal["event", "asgi", "wsgi"] = "event"
+    code_dir: Annotated[Path, BeforeValidator(_directory)]
+    initializer: str | None = None
+    pre_freeze: str | None = None
+    pre_stop: str | None = None
+    timeout: PositiveDuration = 60.0
+    concurrency: Annotated[int, Field(ge=1)] = 1
+    min_warm: Annotated[int, Field(ge=0)] = 1
+    max_workers: Annotated[int, Field(ge=1)] = 4
+    max_queue: Annotated[int, Field(ge=0)] = 64
+    idle_ttl: Duration = 60.0
+    shrink_strategy: Literal["lcc", "fifo", "filo"] = "lcc"
+    max_requests: Annotated[int, Field(ge=0)] = 0
+    recycle_memory_share: Annotated[float, Field(ge=0, le=1)] = 0.9
+    disposable: bool = False
+    max_body: Size = 6 << 20
+    env: dict[EnvName, str] = Field(default_factory=dict)
+    limits: Limits = Field(default_factory=Limits)
+    # TOML gives lists; strict mode would insist on tuples, so these two are lax.
+    command: tuple[str, ...] | None = Field(None, strict=False, min_length=1)
+    ready: str = "http:/"
+    startup_timeout: PositiveDuration = 15.0
+    hooks: tuple[Literal["initialize", "pre-freeze", "pre-stop"], ...] = Field((), strict=False)
+
+    @field_validator("handler", "initializer", "pre_freeze", "pre_stop")
+    @classmethod
+    def _entry_point(cls, value: str | None) -> str | None:
+        if value is not None and not _ENTRY_RE.fullmatch(value):
+            raise ValueError(f"expected \"module:callable\" (e.g. \"hello:handler\" or \"pkg.app:main\"), got {value!r}")
+        return value
+
+    @field_validator("ready")
+    @classmethod
+    def _ready(cls, value: str) -> str:
+        if value != "tcp" and not value.startswith("http:/"):
+            raise ValueError(f"expected \"tcp\" or \"http:/PATH\" (e.g. \"http:/\" or \"http:/healthz\"), got {value!r}")
+        return value
+
+
+class SupervisorSettings(BaseModel):
+    model_config = _MODEL_CONFIG
+
+    ca_port: Port = 9000
+    host: Annotated[str, Field(min_length=1)] = "0.0.0.0"
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] = 9464  # 0 disables
+    run_dir: Annotated[Path, BeforeValidator(_run_dir)] = Path("/tmp/ca-supervisor")
+    log_format: Literal["json", "console"] = "json"
+    default_function: str | None = None
+    grace_period: Duration = 30.0
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    supervisor: SupervisorSettings
+    functions: dict[str, FunctionConfig]  # in the file's order
+    path: Path | None = None
+
+    def function_for(self, name: str | None) -> FunctionConfig | None:
+        """The function a request naming `name` (or nothing) is for, as the HTTP contract says."""
+        if name is not None and name in self.functions:
+            return self.functions[name]
+        default = self.supervisor.default_function
+        if default is not None:
+            return self.functions.get(default)
+        if len(self.functions) == 1:
+            return next(iter(self.functions.values()))
+        return None
+
+
+# --- turning pydantic's errors into ours ------------------------------------------
+
+_M = TypeVar("_M", bound=BaseModel)
+
+
+def _path(prefix: str, loc: tuple[int | str, ...]) -> str:
+    path = prefix
+    for part in loc:
+        if part == "[key]":
+            continue  # a dict key's own error; the key is already the previous part
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path = f"{path}.{part}" if path else part
+    return path
+
+
+def _known_keys(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
+    """The keys allowed next to the last part of `loc` (for "did you mean")."""
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return []
+        model = field.annotation
+    return [key for key in model.model_fields if key != "name"]
+
+
+def _message(error: Mapping[str, Any], model: type[BaseModel]) -> str:
+    kind, ctx, got = error["type"], error.get("ctx") or {}, _show(error.get("input"))
+    if kind == "value_error":
+        return str(ctx.get("error", error["msg"]))
+    if kind == "extra_forbidden":
+        close = difflib.get_close_matches(str(error["loc"][-1]), _known_keys(model, error["loc"]), n=1)
+        return f"unknown key (did you mean {close[0]!r}?)" if close else "unknown key"
+    if kind == "missing":
+        return "missing (this key is required)"
+    if kind == "string_pattern_mismatch":
+        return f"{got} is not a valid environment variable name (letters, digits and _, not starting with a digit)"
+    simple = {
+        "int_type": "an integer", "float_type": "a number", "bool_type": "true or false",
+        "string_type": "a string", "dict_type": "a table", "model_type": "a table",
+        "model_attributes_type": "a table", "tuple_type": "a list", "list_type": "a list",
+    }
+    if kind in simple:
+        return f"expected {simple[kind]}, got {got}"
+    if kind == "literal_error":
+        return f"expected {ctx['expected']}, got {got}"
+    bounds = {"greater_than": "greater than {gt}", "greater_than_equal": "at least {ge}",
+              "less_than": "less than {lt}", "less_than_equal": "at most {le}"}
+    if kind in bounds:
+        return f"must be {bounds[kind].format(**ctx)}, got {got}"
+    if kind == "too_short":
+        return "must not be empty"
+    if kind == "string_too_short":
+        return "must not be an empty string"
+    if kind == "finite_number":
+        return f"expected a finite number, got {got}"
+    return str(error["msg"])  # not expected to happen; pydantic's words beat losing the problem
+
+
+def _validate(model: type[_M], data: Any, prefix: str, base_dir: Path) -> tuple[_M | None, list[Problem], set[str]]:
+    """Validate one table; the set names the top-level keys that failed."""
+    try:
+        return model.model_validate(data, context={"base_dir": base_dir, "from_file": True}), [], set()
+    except ValidationError as exc:
+        errors = exc.errors()
+        problems = [Problem(_path(prefix, e["loc"]), _message(e, model)) for e in errors]
+        return None, problems, {str(e["loc"][0]) for e in errors if e["loc"]}
+
+
+# --- the whole file -----------------------------------------------------------------
+
+_HOOK_FIELDS = ("initializer", "pre_freeze", "pre_stop")
+
+
+def _function_checks(prefix: str, raw: Mapping[str, Any], failed: set[str]) -> list[Problem]:
+    """Checks spanning several keys, run on every key that validated on its own.
+
+    They run even when other keys of the function are wrong, so a user sees
+    "min_warm > max_workers" together with the typo next to it.
+    """
+    values: dict[str, Any] = {
+        key: field.get_default(call_default_factory=True)
+        for key, field in FunctionConfig.model_fields.items()
+        if not field.is_required()
+    }
+    values.update({key: value for key, value in raw.items() if key not in failed})
+
+    def ok(*keys: str) -> bool:  # only judge keys that parsed on their own
+        return not failed.intersection(keys)
+
+    runtime, problems = values["runtime"], []
+    if ok("runtime") and runtime == "python":
+        if ok("handler") and values["handler"] is None:
+            problems.append(Problem(f"{prefix}.handler", 'missing: a python function needs handler = "module:callable", e.g. "hello:handler"'))
+        if ok("command") and "command" in raw:
+            problems.append(Problem(f"{prefix}.command", "only custom, lambda and scf functions take a command; a python function runs its handler"))
+    elif ok("runtime"):
+        if ok("command") and values["command"] is None:
+            problems.append(Problem(f"{prefix}.command", f'missing: a {runtime} function needs the command that starts it, e.g. command = ["./bootstrap"]'))
+        if ok("handler") and "handler" in raw:
+            problems.append(Problem(f"{prefix}.handler", f"only python functions take a handler; a {runtime} function runs its command"))
+        for key in _HOOK_FIELDS:
+            if ok(key) and key in raw:
+                problems.append(Problem(f"{prefix}.{key}", f'only python functions take {key}; a {runtime} function gets lifecycle calls through hooks = ["initialize", ...]'))
+        if ok("interface") and values["interface"] != "event":
+            problems.append(Problem(f"{prefix}.interface", f"only python functions take interface; a {runtime} function serves HTTP from its command"))
+    if ok("min_warm", "max_workers") and values["min_warm"] > values["max_workers"]:
+        problems.append(Problem(f"{prefix}.min_warm", f"min_warm ({values['min_warm']}) cannot exceed max_workers ({values['max_workers']})"))
+    return problems
+
+
+def _env_overrides(env: Mapping[str, str]) -> tuple[dict[str, Any], list[Problem]]:
+    update: dict[str, Any] = {}
+    for var in _PORT_ENV:
+        text = env.get(var, "")
+        if text == "":
+            continue
+        # The first variable that is set decides, even when it is bad: falling
+        # through to a lower one would listen where the platform does not expect.
+        if not re.fullmatch(r"\s*[0-9]+\s*", text) or not 1 <= int(text) <= 65535:
+            return update, [Problem(f"env.{var}", f"expected a port number 1..65535, got {text!r}")]
+        update["ca_port"] = int(text)
+        break
+    if env.get("SUPERVISOR_RUN_DIR"):
+        update["run_dir"] = Path(env["SUPERVISOR_RUN_DIR"])
+    return update, []
+
+
+def parse_config(data: Mapping[str, Any], base_dir: Path, env: Mapping[str, str], path: Path | None = None) -> Config:
+    """Validate parsed TOML; relative paths start at `base_dir`. Raises ConfigError with every problem."""
+    base_dir = base_dir.resolve()
+    problems = [Problem(str(key), "unknown key (expected [supervisor] and [functions.NAME] tables)")
+                for key in data if key not in ("supervisor", "functions")]
+
+    settings, found, _ = _validate(SupervisorSettings, data.get("supervisor", {}), "supervisor", base_dir)
+    problems += found
+    update, found = _env_overrides(env)
+    problems += found
+    if settings is not None:
+        settings = settings.model_copy(update=update)
+        if settings.metrics_port == settings.ca_port:
+            problems.append(Problem("supervisor.metrics_port", f"must differ from ca_port ({settings.ca_port}); use another port or 0 to disable metrics"))
+
+    functions: dict[str, FunctionConfig] = {}
+    tables = data.get("functions", {})
+    if not isinstance(tables, dict):
+        problems.append(Problem("functions", f"expected tables of functions such as [functions.hello], got {_show(tables)}"))
+        tables = {}
+    elif not tables:
+        problems.append(Problem("functions", "no function is configured; add one, e.g. [functions.hello] with a handler and code_dir"))
+    for name, raw in tables.items():
+        prefix = f"functions.{name}"
+        if not _NAME_RE.fullmatch(name):
+            problems.append(Problem(prefix, f"function name {name!r} may only contain letters, digits, '_' and '-' (it is used in metric labels and headers)"))
+        if isinstance(raw, dict) and "name" in raw:
+            problems.append(Problem(f"{prefix}.name", "unknown key (a function's name is its table name)"))
+            raw = {key: value for key, value in raw.items() if key != "name"}
+        function, found, failed = _validate(FunctionConfig, {**raw, "name": name} if isinstance(raw, dict) else raw, prefix, base_dir)
+        problems += found
+        if isinstance(raw, dict):
+            problems += _function_checks(prefix, raw, failed)
+        if function is not None:
+            functions[name] = function
+
+    # Read from the raw table so this is reported even when another [supervisor] key is bad.
+    raw_settings = data.get("supervisor", {})
+    default = raw_settings.get("default_function") if isinstance(raw_settings, dict) else None
+    if isinstance(default, str) and default not in tables:
+        known = ", ".join(map(repr, tables)) or "none"
+        problems.append(Problem("supervisor.default_function", f"{default!r} is not a configured function (configured: {known})"))
+
+    if problems or settings is None:
+        raise ConfigError(problems)
+    return Config(supervisor=settings, functions=functions, path=path)
+
+
+def load_config(path: Path, env: Mapping[str, str] | None = None) -> Config:
+    """Read and validate a TOML config file; env (default os.environ) overrides it."""
+    path = Path(path).absolute()
+    try:
+        with path.open("rb") as file:
+            data = tomllib.load(file)
+    except OSError as exc:
+        raise ConfigError([Problem(str(path), f"cannot read the config file: {exc.strerror or exc}")]) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([Problem(str(path), f"not valid TOML: {exc}")]) from exc
+    return parse_config(data, path.parent, os.environ if env is None else env, path)
+
+
+def bundled_config_path() -> Path:
+    """The example config shipped with the package (a wheel) or in the source tree."""
+    package_dir = Path(__file__).resolve().parent
+    bundled = package_dir / "_bundled" / "hello" / "supervisor.toml"
+    return bundled if bundled.exists() else package_dir.parent / "examples" / "hello" / "supervisor.toml"
+
+
+def resolve_config_path(cli_path: str | None, env: Mapping[str, str], cwd: Path) -> Path:
+    """--config, else $SUPERVISOR_CONFIG, else ./supervisor.toml if present, else the bundled example."""
+    for given in (cli_path, env.get("SUPERVISOR_CONFIG")):
+        if given:
+            return cwd / Path(given).expanduser()
+    local = cwd / "supervisor.toml"
+    return local if local.is_file() else bundled_config_path()
+
+
+# --- importing handlers, out of process ---------------------------------------------
+
+# Runs in a fresh interpreter inside code_dir. Results go to the real stdout
+# behind a marker, because user modules may print while they are imported.
+_CHECK_SCRIPT = r"""
+import importlib, json, sys
+marker, specs = sys.argv[1], json.loads(sys.argv[2])
+out, sys.stdout = sys.stdout, sys.stderr
+sys.path.insert(0, sys.argv[3])
+found = {}
+for key, spec in specs:
+    module_name, _, attrs = spec.partition(":")
+    try:
+        target = importlib.import_module(module_name)
+        for i, attr in enumerate(attrs.split(".")):
+            if not hasattr(target, attr):
+                owner = module_name if i == 0 else ".".join(attrs.split(".")[:i])
+                raise LookupError(f"{'module' if i == 0 else 'object'} {owner!r} has no attribute {attr!r}")
+            target = getattr(target, attr)
+        if not callable(target):
+            found[key] = f"{spec!r} is not callable (it is {type(target).__name__!r})"
+    except LookupError as exc:
+        found[key] = f"cannot import {spec!r}: {exc}"
+    except BaseException as exc:
+        found[key] = f"cannot import {spec!r}: {type(exc).__name__}: {exc}"
+out.write("\n" + marker + json.dumps(found) + "\n")
+out.flush()
+"""
+_MARKER = "@@ca-supervisor-check@@"
+
+
+def _check_function(function: FunctionConfig, timeout_s: float) -> list[Problem]:
+    prefix = f"functions.{function.name}"
+    specs = [(key, getattr(function, key)) for key in ("handler", *_HOOK_FIELDS) if getattr(function, key)]
+    env = {**os.environ, **function.env, "PYTHONDONTWRITEBYTECODE": "1"}
+    argv = [sys.executable, "-c", _CHECK_SCRIPT, _MARKER, json.dumps(specs), str(function.code_dir)]
+    # Its own session, so a timeout kills anything the module started too.
+    process = subprocess.Popen(argv, cwd=function.code_dir, env=env, stdin=subprocess.DEVNULL,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        try:
+            process.communicate(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass  # a grandchild escaped the group and holds the pipes; the verdict stands
+        names = ", ".join(repr(spec) for _, spec in specs)
+        return [Problem(prefix, f"importing {names} did not finish within {timeout_s:g}s; does a module block at import?")]
+    for line in reversed(stdout.decode(errors="replace").splitlines()):
+        if line.startswith(_MARKER):
+            found: dict[str, str] = json.loads(line[len(_MARKER):])
+            return [Problem(f"{prefix}.{key}", found[key]) for key, _ in specs if key in found]
+    tail = stderr.decode(errors="replace").strip().splitlines()[-3:]
+    return [Problem(prefix, f"checking the handlers crashed Python (exit code {process.returncode})" + (f": {' | '.join(tail)}" if tail else ""))]
+
+
+def check_handlers(config: Config, timeout_s: float = 20.0) -> list[Problem]:
+    """Import every python function's handler and hooks in a subprocess; [] when all resolve."""
+    functions = [f for f in config.functions.values() if f.runtime == "python"]
+    if not functions:
+        return []
+    # Threads, not asyncio: callers may already be inside an event loop.
+    with ThreadPoolExecutor(max_workers=len(functions)) as pool:
+        results = list(pool.map(lambda f: _check_function(f, timeout_s), functions))
+    return [problem for problems in results for problem in problems]
