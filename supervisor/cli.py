@@ -1,0 +1,438 @@
+"""The `supervisor` command line: run | validate | status | invoke.
+
+The contract is DESIGN.md, "Contract: command line". The rules:
+
+* Exit codes are part of the contract: `validate` 0 or 2; `status` 0 when
+  every component is running and the pools are ready, 3 when something is
+  not (or the control plane does not answer), 4 when no supervisor is
+  running; `invoke` 0 on a 2xx answer, 1 otherwise, 4 when no supervisor is
+  running. Usage errors exit 2 (argparse's convention).
+* Commands that talk to a running supervisor find its run directory by
+  `--run-dir`, else `$SUPERVISOR_RUN_DIR`, else the `run_dir` of the config
+  they would load (else `/tmp/ca-supervisor`, the default, when that config
+  does not load). `invoke` learns the CA port from supervisor.json; nothing
+  is assumed about a port.
+* stdout carries only the result (the table, the JSON object, the handler's
+  bytes); diagnostics go to stderr, so `supervisor status --json | jq` and
+  `supervisor invoke f > out.bin` stay clean.
+* Rendering is pure: `status_document`, `status_exit_code` and
+  `render_status` take a state dict and a StatusReply (or None) and a clock
+  reading, and do no I/O, so they are tested without processes.
+* Heavy imports (gRPC, pydantic via the config, the entry point) happen
+  inside the commands that need them: `validate` should not pay for gRPC,
+  and `status` should answer fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from supervisor.runstate import RunPaths, read_state, supervisor_alive
+
+if TYPE_CHECKING:
+    from supervisor.v1.control_pb2 import FunctionStatus, StatusReply
+
+DEFAULT_RUN_DIR = Path("/tmp/ca-supervisor")
+STATUS_TIMEOUT_S = 2.0
+
+EXIT_OK = 0
+EXIT_INVOKE_FAILED = 1
+EXIT_INVALID = 2
+EXIT_NOT_RUNNING_WELL = 3
+EXIT_NO_SUPERVISOR = 4
+
+# The contract's keys, in the contract's order. Components and workers carry
+# exactly these; function objects may carry more (init_error, mode counts...).
+COMPONENT_KEYS = ("name", "pid", "state", "restarts", "uptime_s")
+FUNCTION_KEYS = ("name", "runtime", "min_warm", "max_workers", "concurrency", "queue_depth", "inflight", "workers")
+WORKER_KEYS = ("id", "pid", "state", "inflight", "served", "age_s", "rss_bytes")
+
+
+# --- finding the supervisor ----------------------------------------------------------
+
+
+def resolve_run_dir(cli_run_dir: str | None, env: Mapping[str, str], cwd: Path,
+                    config_path: str | None = None) -> Path:
+    """--run-dir, else $SUPERVISOR_RUN_DIR, else the config's run_dir, else /tmp/ca-supervisor."""
+    # An empty variable counts as unset, as in the config's own env overrides.
+    for given in (cli_run_dir, env.get("SUPERVISOR_RUN_DIR")):
+        if given:
+            return (cwd / Path(given).expanduser()).absolute()
+    from supervisor.config import ConfigError, load_config, resolve_config_path
+
+    path = resolve_config_path(config_path, env, cwd)
+    try:
+        return load_config(path, env).supervisor.run_dir.absolute()
+    except (ConfigError, UnicodeDecodeError):
+        # A broken config must not stop us from looking at a supervisor that
+        # runs with the default; `validate` is where the config gets judged.
+        return DEFAULT_RUN_DIR
+
+
+def _no_supervisor(run_dir: Path) -> None:
+    print(f"no supervisor running in {run_dir}", file=sys.stderr)
+
+
+# --- status: pure rendering --------------------------------------------------------
+
+
+def _uptime(component: Mapping[str, Any], now_monotonic: float) -> float | None:
+    started = component.get("started_monotonic")
+    # Only a live process has an uptime; a component in backoff or exited
+    # keeps its last start time, which would read as a growing uptime.
+    if component.get("state") not in ("starting", "running") or not isinstance(started, (int, float)):
+        return None
+    return round(max(0.0, now_monotonic - float(started)), 3)
+
+
+def _component(component: Mapping[str, Any], now_monotonic: float) -> dict[str, Any]:
+    return {
+        "name": str(component.get("name", "?")),
+        "pid": component.get("pid"),
+        "state": str(component.get("state", "unknown")),
+        "restarts": int(component.get("restarts", 0) or 0),
+        "uptime_s": _uptime(component, now_monotonic),
+    }
+
+
+def _function(function: FunctionStatus) -> dict[str, Any]:
+    return {
+        "name": function.name,
+        "runtime": function.runtime,
+        "min_warm": function.min_warm,
+        "max_workers": function.max_workers,
+        "concurrency": function.concurrency,
+        "queue_depth": function.queue_depth,
+        "inflight": function.inflight,
+        "workers": [
+            {
+                "id": w.id,
+                "pid": w.pid,
+                "state": w.state,
+                "inflight": w.inflight,
+                "served": w.served,
+                "age_s": round(w.age_s, 3),
+                "rss_bytes": w.rss_bytes,
+            }
+            for w in function.workers
+        ],
+        # Extra keys are allowed inside function objects only.
+        "init_error": function.init_error or None,
+    }
+
+
+def status_document(state: Mapping[str, Any] | None, reply: StatusReply | None,
+                    now_monotonic: float) -> dict[str, Any]:
+    """The contract's `status --json` object from supervisor.json and GetStatus (None: no answer)."""
+    components = state.get("components", []) if state is not None else []
+    return {
+        # Not ready when the control plane did not answer: nobody vouched for it.
+        "ready": bool(reply is not None and reply.ready),
+        "components": [_component(c, now_monotonic) for c in components if isinstance(c, Mapping)],
+        "functions": [_function(f) for f in reply.functions] if reply is not None else [],
+    }
+
+
+def status_exit_code(document: Mapping[str, Any]) -> int:
+    """0 when every component is running and the supervisor is ready, else 3."""
+    components = document["components"]
+    # No component at all means the supervisor has not started its planes yet.
+    all_running = bool(components) and all(c["state"] == "running" for c in components)
+    return EXIT_OK if all_running and document["ready"] else EXIT_NOT_RUNNING_WELL
+
+
+def format_duration(seconds: float | None) -> str:
+    """H:MM:SS, as supervisorctl prints uptimes; '-' when unknown."""
+    if seconds is None:
+        return "-"
+    total = int(seconds)
+    return f"{total // 3600}:{total % 3600 // 60:02d}:{total % 60:02d}"
+
+
+def format_age(seconds: float) -> str:
+    """A compact age for worker rows: 4.2s, 3m07s, 2h05m, 3d04h."""
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    total = int(seconds)
+    if total < 3600:
+        return f"{total // 60}m{total % 60:02d}s"
+    if total < 86400:
+        return f"{total // 3600}h{total % 3600 // 60:02d}m"
+    return f"{total // 86400}d{total % 86400 // 3600:02d}h"
+
+
+def format_bytes(n: int) -> str:
+    """Binary units, as the config writes sizes: 512B, 12.3KiB, 48.0MiB, 1.2GiB."""
+    if n < 1024:
+        return f"{n}B"
+    value, unit = n / 1024, "KiB"
+    for bigger in ("MiB", "GiB", "TiB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, bigger
+    return f"{value:.1f}{unit}"
+
+
+_NAME_WIDTH = 32  # supervisorctl's column widths, so the output reads the same
+_STATE_WIDTH = 10
+_WORKER_HEADER = ("ID", "PID", "STATE", "INFLIGHT", "SERVED", "AGE", "RSS", "MODE")
+
+
+def render_status(state: Mapping[str, Any] | None, reply: StatusReply | None,
+                  now_monotonic: float) -> str:
+    """The human table: supervisor line, one line per component, then per function its workers."""
+    document = status_document(state, reply, now_monotonic)
+    lines: list[str] = []
+    if state is not None:
+        lines.append(
+            f"supervisor pid {state.get('pid', '-')}, {str(state.get('state', 'unknown')).upper()}, "
+            f"ready {'yes' if document['ready'] else 'no'}, CA port {state.get('ca_port', '-')}"
+        )
+    for c in document["components"]:
+        pid = "-" if c["pid"] is None else str(c["pid"])
+        lines.append(
+            f"{c['name']:<{_NAME_WIDTH - 1}} {c['state'].upper():<{_STATE_WIDTH}}"
+            f"pid {pid}, uptime {format_duration(c['uptime_s'])}, restarts {c['restarts']}"
+        )
+    if reply is None:
+        return "\n".join(lines) + "\n"
+    for function, raw in zip(document["functions"], reply.functions):
+        ready = sum(1 for w in function["workers"] if w["state"] in ("idle", "busy"))
+        lines.append("")
+        lines.append(
+            f"function {function['name']} ({function['runtime']}): "
+            f"workers {len(function['workers'])}/{function['max_workers']} "
+            f"({ready} ready, min_warm {function['min_warm']}), "
+            f"capacity {ready * function['concurrency']}, "
+            f"inflight {function['inflight']}, queue {function['queue_depth']}"
+        )
+        if function["init_error"]:
+            lines.append(f"  init error: {function['init_error']}")
+        if not function["workers"]:
+            lines.append("  (no workers)")
+            continue
+        rows = [_WORKER_HEADER] + [
+            (w["id"], str(w["pid"]), w["state"], str(w["inflight"]), str(w["served"]),
+             format_age(w["age_s"]), format_bytes(w["rss_bytes"]), ws.mode or "-")
+            for w, ws in zip(function["workers"], raw.workers)
+        ]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(_WORKER_HEADER))]
+        for row in rows:
+            # Numbers right-aligned so digits line up; text left-aligned.
+            cells = [cell.rjust(width) if i in (1, 3, 4, 5, 6) else cell.ljust(width)
+                     for i, (cell, width) in enumerate(zip(row, widths))]
+            lines.append("  " + "  ".join(cells).rstrip())
+    return "\n".join(lines) + "\n"
+
+
+# --- status: I/O -------------------------------------------------------------------
+
+
+def fetch_status(paths: RunPaths, timeout_s: float = STATUS_TIMEOUT_S) -> StatusReply:
+    """GetStatus over the control socket; raises grpc.RpcError when it does not answer."""
+    import grpc
+
+    from supervisor.v1 import control_pb2, control_pb2_grpc
+
+    # A unix socket never goes through a proxy, whatever http_proxy says.
+    with grpc.insecure_channel(paths.ctl_target, options=[("grpc.enable_http_proxy", 0)]) as channel:
+        stub = control_pb2_grpc.ControlPlaneStub(channel)
+        reply: StatusReply = stub.GetStatus(control_pb2.StatusRequest(), timeout=timeout_s)
+        return reply
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    run_dir = resolve_run_dir(args.run_dir, os.environ, Path.cwd(), args.config)
+    paths = RunPaths(run_dir)
+    state = read_state(paths) if supervisor_alive(paths) else None
+    if state is None:
+        _no_supervisor(run_dir)
+        if args.json:
+            print(json.dumps(status_document(None, None, time.monotonic())))
+        return EXIT_NO_SUPERVISOR
+    reply: StatusReply | None
+    try:
+        reply = fetch_status(paths)
+    except Exception as exc:  # grpc.RpcError, or a socket path gRPC refuses
+        reply = None
+        detail = exc.details() if hasattr(exc, "details") else str(exc)  # RpcError's readable part
+        print(f"control plane did not answer on {paths.control_sock}: {detail}", file=sys.stderr)
+    now = time.monotonic()
+    document = status_document(state, reply, now)
+    if args.json:
+        print(json.dumps(document))
+    else:
+        sys.stdout.write(render_status(state, reply, now))
+    code = status_exit_code(document)
+    return code
+
+
+# --- invoke ------------------------------------------------------------------------
+
+
+def read_payload(data: str | None) -> bytes:
+    """--data: a literal string, @FILE for a file's bytes, - for stdin's bytes; none is empty."""
+    if data is None:
+        return b""
+    if data == "-":
+        return sys.stdin.buffer.read()
+    if data.startswith("@"):
+        return Path(data[1:]).expanduser().read_bytes()
+    return data.encode()
+
+
+def invoke_url(state: Mapping[str, Any]) -> str:
+    """Where the running supervisor's CA port answers from this host."""
+    host = str(state.get("host") or "")
+    # A wildcard listener is reached over loopback; a specific address as is.
+    if host in ("", "0.0.0.0", "::", "[::]"):
+        host = "127.0.0.1"
+    elif ":" in host and not host.startswith("["):
+        host = f"[{host}]"  # an IPv6 literal in a URL
+    return f"http://{host}:{int(state['ca_port'])}/invoke"
+
+
+def cmd_invoke(args: argparse.Namespace) -> int:
+    try:
+        payload = read_payload(args.data)
+    except OSError as exc:
+        print(f"cannot read --data {args.data}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_INVALID
+    run_dir = resolve_run_dir(args.run_dir, os.environ, Path.cwd(), args.config)
+    paths = RunPaths(run_dir)
+    state = read_state(paths) if supervisor_alive(paths) else None
+    if state is None or not isinstance(state.get("ca_port"), int):
+        _no_supervisor(run_dir)
+        return EXIT_NO_SUPERVISOR
+    url = invoke_url(state)
+    request = urllib.request.Request(url, data=payload, method="POST", headers={
+        "x-fc-function-name": args.function,
+        "content-type": "application/octet-stream",
+    })
+    # No proxy handler: an http_proxy in the environment must not capture a
+    # request for this host's own port.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(request, timeout=args.timeout) as response:
+            body = response.read()
+    except urllib.error.HTTPError as exc:
+        body = exc.read()
+        request_id = exc.headers.get("x-fc-request-id", "-")
+        sys.stderr.buffer.write(body if body.endswith(b"\n") or not body else body + b"\n")
+        sys.stderr.buffer.flush()
+        print(f"HTTP {exc.code}, x-fc-request-id: {request_id}", file=sys.stderr)
+        return EXIT_INVOKE_FAILED
+    except (urllib.error.URLError, OSError) as exc:  # refused, reset, timed out
+        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+        print(f"invoke {args.function} at {url} failed: {reason}", file=sys.stderr)
+        return EXIT_INVOKE_FAILED
+    sys.stdout.buffer.write(body)
+    sys.stdout.buffer.flush()
+    return EXIT_OK
+
+
+# --- validate and run ----------------------------------------------------------------
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from supervisor.config import ConfigError, Problem, check_handlers, load_config, resolve_config_path
+
+    path = resolve_config_path(args.config, os.environ, Path.cwd())
+    try:
+        config = load_config(path)
+        problems = check_handlers(config)
+    except ConfigError as exc:
+        problems = exc.problems
+    except UnicodeDecodeError as exc:
+        # tomllib decodes before it parses and lets this one through.
+        problems = [Problem(str(path), f"not valid TOML: the file is not UTF-8 ({exc.reason} at byte {exc.start})")]
+    if problems:
+        for problem in problems:
+            print(f"{problem.path}: {problem.message}" if problem.path else problem.message, file=sys.stderr)
+        return EXIT_INVALID
+    names = list(config.functions)
+    noun = "function" if len(names) == 1 else "functions"
+    print(f"{path}: OK ({len(names)} {noun}: {', '.join(names)})")
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from supervisor.config import resolve_config_path
+    from supervisor.entry.main import run  # the whole process tree; only `run` needs it
+
+    return run(resolve_config_path(args.config, os.environ, Path.cwd()))
+
+
+# --- argument parsing --------------------------------------------------------------
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="supervisor",
+        description="Process supervisor for serverless custom containers: warm isolated worker pools behind one CA port.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    config_help = "config file (default: $SUPERVISOR_CONFIG, else ./supervisor.toml, else the bundled example)"
+    run_dir_help = "the running supervisor's run_dir (default: $SUPERVISOR_RUN_DIR, else the config's run_dir)"
+    # --config on status/invoke only chooses whose run_dir to look in.
+    find_config_help = "config whose run_dir to look in, when neither --run-dir nor $SUPERVISOR_RUN_DIR is given"
+
+    run = commands.add_parser("run", help="run the supervisor in the foreground until SIGTERM/SIGINT")
+    run.add_argument("--config", metavar="PATH", help=config_help)
+    run.set_defaults(handler=cmd_run)
+
+    validate = commands.add_parser("validate", help="check a config; exit 0, or print every problem and exit 2")
+    validate.add_argument("--config", metavar="PATH", help=config_help)
+    validate.set_defaults(handler=cmd_validate)
+
+    status = commands.add_parser("status", help="one look at a running supervisor (exit 0 all running, 3 not, 4 none)")
+    status.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    status.add_argument("--run-dir", metavar="DIR", help=run_dir_help)
+    status.add_argument("--config", metavar="PATH", help=find_config_help)
+    status.set_defaults(handler=cmd_status)
+
+    invoke = commands.add_parser("invoke", help="send one invocation to a running supervisor and print the result")
+    invoke.add_argument("function", metavar="FUNCTION")
+    invoke.add_argument("--data", metavar="STR|@FILE|-", help="the event: a string, @FILE for a file's bytes, - for stdin")
+    invoke.add_argument("--run-dir", metavar="DIR", help=run_dir_help)
+    invoke.add_argument("--config", metavar="PATH", help=find_config_help)
+    invoke.add_argument("--timeout", type=_positive_float, default=300.0, metavar="SECONDS",
+                        help="give up waiting for the answer after this long (default 300)")
+    invoke.set_defaults(handler=cmd_invoke)
+    return parser
+
+
+def dispatch(argv: Sequence[str] | None = None) -> int:
+    """Parse and run one command; returns its exit code (argparse errors raise SystemExit(2))."""
+    args = build_parser().parse_args(argv)
+    code: int = args.handler(args)
+    return code
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    """The `supervisor` console script."""
+    sys.exit(dispatch(argv))
+
+
+if __name__ == "__main__":
+    main()

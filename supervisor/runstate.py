@@ -1,0 +1,194 @@
+"""The run directory: the files a running supervisor leaves for the CLI and its planes.
+
+This module is the single owner of the file names in `run_dir` and of the
+format of `supervisor.json`; nothing else spells them out. The rules:
+
+* `supervisor.lock`: the supervisor holds an exclusive `flock` on it for its
+  whole life (`hold_lock`). The kernel drops the lock when the process dies,
+  however it dies, so "the lock is held" is the one fact that cannot go
+  stale. A pid in a file can: pids are reused, and a SIGKILLed supervisor
+  never cleans up.
+* `supervisor.json`: what the supervisor is doing, rewritten atomically on
+  every change (`write_state`: a temporary file in the same directory, then
+  `os.replace`), so a reader sees the old or the new document, never half of
+  one. Its shape:
+
+      {"pid": int, "ca_port": int, "host": str, "metrics_port": int,
+       "config": str, "state": "starting"|"running"|"draining"|"stopping",
+       "components": [{"name": "control-plane"|"data-plane"|"seed:<fn>",
+                       "pid": int|null,
+                       "state": "starting"|"running"|"backoff"|"exited"|"fatal",
+                       "restarts": int, "started_monotonic": float|null}]}
+
+  `started_monotonic` is the supervisor's `time.monotonic()` when it started
+  the component; CLOCK_MONOTONIC is system-wide, so any process on the host
+  computes the uptime as `time.monotonic() - started_monotonic`.
+* `control.sock` (the control plane's gRPC server, mode 0600) and
+  `worker.sock` (where workers dial the data plane).
+* A supervisor is alive only when all three agree (`supervisor_alive`): the
+  state file exists, its pid is alive, and the lock is held.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+LOCK_NAME = "supervisor.lock"
+STATE_NAME = "supervisor.json"
+CONTROL_SOCK_NAME = "control.sock"
+WORKER_SOCK_NAME = "worker.sock"
+
+# Readable by everyone: the state file holds no secrets, and an operator's
+# `supervisor status` may run as another user than the supervisor.
+STATE_MODE = 0o644
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where the files of one supervisor's run directory live."""
+
+    run_dir: Path
+
+    def __post_init__(self) -> None:
+        # Absolute once, so a later chdir cannot change what the paths mean
+        # and the gRPC target is valid from any working directory.
+        object.__setattr__(self, "run_dir", Path(self.run_dir).expanduser().absolute())
+
+    @property
+    def lock(self) -> Path:
+        return self.run_dir / LOCK_NAME
+
+    @property
+    def state(self) -> Path:
+        return self.run_dir / STATE_NAME
+
+    @property
+    def control_sock(self) -> Path:
+        return self.run_dir / CONTROL_SOCK_NAME
+
+    @property
+    def worker_sock(self) -> Path:
+        return self.run_dir / WORKER_SOCK_NAME
+
+    @property
+    def ctl_target(self) -> str:
+        """The gRPC target of the control plane ("unix:/abs/path")."""
+        return f"unix:{self.control_sock}"
+
+
+def write_state(paths: RunPaths, data: dict[str, Any]) -> None:
+    """Replace supervisor.json with `data`, atomically (readers never see a partial file)."""
+    payload = (json.dumps(data, separators=(",", ":")) + "\n").encode()
+    # Same directory as the target, so os.replace is a rename within one file
+    # system (atomic); a unique name, so concurrent writers never share a file.
+    fd, tmp = tempfile.mkstemp(prefix=f".{STATE_NAME}.", suffix=".tmp", dir=paths.run_dir)
+    try:
+        # mkstemp creates 0600; fchmod states the mode outright, whatever the umask.
+        os.fchmod(fd, STATE_MODE)
+        view = memoryview(payload)
+        while view:
+            view = view[os.write(fd, view):]
+        # No fsync: the file describes a live process; after a power loss
+        # there is no process left for it to describe.
+        os.close(fd)
+        fd = -1
+        os.replace(tmp, paths.state)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def read_state(paths: RunPaths) -> dict[str, Any] | None:
+    """supervisor.json as a dict; None when it is missing, unreadable or not a JSON object."""
+    try:
+        data = json.loads(paths.state.read_bytes())
+    except (OSError, ValueError):
+        # ValueError covers bad JSON and bad UTF-8: a file we cannot read is
+        # no evidence of a running supervisor.
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (zombies count: they are not reaped yet)."""
+    if pid <= 0:
+        return False  # 0 and negatives address process groups, not a process
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists; it just belongs to another user
+    return True
+
+
+def lock_held(paths: RunPaths) -> bool:
+    """Whether some process holds a flock on supervisor.lock."""
+    try:
+        fd = os.open(paths.lock, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False  # no lock file: nobody ever started here (or it was cleaned)
+    try:
+        # A fresh open file description: flock conflicts with every other
+        # description, including ones in this very process, so this also
+        # answers correctly when called from inside the supervisor.
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            return True
+        raise
+    else:
+        # We got it, so nobody holds it exclusively; closing the fd drops our
+        # probe at once, keeping the window in which a starting supervisor's
+        # LOCK_EX|LOCK_NB could fail as short as possible.
+        return False
+    finally:
+        os.close(fd)
+
+
+def supervisor_alive(paths: RunPaths) -> bool:
+    """True when the state file exists, its pid is alive and the lock is held."""
+    state = read_state(paths)
+    if state is None:
+        return False
+    pid = state.get("pid")
+    # bool is an int subclass; a JSON `true` is not a pid.
+    if not isinstance(pid, int) or isinstance(pid, bool) or not pid_alive(pid):
+        return False
+    return lock_held(paths)
+
+
+class AlreadyRunning(RuntimeError):
+    """Another supervisor holds the lock of this run directory."""
+
+
+def hold_lock(paths: RunPaths) -> int:
+    """Create the run dir if needed and take the exclusive lock; returns the fd to keep open.
+
+    The lock lasts as long as the fd (and its duplicates across fork) stays
+    open, so the supervisor keeps it for its whole life and never closes it.
+    O_CLOEXEC keeps exec'd children (planes, workers) from inheriting it: a
+    leaked worker must not make a dead supervisor look alive.
+    """
+    paths.run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise AlreadyRunning(f"another supervisor is running in {paths.run_dir}") from exc
+        raise
+    return fd
