@@ -1,0 +1,153 @@
+"""Starting, watching and killing worker processes (the I/O half of pools).
+
+Rules:
+- Workers are started with ``posix_spawn`` (vfork + exec in glibc): the
+  control plane runs gRPC threads, and forking a threaded process without
+  exec is never safe. The seed (a later stage) forks; this process never does.
+- Each worker is its own session and process group, so a kill reaches
+  everything it started. Its spec, with the one-time credential, travels on
+  fd 3 (a pipe), never in argv or the environment.
+- The environment is built, not inherited: the function's ``env``, FC's
+  documented variables and the few the runtime needs. Nothing else of the
+  supervisor's environment reaches user code.
+- Exits are observed through a pidfd on the event loop (no SIGCHLD handler,
+  no polling) and reaped here with ``waitpid`` on that pid only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from supervisor.config import FunctionConfig
+
+WORKER_ARGV = [sys.executable, "-m", "worker.main"]
+SPEC_FD = 3
+# Variables of the supervisor's own environment a worker may see.
+PASSTHROUGH_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "PYTHONPATH")
+RESET_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGQUIT)
+
+
+@dataclass(slots=True)
+class ExitStatus:
+    code: int | None  # exit code, or None when killed by a signal or unknown
+    signal: int | None
+
+    def describe(self) -> str:
+        if self.signal is not None:
+            try:
+                return f"killed by {signal.Signals(self.signal).name}"
+            except ValueError:
+                return f"killed by signal {self.signal}"
+        return f"exited with code {self.code}" if self.code is not None else "exited"
+
+
+@dataclass(slots=True)
+class Process:
+    pid: int
+    stdout_fd: int
+    stderr_fd: int
+    started_at: float = field(default_factory=time.monotonic)
+    exit: ExitStatus | None = None
+
+
+def worker_env(function: FunctionConfig, instance_id: str, base: Mapping[str, str]) -> dict[str, str]:
+    env = {key: base[key] for key in PASSTHROUGH_ENV if key in base}
+    env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
+    memory_mb = (function.limits.memory or 0) // (1024 * 1024)
+    env.update({
+        "FC_FUNCTION_NAME": function.name,
+        "FC_FUNCTION_HANDLER": function.handler or "",
+        "FC_FUNCTION_MEMORY_SIZE": str(memory_mb),
+        "FC_FUNCTION_TIMEOUT": str(int(function.timeout)),
+        "FC_INSTANCE_ID": instance_id,
+        "FC_RUNTIME": function.runtime,
+        "PYTHONUNBUFFERED": "1",
+        "HOME": base.get("HOME", "/tmp") if os.geteuid() != 0 else "/tmp",
+    })
+    env.update(function.env)
+    return env
+
+
+def spawn(spec: Mapping[str, Any], env: Mapping[str, str], cwd: str) -> Process:
+    """Starts ``python -m worker.main`` with ``spec`` on fd 3."""
+    spec_r, spec_w = os.pipe()
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    try:
+        if spec_r == SPEC_FD:  # dup2 onto itself would keep close-on-exec
+            moved = os.dup(spec_r)
+            os.close(spec_r)
+            spec_r = moved
+        pid = os.posix_spawn(
+            WORKER_ARGV[0], WORKER_ARGV, dict(env),
+            file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_DUP2, out_w, 1),
+                (os.POSIX_SPAWN_DUP2, err_w, 2),
+                (os.POSIX_SPAWN_DUP2, spec_r, SPEC_FD),
+            ],
+            setsid=True, setsigdef=RESET_SIGNALS, setsigmask=(),
+        )
+    except BaseException:
+        for fd in (out_r, err_r, spec_w):
+            os.close(fd)
+        raise
+    finally:
+        for fd in (spec_r, out_w, err_w):
+            os.close(fd)
+    payload = json.dumps(dict(spec)).encode()
+    try:
+        os.write(spec_w, payload)  # small: fits the pipe buffer, never blocks
+    except OSError:
+        pass  # the worker died already; its exit is observed like any other
+    finally:
+        os.close(spec_w)
+    return Process(pid=pid, stdout_fd=out_r, stderr_fd=err_r)
+
+
+def watch_exit(process: Process, on_exit: Callable[[Process], None]) -> None:
+    """Calls ``on_exit`` (on the loop) once the process has ended and is reaped."""
+    loop = asyncio.get_running_loop()
+    try:
+        pidfd = os.pidfd_open(process.pid)
+    except ProcessLookupError:
+        process.exit = _reap(process.pid)
+        loop.call_soon(on_exit, process)
+        return
+
+    def readable() -> None:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+        process.exit = _reap(process.pid)
+        on_exit(process)
+
+    loop.add_reader(pidfd, readable)
+
+
+def _reap(pid: int) -> ExitStatus:
+    try:
+        _, status = os.waitpid(pid, 0)
+    except ChildProcessError:  # not our child (adopted) or reaped elsewhere
+        return ExitStatus(None, None)
+    if os.WIFSIGNALED(status):
+        return ExitStatus(None, os.WTERMSIG(status))
+    return ExitStatus(os.waitstatus_to_exitcode(status), None)
+
+
+def signal_group(pid: int, sig: int) -> None:
+    """Signals the worker's whole process group (it leads its own session)."""
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass

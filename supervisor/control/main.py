@@ -1,0 +1,108 @@
+"""The control plane process: gRPC service on ``run_dir/control.sock``, pools.
+
+Started by the supervisor as ``python -m supervisor.control.main CONFIG``;
+writes ``READY`` on ``$SUPERVISOR_NOTIFY_FD`` once its socket is bound (mode
+0600: only the supervisor's user may talk to it).
+
+On SIGTERM/SIGINT it stops every worker gracefully (each finishes its
+in-flight work; SIGKILL after ``grace_period``) and exits 0. By then the
+supervisor has already drained the data plane, so no invocation is lost.
+If this process dies instead, its workers get SIGTERM from the kernel
+(parent-death signal), finish what they have, and exit; the restarted
+control plane starts fresh ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+import grpc
+from prometheus_client import CollectorRegistry
+
+from supervisor.config import load_config
+from supervisor.control.manager import PoolManager
+from supervisor.control.service import ControlPlaneService
+from supervisor.logs import configure_logging, get_logger
+from supervisor.metrics import ControlPlaneMetrics
+from supervisor.runstate import RunPaths
+from supervisor.v1 import control_pb2_grpc as rpc
+
+log = get_logger()
+
+
+async def amain(config_path: Path) -> int:
+    config = load_config(config_path)
+    configure_logging("control-plane", config.supervisor.log_format)
+    paths = RunPaths(config.supervisor.run_dir)
+    registry = CollectorRegistry(auto_describe=True)
+    manager = PoolManager(config, ControlPlaneMetrics(registry), sink=lambda event: None)
+    service = ControlPlaneService(manager, registry)
+
+    sock = paths.control_sock
+    if sock.exists() or sock.is_symlink():
+        sock.unlink()  # stale: the supervisor holds the run_dir lock
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 16 * 1024 * 1024)])
+    rpc.add_ControlPlaneServicer_to_server(service, server)
+    old_umask = os.umask(0o177)  # the socket is born 0600, no window where it is wider
+    try:
+        server.add_insecure_port(f"unix:{sock}")
+        await server.start()
+    finally:
+        os.umask(old_umask)
+    os.chmod(sock, 0o600)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("control plane listening", socket=str(sock))
+    notify_ready()
+
+    background = [asyncio.ensure_future(c) for c in (manager.run(), manager.poll_memory())]
+    stopped = asyncio.ensure_future(stop.wait())
+    done, _ = await asyncio.wait([stopped, *background], return_when=asyncio.FIRST_COMPLETED)
+    code = 0
+    if stopped not in done:
+        failed = next(iter(done))
+        log.error("control plane task died", error=repr(failed.exception()))
+        code = 1
+    manager.draining = True
+    # A second signal during the stop means: now.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: [t.cancel() for t in asyncio.all_tasks()])
+    try:
+        stopped_count = await manager.stop_all(config.supervisor.grace_period, "shutdown")
+        log.info("workers stopped", count=stopped_count)
+    except asyncio.CancelledError:
+        for record in list(manager.by_id.values()):
+            manager.kill(record, "shutdown")
+    for task in background:
+        task.cancel()
+    await server.stop(1.0)
+    log.info("control plane stopped")
+    return code
+
+
+def notify_ready() -> None:
+    fd = os.environ.pop("SUPERVISOR_NOTIFY_FD", None)
+    if fd is None:
+        return
+    try:
+        os.write(int(fd), b"READY\n")
+        os.close(int(fd))
+    except OSError:
+        pass
+
+
+def main() -> None:
+    code = asyncio.run(amain(Path(sys.argv[1])))
+    sys.stdout.flush()
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

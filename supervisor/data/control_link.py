@@ -1,0 +1,96 @@
+"""The data plane's gRPC session with the control plane.
+
+One ``Attach`` stream, kept open for the plane's whole life and re-opened
+with bounded backoff when the control plane restarts. Events for the control
+plane go through a bounded outbox; while no session is open they are
+dropped, because a new session starts with a full resend of this plane's
+state (``Router.resend_state``) instead of replaying stale deltas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+
+from supervisor.logs import get_logger
+from supervisor.v1 import control_pb2 as cpb
+from supervisor.v1 import control_pb2_grpc as rpc
+
+OUTBOX_LIMIT = 16384
+RECONNECT_MIN_S = 0.05
+RECONNECT_MAX_S = 1.0
+
+log = get_logger()
+
+
+class ControlLink:
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.channel = grpc.aio.insecure_channel(target, options=[("grpc.enable_retries", 0)])
+        self.stub = rpc.ControlPlaneStub(self.channel)
+        self._outbox: asyncio.Queue[cpb.DataPlaneEvent] | None = None
+        self._dropped = 0
+        self.attached = asyncio.Event()
+        self.on_event: Callable[[cpb.ControlEvent], None] = lambda event: None
+        self.on_attach: Callable[[], None] = lambda: None
+
+    def send(self, event: cpb.DataPlaneEvent) -> None:
+        outbox = self._outbox
+        if outbox is None:
+            return
+        try:
+            outbox.put_nowait(event)
+        except asyncio.QueueFull:
+            self._dropped += 1
+            if self._dropped in (1, 100, 10000):
+                log.warning("control plane outbox full; events dropped", dropped=self._dropped)
+
+    async def _events(self, outbox: asyncio.Queue[cpb.DataPlaneEvent]) -> AsyncIterator[cpb.DataPlaneEvent]:
+        yield cpb.DataPlaneEvent(hello=cpb.DataPlaneHello(pid=os.getpid()))
+        while True:
+            yield await outbox.get()
+
+    async def run(self) -> None:
+        delay = RECONNECT_MIN_S
+        while True:
+            outbox: asyncio.Queue[cpb.DataPlaneEvent] = asyncio.Queue(OUTBOX_LIMIT)
+            call = self.stub.Attach(self._events(outbox))
+            try:
+                first = True
+                async for event in call:
+                    if first:
+                        first = False
+                        self._outbox = outbox
+                        self.on_event(event)  # the snapshot
+                        self.attached.set()
+                        self.on_attach()
+                        delay = RECONNECT_MIN_S
+                        log.info("attached to the control plane")
+                        continue
+                    self.on_event(event)
+            except grpc.aio.AioRpcError as exc:
+                if self.attached.is_set():
+                    log.warning("control plane session lost; reconnecting", code=exc.code().name)
+            finally:
+                self._outbox = None
+                self.attached.clear()
+                call.cancel()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RECONNECT_MAX_S)
+
+    async def wait_ready(self, timeout_s: float) -> cpb.WaitReadyReply:
+        return await self.stub.WaitReady(cpb.WaitReadyRequest(timeout_s=timeout_s), timeout=timeout_s + 5)
+
+    async def stop_workers(self, grace_s: float, reason: str) -> cpb.StopWorkersReply:
+        return await self.stub.StopWorkers(cpb.StopWorkersRequest(grace_s=grace_s, reason=reason),
+                                           timeout=grace_s + 10)
+
+    async def metrics(self, openmetrics: bool) -> bytes:
+        reply = await self.stub.GetMetrics(cpb.MetricsRequest(openmetrics=openmetrics), timeout=2.0)
+        return reply.exposition
+
+    async def close(self) -> None:
+        await self.channel.close()

@@ -1,0 +1,192 @@
+"""The front HTTP server on the CA port: FC's contract as a raw ASGI callable.
+
+Served by uvicorn's httptools protocol (no web framework on the hot path).
+Routes: ``/invoke`` (event invocation), ``/initialize``, ``/pre-freeze``,
+``/pre-stop`` (lifecycle hooks, GET or POST), anything else an HTTP-trigger
+request (served by functions that speak HTTP; otherwise 404).
+
+Rules:
+- Every answer carries ``x-fc-request-id`` (the caller's, or a generated one).
+- Every failure is the contract's JSON (``errorType``, ``errorMessage``,
+  ``stackTrace`` for handler exceptions) with ``x-fc-status: 404`` and the
+  contract's status; see ``errors.py``.
+- A body over the function's ``max_body`` is refused from its Content-Length
+  before anything is read, or as soon as the limit is passed while reading;
+  nothing beyond the limit is buffered.
+"""
+
+from __future__ import annotations
+
+import sys
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+
+from supervisor.data import errors
+from supervisor.data.errors import InvocationError
+from supervisor.data.router import Router
+from supervisor.logs import get_logger
+from supervisor.v1 import worker_pb2 as wpb
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+log = get_logger()
+
+HOOK_PATHS = {"/initialize": "initialize", "/pre-freeze": "pre_freeze", "/pre-stop": "pre_stop"}
+EMPTY_START_HEADERS: list[tuple[bytes, bytes]] = []
+
+
+class ClientGone(Exception):
+    pass
+
+
+class Lifecycle:
+    """What the front needs from the plane for the lifecycle hooks."""
+
+    async def initialize(self, request_id: str) -> InvocationError | None:
+        raise NotImplementedError
+
+    async def pre_freeze(self, request_id: str) -> None:
+        raise NotImplementedError
+
+    async def pre_stop(self, request_id: str) -> None:
+        raise NotImplementedError
+
+
+class Front:
+    def __init__(self, router: Router, lifecycle: Lifecycle) -> None:
+        self.router = router
+        self.lifecycle = lifecycle
+        self.config = router.config
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        function_name: str | None = None
+        request_id: str | None = None
+        content_length = -1
+        fc_headers: list[wpb.Header] = []
+        for name, value in scope["headers"]:
+            text = value.decode("latin-1")
+            fc_headers.append(wpb.Header(name=name.decode("latin-1"), value=text))
+            if name == b"x-fc-request-id":
+                request_id = text
+            elif name == b"x-fc-function-name":
+                function_name = text
+            elif name == b"content-length":
+                content_length = int(value) if value.isdigit() else -1
+        if not request_id:
+            request_id = uuid.uuid4().hex
+            fc_headers.append(wpb.Header(name="x-fc-request-id", value=request_id))
+        rid = request_id.encode("latin-1")
+        path = scope["path"]
+        try:
+            if path == "/invoke":
+                await self._invoke(function_name, request_id, rid, fc_headers, content_length, receive, send)
+            elif path in HOOK_PATHS:
+                await self._hook(HOOK_PATHS[path], request_id, rid, send)
+            else:
+                raise errors.not_found(
+                    f"no function serves HTTP requests here ({scope['method']} {path}): "
+                    "event functions are invoked with POST /invoke")
+        except InvocationError as exc:
+            await self._send_error(send, exc, rid, request_id, function_name)
+        except ClientGone:
+            return
+
+    async def _invoke(self, function_name: str | None, request_id: str, rid: bytes, headers: list[wpb.Header],
+                      content_length: int, receive: Receive, send: Send) -> None:
+        config = self.config.function_for(function_name)
+        if config is None:
+            raise errors.not_found(f"no function named {function_name!r} is configured here"
+                                   if function_name else "no function named in x-fc-function-name and no "
+                                   "default_function configured")
+        function = self.router.functions[config.name]
+        try:
+            if content_length > config.max_body:
+                raise errors.payload_too_large(config.name, config.max_body)
+            body = await read_body(receive, config.max_body, config.name)
+            result = await self.router.invoke(function, "invoke", request_id, headers, body)
+        except InvocationError as exc:
+            function.series.outcome[exc.outcome].inc()
+            raise
+        if not result.ok:
+            function.series.outcome["error"].inc()
+            error = result.error
+            raise errors.handler_failed(error.error_type, error.error_message, error.stack_trace)
+        function.series.outcome["success"].inc()
+        response_headers = [(b"x-fc-request-id", rid), (b"content-length", str(len(result.body)).encode())]
+        if result.content_type:
+            response_headers.append((b"content-type", result.content_type.encode("latin-1")))
+        await send({"type": "http.response.start", "status": 200, "headers": response_headers})
+        await send({"type": "http.response.body", "body": result.body})
+
+    async def _hook(self, kind: str, request_id: str, rid: bytes, send: Send) -> None:
+        if kind == "initialize":
+            failure = await self.lifecycle.initialize(request_id)
+            if failure is not None:
+                raise failure
+        elif kind == "pre_freeze":
+            await self.lifecycle.pre_freeze(request_id)
+        else:
+            await self.lifecycle.pre_stop(request_id)
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"x-fc-request-id", rid), (b"content-length", b"0")]})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def _send_error(self, send: Send, exc: InvocationError, rid: bytes, request_id: str,
+                          function: str | None) -> None:
+        payload: dict[str, Any] = {"errorType": exc.error_type, "errorMessage": exc.message}
+        if exc.stack_trace:
+            payload["stackTrace"] = exc.stack_trace.rstrip("\n").split("\n")
+        body = orjson.dumps(payload)
+        headers = [(b"x-fc-request-id", rid), (b"x-fc-status", b"404"), (b"content-type", b"application/json"),
+                   (b"content-length", str(len(body)).encode()), *exc.headers]
+        if exc.retry_after is not None:
+            headers.append((b"retry-after", str(exc.retry_after).encode()))
+        if exc.status >= 500 and exc.status != 503:
+            log.warning("invocation failed", request_id=request_id, function=function, status=exc.status,
+                        error_type=exc.error_type, error_message=exc.message)
+        try:
+            await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+        except Exception:  # the client left; nothing more to do
+            return
+
+
+async def read_body(receive: Receive, limit: int, function: str) -> bytes:
+    """The whole request body, refusing it as soon as it passes ``limit``."""
+    message = await receive()
+    if message["type"] == "http.disconnect":
+        raise ClientGone()
+    body: bytes = message.get("body", b"")
+    if not message.get("more_body"):
+        if len(body) > limit:
+            raise errors.payload_too_large(function, limit)
+        return body
+    chunks = [body]
+    size = len(body)
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone()
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise errors.payload_too_large(function, limit)
+        chunks.append(chunk)
+        if not message.get("more_body"):
+            return b"".join(chunks)
+
+
+def flush_stdio() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+

@@ -1,0 +1,240 @@
+"""The data plane process: front HTTP server, worker socket, metrics port.
+
+Started by the supervisor as ``python -m supervisor.data.main CONFIG``. It
+tells the supervisor it is up by writing ``READY`` on the file descriptor in
+``$SUPERVISOR_NOTIFY_FD`` once its three listeners are bound.
+
+Shutdown (SIGTERM or SIGINT, from the supervisor): stop taking invocations
+(503 ShuttingDownError), let in-flight and queued ones finish within
+``grace_period``, then exit 0. A second signal exits at once. ``/pre-stop``
+does the same drain and also runs the ``pre_stop`` hooks and stops the
+workers, but keeps the plane up answering 503 until the platform's SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import grpc
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS_CONTENT_TYPE
+
+from supervisor.clock import AwakeClock
+from supervisor.config import Config, load_config
+from supervisor.data import errors
+from supervisor.data.control_link import ControlLink
+from supervisor.data.errors import InvocationError
+from supervisor.data.front import Front, Lifecycle, flush_stdio
+from supervisor.data.http_server import HttpServer
+from supervisor.data.links import WorkerLink
+from supervisor.data.router import Router
+from supervisor.logs import configure_logging, get_logger
+from supervisor.metrics import DataPlaneMetrics, LiveCollector, exposition, merge_expositions
+from supervisor.runstate import RunPaths, read_state
+
+log = get_logger()
+INITIALIZE_TIMEOUT_S = 120.0  # FC's own limit for an instance's initialization
+
+
+class DataPlane(Lifecycle):
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.paths = RunPaths(config.supervisor.run_dir)
+        self.clock = AwakeClock()
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.metrics = DataPlaneMetrics(self.registry)
+        self.control = ControlLink(self.paths.ctl_target)
+        self.router = Router(config, self.metrics, self.clock, self.control.send)
+        self.control.on_event = self.router.on_control_event
+        self.control.on_attach = self.router.resend_state
+        self.registry.register(LiveCollector(self.router.ready, self.router.pool_views, self._restarts))
+        settings = config.supervisor
+        self.front = HttpServer(Front(self.router, self), settings.host, settings.ca_port)
+        self.metrics_server = (HttpServer(self.metrics_app, settings.host, settings.metrics_port)
+                               if settings.metrics_port else None)
+        self.worker_server: asyncio.Server | None = None
+        self.stopped = asyncio.Event()
+        self._stop_requests = 0
+        self._drain_lock = asyncio.Lock()
+        self._workers_stopped = False
+
+    # ---- startup -----------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        sock_path = self.paths.worker_sock
+        # The supervisor holds the run_dir lock, so a socket file here is stale.
+        if sock_path.exists() or sock_path.is_symlink():
+            sock_path.unlink()
+        self.worker_server = await loop.create_unix_server(lambda: WorkerLink(self.router), str(sock_path),
+                                                           backlog=1024)
+        # Workers may run as other users; the credential, not the mode, is the gate.
+        os.chmod(sock_path, 0o666)
+        await self.front.start()
+        if self.metrics_server is not None:
+            await self.metrics_server.start()
+        log.info("data plane listening", ca_port=self.config.supervisor.ca_port,
+                 metrics_port=self.config.supervisor.metrics_port, worker_socket=str(sock_path))
+        notify_ready()
+
+    # ---- lifecycle hooks (FC) ----------------------------------------------
+
+    async def initialize(self, request_id: str) -> InvocationError | None:
+        log.info("FC Initialize Start RequestId: " + request_id, request_id=request_id)
+        try:
+            reply = await self.control.wait_ready(INITIALIZE_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            return InvocationError(503, "ControlPlaneUnavailableError",
+                                   f"the control plane did not answer: {exc.code().name}", "rejected", retry_after=1)
+        finally:
+            log.info("FC Initialize End RequestId: " + request_id, request_id=request_id)
+        if reply.ok:
+            return None
+        return InvocationError(404, "InitializationError",
+                               f"function {reply.function!r} failed to initialize: "
+                               f"{reply.error_type}: {reply.error_message}", "error")
+
+    async def pre_freeze(self, request_id: str) -> None:
+        log.info("FC PreFreeze Start RequestId: " + request_id, request_id=request_id)
+        for worker, result in await self.router.run_hook("pre_freeze", request_id, self._hook_timeout()):
+            if not result.ok:
+                log.error("pre_freeze hook failed", worker=worker, request_id=request_id,
+                          error_type=result.error.error_type, error_message=result.error.error_message)
+        # Freeze-safety: timers measure awake time; note "now" so the pause
+        # that follows counts as a freeze, not as work.
+        self.clock.note()
+        log.info("FC PreFreeze End RequestId: " + request_id, request_id=request_id)
+        flush_stdio()
+
+    async def pre_stop(self, request_id: str) -> None:
+        log.info("FC PreStop Start RequestId: " + request_id, request_id=request_id)
+        await self.drain()
+        if not self._workers_stopped:
+            for worker, result in await self.router.run_hook("pre_stop", request_id, self._hook_timeout()):
+                if not result.ok:
+                    log.error("pre_stop hook failed", worker=worker, request_id=request_id,
+                              error_type=result.error.error_type, error_message=result.error.error_message)
+            try:
+                await self.control.stop_workers(self.config.supervisor.grace_period, "shutdown")
+                self._workers_stopped = True
+            except grpc.aio.AioRpcError as exc:
+                log.error("control plane did not stop the workers", code=exc.code().name)
+        log.info("FC PreStop End RequestId: " + request_id, request_id=request_id)
+        flush_stdio()
+
+    def _hook_timeout(self) -> float:
+        return max(f.timeout for f in self.config.functions.values())
+
+    async def drain(self) -> bool:
+        """Takes no new invocations; waits for the accepted ones (grace_period)."""
+        async with self._drain_lock:
+            if not self.router.draining:
+                self.router.draining = True
+                log.info("draining", grace_period_s=self.config.supervisor.grace_period)
+            loop = asyncio.get_running_loop()
+            clean = await self.router.wait_idle(loop.time() + self.config.supervisor.grace_period)
+            if not clean:
+                log.warning("grace period over with invocations still running")
+            return clean
+
+    # ---- metrics port ------------------------------------------------------
+
+    async def metrics_app(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        path = scope["path"]
+        status, content_type, body = 404, b"text/plain", b"not found\n"
+        if path == "/metrics":
+            accept = next((v.decode() for k, v in scope["headers"] if k == b"accept"), "")
+            openmetrics = "application/openmetrics-text" in accept
+            parts = [exposition(self.registry, openmetrics)]
+            try:
+                parts.append(await self.control.metrics(openmetrics))
+            except grpc.aio.AioRpcError:
+                pass  # the control plane is restarting; its series return with it
+            status, body = 200, merge_expositions(parts, openmetrics)
+            content_type = (OPENMETRICS_CONTENT_TYPE if openmetrics else CONTENT_TYPE_LATEST).encode()
+        elif path == "/healthz":
+            status, body = 200, b"ok\n"
+        elif path == "/readyz":
+            ready = self.router.ready()
+            status, body = (200, b"ready\n") if ready else (503, b"not ready\n")
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    def _restarts(self) -> dict[str, int]:
+        state = read_state(self.paths) or {}
+        return {c["name"]: int(c.get("restarts", 0)) for c in state.get("components", []) if "name" in c}
+
+    # ---- shutdown ----------------------------------------------------------
+
+    def request_stop(self) -> None:
+        self._stop_requests += 1
+        if self._stop_requests == 1:
+            asyncio.ensure_future(self._graceful_stop())
+        else:
+            log.warning("second stop signal: exiting now")
+            self.stopped.set()
+
+    async def _graceful_stop(self) -> None:
+        await self.drain()
+        await self.front.shutdown(5.0)
+        self.stopped.set()
+
+
+def notify_ready() -> None:
+    fd = os.environ.pop("SUPERVISOR_NOTIFY_FD", None)
+    if fd is None:
+        return
+    try:
+        os.write(int(fd), b"READY\n")
+        os.close(int(fd))
+    except OSError:
+        pass
+
+
+async def amain(config_path: Path) -> int:
+    config = load_config(config_path)
+    configure_logging("data-plane", config.supervisor.log_format)
+    plane = DataPlane(config)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, plane.request_stop)
+    await plane.start()
+    background = [asyncio.ensure_future(coro) for coro in (
+        plane.clock.run(), plane.router.sweep(), plane.router.report_demand(), plane.control.run())]
+    stopped = asyncio.ensure_future(plane.stopped.wait())
+    done, _ = await asyncio.wait([stopped, *background], return_when=asyncio.FIRST_COMPLETED)
+    failed = [t for t in done if t is not stopped]
+    for task in background:
+        task.cancel()
+    if failed:
+        # A background task must never end: the plane is broken; let the supervisor restart it.
+        log.error("data plane task died", error=repr(failed[0].exception()))
+        return 1
+    if plane.metrics_server is not None:
+        plane.metrics_server.stop_accepting()
+    await plane.control.close()
+    log.info("data plane stopped")
+    return 0
+
+
+def main() -> None:
+    import uvloop
+
+    code = uvloop.run(amain(Path(sys.argv[1])))
+    flush_stdio()
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
+
+__all__ = ["errors"]

@@ -1,0 +1,459 @@
+"""The data plane's request path and its view of the workers.
+
+``Router`` executes what the pure ``PoolDispatch`` decides: it hands slots
+to waiting invocations, sends frames to workers, answers with the contract's
+errors, and keeps the control plane informed (worker sessions, readiness,
+demand) through an outbox. It never spawns or kills a process itself: it
+asks the control plane to.
+
+Rules:
+- Per invocation the path is: acquire a slot (or queue) -> one INVOKE frame
+  -> await the RESULT future -> release the slot. No task, timer or gRPC call
+  is created per invocation; deadlines are enforced by one sweeper that
+  looks at all in-flight and queued invocations every ``SWEEP_S`` seconds,
+  in freeze-safe awake time (``supervisor.clock``).
+- A worker whose invocation timed out takes no more work and is killed by
+  the control plane; only the invocations on it fail.
+- When a worker's connection drops, its in-flight invocations fail with the
+  cause the control plane reports (crash, OOM), waited for at most
+  ``CAUSE_WAIT_S``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from supervisor import wire
+from supervisor.clock import AwakeClock
+from supervisor.config import Config, FunctionConfig
+from supervisor.data import errors
+from supervisor.data.dispatcher import PoolDispatch, Slotted, Waiter, WorkerState
+from supervisor.data.links import WorkerLink
+from supervisor.logs import get_logger
+from supervisor.metrics import DataPlaneMetrics, FunctionSeries, PoolView
+from supervisor.v1 import control_pb2 as cpb
+from supervisor.v1 import worker_pb2 as wpb
+
+SWEEP_S = 0.05
+CAUSE_WAIT_S = 0.5
+UNKNOWN_WORKER_WAIT_S = 3.0
+DEMAND_INTERVAL_S = 0.1
+DEMAND_HEARTBEAT_S = 2.0
+
+log = get_logger()
+
+Outbox = Callable[[cpb.DataPlaneEvent], None]
+
+
+class FunctionState:
+    """Everything the data plane keeps for one function."""
+
+    __slots__ = ("config", "pool", "series", "health", "demand_sent", "demand_at")
+
+    def __init__(self, config: FunctionConfig, series: FunctionSeries) -> None:
+        self.config = config
+        self.pool = PoolDispatch(config.name, config.concurrency, config.max_queue)
+        self.series = series
+        self.health = cpb.PoolHealth(function=config.name)
+        self.demand_sent: tuple[int, int, int] = (-1, -1, -1)
+        self.demand_at = 0.0
+
+
+class Router:
+    def __init__(self, config: Config, metrics: DataPlaneMetrics, clock: AwakeClock, outbox: Outbox) -> None:
+        self.config = config
+        self.clock = clock
+        self.outbox = outbox
+        self.functions: dict[str, FunctionState] = {
+            name: FunctionState(fn, metrics.function(name)) for name, fn in config.functions.items()}
+        self.expected: dict[str, cpb.WorkerAdded] = {}
+        self.links: dict[str, WorkerLink] = {}
+        self.causes: dict[str, cpb.WorkerRemoved] = {}
+        self._known_waiters: dict[str, asyncio.Future[None]] = {}
+        self._lost: dict[str, asyncio.Future[None]] = {}
+        self.draining = False
+        self.snapshot_seen = asyncio.Event()
+        self.idle_changed = asyncio.Event()
+        self.loop = asyncio.get_running_loop()
+
+    # ==== the request path ================================================
+
+    async def invoke(self, function: FunctionState, kind: str, request_id: str,
+                     headers: list[wpb.Header], body: bytes) -> wpb.Result:
+        """Runs one invocation on a worker; raises ``InvocationError``."""
+        if self.draining:
+            raise errors.shutting_down()
+        pool = function.pool
+        series = function.series
+        worker = pool.acquire()
+        if worker is None:
+            worker = await self._wait_for_slot(function)
+        else:
+            series.queue_wait.observe(0.0)
+        assert isinstance(worker, WorkerLink)
+        config = function.config
+        started = time.perf_counter()
+        message = wpb.Invoke(request_id=request_id, kind=kind, headers=headers,
+                             timeout_ms=int(config.timeout * 1000), body=body)
+        future = worker.call(message, self.clock.awake() + config.timeout, self.loop)
+        try:
+            payload = await future
+        finally:
+            future.cancel()
+            self._release(function, worker)
+        series.duration.observe(time.perf_counter() - started)
+        return wpb.Result.FromString(payload)
+
+    async def _wait_for_slot(self, function: FunctionState) -> Slotted:
+        pool = function.pool
+        health = function.health
+        if health.init_failed and not pool.ready_count():
+            raise errors.init_failed(function.config.name, health.error_type, health.error_message)
+        future: asyncio.Future[Slotted] = self.loop.create_future()
+        waiter = Waiter(future, self.clock.awake())
+        if not pool.enqueue(waiter):
+            raise errors.too_many_requests(function.config.name,
+                                           f"all workers are busy and the queue is full (max_queue={pool.max_queue})")
+        self._report_demand(function, urgent=True)
+        started = time.perf_counter()
+        try:
+            worker = await future
+        except asyncio.CancelledError:
+            pool.cancel(waiter)
+            if future.done() and not future.cancelled() and future.exception() is None:
+                self._give_back(function, future.result())
+            raise
+        function.series.queue_wait.observe(time.perf_counter() - started)
+        return worker
+
+    def _release(self, function: FunctionState, worker: Slotted) -> None:
+        self._hand_over(function, function.pool.release(worker, self.clock.awake()))
+        if not worker.inflight:
+            self.idle_changed.set()
+        if function.pool.queue_depth or function.pool.inflight == 0:
+            self._report_demand(function)
+
+    def _give_back(self, function: FunctionState, worker: Slotted) -> None:
+        self._hand_over(function, function.pool.give_back(worker))
+
+    def _hand_over(self, function: FunctionState, assignments: list[tuple[Waiter, Slotted]]) -> None:
+        for waiter, worker in assignments:
+            future = waiter.token
+            if future.done():  # its invocation was cancelled meanwhile
+                self._give_back(function, worker)
+            else:
+                future.set_result(worker)
+
+    # ==== deadlines =======================================================
+
+    async def sweep(self) -> None:
+        """Times out invocations and queue waits, in awake time."""
+        while True:
+            await asyncio.sleep(SWEEP_S)
+            now = self.clock.note()
+            for link in list(self.links.values()):
+                if link.pending:
+                    expired = [(s, c) for s, c in link.pending.items() if c.deadline <= now]
+                    if expired:
+                        self._timeout(link, expired)
+            for function in self.functions.values():
+                if function.pool.queue_depth:
+                    limit = now - function.config.timeout
+                    for waiter in function.pool.expire(limit):
+                        if not waiter.token.done():
+                            waiter.token.set_exception(errors.too_many_requests(
+                                function.config.name,
+                                f"no worker slot freed within {function.config.timeout:g}s (the function's timeout)"))
+
+    def _timeout(self, link: WorkerLink, expired: list[tuple[int, Any]]) -> None:
+        function = self.functions.get(link.function)
+        if function is None:
+            return
+        for stream, call in expired:
+            link.pending.pop(stream, None)
+            if not call.future.done():
+                call.future.set_exception(errors.timed_out(link.function, function.config.timeout))
+            log.warning("invocation timed out; killing its worker", request_id=call.request_id,
+                        function=link.function, worker=link.worker_id, timeout_s=function.config.timeout)
+        if link.state != WorkerState.GONE:
+            function.pool.drain(link)
+            self.outbox(cpb.DataPlaneEvent(kill=cpb.KillWorker(worker_id=link.worker_id, reason="timeout")))
+
+    # ==== worker links ====================================================
+
+    def on_hello(self, link: WorkerLink, hello: wpb.WorkerHello) -> None:
+        expected = self.expected.get(hello.worker_id)
+        if expected is None:
+            # The control plane's WorkerAdded may still be on its way.
+            asyncio.ensure_future(self._hello_later(link, hello))
+        else:
+            self._authenticate(link, hello, expected)
+
+    async def _hello_later(self, link: WorkerLink, hello: wpb.WorkerHello) -> None:
+        waiter = self._known_waiters.setdefault(hello.worker_id, self.loop.create_future())
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter), UNKNOWN_WORKER_WAIT_S)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            self._known_waiters.pop(hello.worker_id, None)
+        expected = self.expected.get(hello.worker_id)
+        if expected is None:
+            self._refuse(link, hello.worker_id, "unknown worker")
+        else:
+            self._authenticate(link, hello, expected)
+
+    def _authenticate(self, link: WorkerLink, hello: wpb.WorkerHello, expected: cpb.WorkerAdded) -> None:
+        if link.transport is None or link.transport.is_closing():
+            return
+        if not secrets.compare_digest(hashlib.sha256(hello.token).digest(), expected.token_digest):
+            return self._refuse(link, hello.worker_id, "bad credential")
+        if link.peer_pid != expected.pid:
+            return self._refuse(link, hello.worker_id, f"credential presented by pid {link.peer_pid}, "
+                                                       f"issued to pid {expected.pid}")
+        if hello.worker_id in self.links:
+            return self._refuse(link, hello.worker_id, "worker already connected")
+        function = self.functions.get(expected.function)
+        if function is None:
+            return self._refuse(link, hello.worker_id, "unknown function")
+        # Spend the credential: the next connection needs the new one.
+        next_token = secrets.token_bytes(32)
+        digest = hashlib.sha256(next_token).digest()
+        expected.token_digest = digest
+        self.outbox(cpb.DataPlaneEvent(session=cpb.WorkerSession(worker_id=hello.worker_id,
+                                                                 next_token_digest=digest)))
+        link.accept(hello.worker_id, expected.function, function.config.max_body + wire.FRAME_OVERHEAD,
+                    next_token)
+        self.links[hello.worker_id] = link
+        function.pool.add(link)
+
+    def _refuse(self, link: WorkerLink, worker_id: str, reason: str) -> None:
+        log.warning("worker refused", worker=worker_id, reason=reason, peer_pid=link.peer_pid)
+        link.reject(reason)
+
+    def on_ready(self, link: WorkerLink) -> None:
+        function = self.functions[link.function]
+        self._hand_over(function, function.pool.ready(link))
+        self.outbox(cpb.DataPlaneEvent(ready=cpb.WorkerReady(worker_id=link.worker_id)))
+        self.idle_changed.set()
+        self._report_demand(function)
+
+    def on_draining(self, link: WorkerLink) -> None:
+        function = self.functions[link.function]
+        function.pool.drain(link)
+
+    def on_init_error(self, link: WorkerLink, error: wpb.ErrorInfo) -> None:
+        function = self.functions[link.function]
+        function.pool.drain(link)
+        log.error("worker failed to initialize", function=link.function, worker=link.worker_id,
+                  error_type=error.error_type, error_message=error.error_message)
+        self.outbox(cpb.DataPlaneEvent(init_failed=cpb.WorkerInitFailed(
+            worker_id=link.worker_id, error_type=error.error_type, error_message=error.error_message,
+            stack_trace=error.stack_trace)))
+
+    def on_protocol_error(self, link: WorkerLink, detail: str) -> None:
+        log.warning("worker link protocol error", worker=link.worker_id, function=link.function, error=detail)
+
+    def on_lost(self, link: WorkerLink) -> None:
+        if not link.authenticated or self.links.get(link.worker_id) is not link:
+            return
+        del self.links[link.worker_id]
+        function = self.functions.get(link.function)
+        if function is not None:
+            function.pool.remove(link)
+            self._report_demand(function)
+        self.outbox(cpb.DataPlaneEvent(disconnected=cpb.WorkerDisconnected(worker_id=link.worker_id)))
+        if link.pending:
+            asyncio.ensure_future(self._fail_pending(link))
+
+    async def _fail_pending(self, link: WorkerLink) -> None:
+        cause = self.causes.get(link.worker_id)
+        if cause is None:
+            waiter = self._lost.setdefault(link.worker_id, self.loop.create_future())
+            try:
+                await asyncio.wait_for(asyncio.shield(waiter), CAUSE_WAIT_S)
+            except asyncio.TimeoutError:
+                pass
+            finally:
+                self._lost.pop(link.worker_id, None)
+            cause = self.causes.get(link.worker_id)
+        detail = cause.reason if cause is not None and cause.reason else "connection lost"
+        oom = cause is not None and cause.oom
+        for call in link.pending.values():
+            if not call.future.done():
+                call.future.set_exception(errors.worker_crashed(link.function, detail, oom=oom))
+        link.pending.clear()
+
+    # ==== the control plane's events ======================================
+
+    def on_control_event(self, event: cpb.ControlEvent) -> None:
+        which = event.WhichOneof("event")
+        if which == "snapshot":
+            self._on_snapshot(event.snapshot)
+        elif which == "added":
+            self._on_added(event.added)
+        elif which == "removed":
+            self._on_removed(event.removed)
+        elif which == "drain":
+            link = self.links.get(event.drain.worker_id)
+            if link is not None:
+                self.functions[link.function].pool.drain(link)
+                link.send(wire.Kind.DRAIN, 0)
+        elif which == "health":
+            self._on_health(event.health)
+
+    def _on_snapshot(self, snapshot: cpb.Snapshot) -> None:
+        self.expected = {w.worker_id: w for w in snapshot.workers}
+        for added in snapshot.workers:
+            self._known(added.worker_id)
+        for worker_id, link in list(self.links.items()):
+            if worker_id not in self.expected:
+                # A worker the (restarted) control plane does not own: let it finish and go.
+                self.functions[link.function].pool.drain(link)
+                link.send(wire.Kind.DRAIN, 0)
+        for health in snapshot.health:
+            self._on_health(health)
+        self.snapshot_seen.set()
+
+    def _on_added(self, added: cpb.WorkerAdded) -> None:
+        self.expected[added.worker_id] = added
+        function = self.functions.get(added.function)
+        if function is not None and added.worker_id not in function.pool.workers:
+            placeholder = Slotted(added.worker_id, added.function)  # counted as "starting"
+            function.pool.add(placeholder)
+        self._known(added.worker_id)
+
+    def _known(self, worker_id: str) -> None:
+        waiter = self._known_waiters.get(worker_id)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _on_removed(self, removed: cpb.WorkerRemoved) -> None:
+        self.expected.pop(removed.worker_id, None)
+        self.causes[removed.worker_id] = removed
+        if len(self.causes) > 1024:  # only recent causes matter
+            for key in list(self.causes)[:512]:
+                del self.causes[key]
+        waiter = self._lost.get(removed.worker_id)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        for function in self.functions.values():
+            worker = function.pool.workers.get(removed.worker_id)
+            if worker is not None and not isinstance(worker, WorkerLink):
+                function.pool.remove(worker)  # a placeholder that never connected
+        link = self.links.get(removed.worker_id)
+        if link is not None:
+            link.close()  # the process is gone; do not wait for the socket to notice
+
+    def _on_health(self, health: cpb.PoolHealth) -> None:
+        function = self.functions.get(health.function)
+        if function is None:
+            return
+        function.health = health
+        if health.init_failed and not function.pool.ready_count():
+            failure = errors.init_failed(health.function, health.error_type, health.error_message)
+            for waiter in function.pool.take_waiters():
+                if not waiter.token.done():
+                    waiter.token.set_exception(failure)
+
+    # ==== demand ==========================================================
+
+    def _report_demand(self, function: FunctionState, urgent: bool = False) -> None:
+        pool = function.pool
+        key = (pool.queue_depth, pool.inflight, len(pool.workers))
+        if key == function.demand_sent:
+            return
+        now = self.loop.time()
+        if not urgent and now - function.demand_at < DEMAND_INTERVAL_S:
+            return  # the reporter task sends it shortly
+        function.demand_sent = key
+        function.demand_at = now
+        self.outbox(cpb.DataPlaneEvent(demand=self.demand(function)))
+
+    def demand(self, function: FunctionState) -> cpb.Demand:
+        pool = function.pool
+        return cpb.Demand(
+            function=function.config.name, queue_depth=pool.queue_depth, inflight=pool.inflight,
+            draining=self.draining,
+            workers=[cpb.WorkerLoad(worker_id=w.worker_id, inflight=w.inflight, served=w.served)
+                     for w in pool.workers.values() if isinstance(w, WorkerLink)])
+
+    async def report_demand(self) -> None:
+        """Coalesced demand reports, plus a heartbeat so status stays fresh."""
+        heartbeat_at = 0.0
+        while True:
+            await asyncio.sleep(DEMAND_INTERVAL_S)
+            now = self.loop.time()
+            beat = now - heartbeat_at >= DEMAND_HEARTBEAT_S
+            if beat:
+                heartbeat_at = now
+            for function in self.functions.values():
+                pool = function.pool
+                key = (pool.queue_depth, pool.inflight, len(pool.workers))
+                if beat or key != function.demand_sent:
+                    function.demand_sent = key
+                    function.demand_at = now
+                    self.outbox(cpb.DataPlaneEvent(demand=self.demand(function)))
+
+    def resend_state(self) -> None:
+        """After (re)attaching to a control plane: what this data plane knows."""
+        for link in self.links.values():
+            self.outbox(cpb.DataPlaneEvent(session=cpb.WorkerSession(
+                worker_id=link.worker_id, next_token_digest=self.expected[link.worker_id].token_digest
+                if link.worker_id in self.expected else b"")))
+            if link.state == WorkerState.READY:
+                self.outbox(cpb.DataPlaneEvent(ready=cpb.WorkerReady(worker_id=link.worker_id)))
+        for function in self.functions.values():
+            function.demand_sent = (-1, -1, -1)
+
+    # ==== lifecycle hooks =================================================
+
+    async def run_hook(self, kind: str, request_id: str, timeout_s: float) -> list[tuple[str, wpb.Result]]:
+        """Runs ``kind`` (pre_freeze, pre_stop) on every ready worker that has it."""
+        calls: list[tuple[str, asyncio.Future[bytes]]] = []
+        for function in self.functions.values():
+            hook = getattr(function.config, kind, None)
+            if not hook:
+                continue
+            for worker in function.pool.iter_workers():
+                if isinstance(worker, WorkerLink) and worker.state in (WorkerState.READY, WorkerState.DRAINING):
+                    message = wpb.Invoke(request_id=request_id, kind=kind, timeout_ms=int(timeout_s * 1000))
+                    calls.append((worker.worker_id, worker.call(message, self.clock.awake() + timeout_s, self.loop)))
+        results: list[tuple[str, wpb.Result]] = []
+        for worker_id, future in calls:
+            try:
+                payload = await asyncio.wait_for(future, timeout_s)
+                results.append((worker_id, wpb.Result.FromString(payload)))
+            except (asyncio.TimeoutError, errors.InvocationError) as exc:
+                results.append((worker_id, wpb.Result(ok=False, error=wpb.ErrorInfo(
+                    error_type=type(exc).__name__, error_message=str(exc)))))
+        return results
+
+    async def wait_idle(self, deadline: float) -> bool:
+        """Waits until nothing is in flight or queued, up to ``deadline`` (loop time)."""
+        while any(f.pool.inflight or f.pool.queue_depth for f in self.functions.values()):
+            remaining = deadline - self.loop.time()
+            if remaining <= 0:
+                return False
+            self.idle_changed.clear()
+            try:
+                await asyncio.wait_for(self.idle_changed.wait(), min(remaining, 0.1))
+            except asyncio.TimeoutError:
+                pass
+        return True
+
+    # ==== views ===========================================================
+
+    def ready(self) -> bool:
+        return not self.draining and all(
+            f.pool.ready_count() >= f.config.min_warm for f in self.functions.values())
+
+    def pool_views(self) -> Iterator[PoolView]:
+        for name, function in self.functions.items():
+            pool = function.pool
+            yield name, pool.states(), pool.capacity(), pool.inflight, pool.queue_depth

@@ -1,0 +1,328 @@
+"""``supervisor run``: the PID-1 process that keeps the two planes alive.
+
+Small and single-threaded, never on the request path. It:
+- refuses a bad config before starting anything (exit 2);
+- holds ``run_dir/supervisor.lock`` so a second supervisor on the same
+  run_dir refuses to start (exit 1) instead of taking the sockets over;
+- starts the control plane and the data plane, and waits for both READY;
+- reaps every child, and every orphan re-parented to it (it is PID 1 or a
+  child subreaper), restarts a plane that dies (``components.py`` policy)
+  and exits non-zero when one is FATAL;
+- on SIGTERM/SIGINT drains in order: the data plane first (it stops taking
+  invocations and waits for the in-flight ones), then the control plane
+  (it stops the workers), then exits 0. A second signal is a fast shutdown:
+  the planes are told again (they exit at once), SIGKILL follows.
+
+Signal handlers only record: ``signal.set_wakeup_fd`` writes each signal's
+number into a pipe that the loop reads, and the loop acts.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import selectors
+import signal
+import sys
+import time
+from pathlib import Path
+
+from supervisor.config import Config, ConfigError, check_handlers, load_config
+from supervisor.entry.components import STARTUP_TIMEOUT_S, Component
+from supervisor.logs import configure_logging, get_logger
+from supervisor.runstate import AlreadyRunning, RunPaths, hold_lock, write_state
+
+PR_SET_CHILD_SUBREAPER = 36
+FORCE_KILL_AFTER_S = 10.0
+EXIT_FATAL = 1
+
+log = get_logger()
+
+
+class Supervisor:
+    def __init__(self, config_path: Path, config: Config, paths: RunPaths) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.paths = paths
+        python = sys.executable
+        self.control = Component("control-plane", [python, "-m", "supervisor.control.main", str(config_path)])
+        self.data = Component("data-plane", [python, "-m", "supervisor.data.main", str(config_path)])
+        self.components = [self.control, self.data]
+        self.selector = selectors.DefaultSelector()
+        self.notify: dict[int, Component] = {}  # read end of a READY pipe -> component
+        self.state = "starting"
+        self.stop_signals = 0
+        self.stop_deadline: float | None = None
+        self.exit_code = 0
+
+    # ---- the loop ----------------------------------------------------------
+
+    def run(self) -> int:
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1, signal.SIGUSR2):
+            signal.signal(sig, lambda signum, frame: None)  # recorded by the wakeup fd
+        self.selector.register(wake_r, selectors.EVENT_READ)
+        # Both at once: the data plane attaches to the control plane with
+        # retries, and workers dial the data plane with retries.
+        for component in self.components:
+            self._start(component)
+        while True:
+            timeout = self._next_timeout()
+            for key, _ in self.selector.select(timeout):
+                if key.fd == wake_r:
+                    self._read_signals(wake_r)
+                else:
+                    self._read_notify(key.fd)
+            self._reap()
+            if self._tick():
+                break
+        self._write_state()
+        return self.exit_code
+
+    def _next_timeout(self) -> float:
+        now = time.monotonic()
+        deadlines = [c.next_start_at for c in self.components if c.state == "backoff" and c.next_start_at]
+        deadlines += [c.started_at + STARTUP_TIMEOUT_S for c in self.components
+                      if c.state == "starting" and c.started_at is not None]
+        if self.stop_deadline is not None:
+            deadlines.append(self.stop_deadline)
+        if not deadlines:
+            return 1.0
+        return max(0.0, min(min(deadlines) - now, 1.0))
+
+    def _tick(self) -> bool:
+        """Acts on the current state; True when the supervisor should exit."""
+        now = time.monotonic()
+        if self.state in ("starting", "running"):
+            for component in self.components:
+                if component.state == "fatal":
+                    log.critical("component is FATAL; shutting down", component=component.name,
+                                 reason=component.fatal_reason)
+                    self.exit_code = EXIT_FATAL
+                    self._begin_stop(fatal=True)
+                    return False
+                if component.startup_overdue(now):
+                    log.error("component not ready in time; killing it", component=component.name)
+                    self._kill(component, signal.SIGKILL)
+                if component.due(now):
+                    component.restarts += 1
+                    self._start(component)
+            if self.state == "starting" and all(c.state == "running" for c in self.components):
+                self.state = "running"
+                log.info("supervisor running", ca_port=self.config.supervisor.ca_port,
+                         metrics_port=self.config.supervisor.metrics_port, pid=os.getpid())
+                self._write_state()
+            return False
+        return self._stop_progress(now)
+
+    # ---- components ----------------------------------------------------------
+
+    def _start(self, component: Component) -> None:
+        notify_r, notify_w = os.pipe2(os.O_CLOEXEC)
+        os.set_inheritable(notify_w, True)
+        env = dict(os.environ, SUPERVISOR_NOTIFY_FD=str(notify_w), PYTHONUNBUFFERED="1")
+        try:
+            # Own session: a terminal's Ctrl-C reaches only the supervisor, which
+            # then stops the planes in the right order. No Popen: this loop reaps
+            # every child itself with waitpid(-1).
+            pid = os.posix_spawn(component.argv[0], component.argv, env, setsid=True,
+                                 setsigdef=(signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD),
+                                 file_actions=[(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0)])
+        except OSError as exc:
+            os.close(notify_r)
+            log.error("could not start component", component=component.name, error=str(exc))
+            component.on_exit(None, time.monotonic(), restart=True)
+            return
+        finally:
+            os.close(notify_w)
+        component.on_started(pid, time.monotonic())
+        self.notify[notify_r] = component
+        self.selector.register(notify_r, selectors.EVENT_READ)
+        log.info("component starting", component=component.name, pid=pid)
+        self._write_state()
+
+    def _read_notify(self, fd: int) -> None:
+        component = self.notify.get(fd)
+        try:
+            data = os.read(fd, 64)
+        except OSError:
+            data = b""
+        if component is not None and data.startswith(b"READY"):
+            component.on_ready(time.monotonic())
+            log.info("component ready", component=component.name, pid=component.pid,
+                     restarts=component.restarts)
+            self._write_state()
+        self.selector.unregister(fd)
+        os.close(fd)
+        self.notify.pop(fd, None)
+
+    def _read_signals(self, fd: int) -> None:
+        try:
+            data = os.read(fd, 512)
+        except BlockingIOError:
+            return
+        for signum in data:
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                self._on_stop_signal(signal.Signals(signum).name)
+            elif signum == signal.SIGHUP:
+                log.warning("SIGHUP received; live reload is not available in this version, ignoring")
+            elif signum in (signal.SIGUSR1, signal.SIGUSR2):
+                log.info("signal ignored", signal=signal.Signals(signum).name)
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            code = os.waitstatus_to_exitcode(status)
+            component = next((c for c in self.components if c.pid == pid), None)
+            if component is None:
+                continue  # an orphan re-parented to us: reaped, nothing else to do
+            restart = self.state in ("starting", "running")
+            level = log.info if not restart else log.error
+            level("component exited", component=component.name, pid=pid, exit_code=code)
+            component.on_exit(code if code >= 0 else None, time.monotonic(), restart=restart)
+            if restart and component.state == "backoff":
+                log.info("component will restart", component=component.name,
+                         in_s=round(component.backoff_delay(), 3), restarts=component.restarts + 1)
+            self._write_state()
+
+    def _kill(self, component: Component, sig: int) -> None:
+        if component.pid is not None:
+            try:
+                os.kill(component.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    # ---- shutdown --------------------------------------------------------------
+
+    def _on_stop_signal(self, name: str) -> None:
+        self.stop_signals += 1
+        if self.stop_signals == 1:
+            log.info("stop signal: draining", signal=name, grace_period_s=self.config.supervisor.grace_period)
+            self._begin_stop(fatal=False)
+        else:
+            log.warning("second stop signal: fast shutdown", signal=name)
+            for component in self.components:
+                self._kill(component, signal.SIGTERM)  # a plane's second signal means "now"
+            self.stop_deadline = time.monotonic() + 2.0
+
+    def _begin_stop(self, fatal: bool) -> None:
+        self.state = "draining"
+        for component in self.components:
+            if component.state in ("backoff", "stopped"):
+                component.state = "exited"
+        self._write_state()
+        self._stop_phase = "data"
+        self._signal_phase()
+
+    def _signal_phase(self) -> None:
+        component = self.data if self._stop_phase == "data" else self.control
+        grace = self.config.supervisor.grace_period
+        self.stop_deadline = time.monotonic() + grace + FORCE_KILL_AFTER_S
+        if component.pid is not None:
+            self._kill(component, signal.SIGTERM)
+
+    def _stop_progress(self, now: float) -> bool:
+        component = self.data if self._stop_phase == "data" else self.control
+        if component.pid is None:
+            if self._stop_phase == "data":
+                self._stop_phase = "control"
+                self.state = "stopping"
+                self._write_state()
+                self._signal_phase()
+                return False
+            return self._finish()
+        if self.stop_deadline is not None and now >= self.stop_deadline:
+            log.error("component did not stop in time; killing it", component=component.name)
+            self._kill(component, signal.SIGKILL)
+            self.stop_deadline = now + 5.0
+        return False
+
+    def _finish(self) -> bool:
+        """Everything stopped; wait briefly for stragglers (orphans) and reap them."""
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            self._reap()
+            if not _children():
+                break
+            time.sleep(0.02)
+        for pid in _children():
+            log.warning("killing a leftover process", pid=pid)
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except OSError:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+        self._reap()
+        log.info("supervisor stopped", exit_code=self.exit_code)
+        return True
+
+    def _write_state(self) -> None:
+        settings = self.config.supervisor
+        try:
+            write_state(self.paths, {
+                "pid": os.getpid(), "ca_port": settings.ca_port, "host": settings.host,
+                "metrics_port": settings.metrics_port, "config": str(self.config_path), "state": self.state,
+                "components": [c.record() for c in self.components]})
+        except OSError as exc:
+            log.error("could not write the state file", path=str(self.paths.state), error=str(exc))
+
+
+def _children() -> list[int]:
+    try:
+        import psutil
+
+        return [p.pid for p in psutil.Process().children(recursive=True)]
+    except Exception:
+        return []
+
+
+def become_subreaper() -> None:
+    """Orphans re-parent to us even when we are not PID 1, so we reap them."""
+    if os.getpid() == 1:
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+    except OSError as exc:
+        log.warning("cannot become a child subreaper; orphans go to init", error=str(exc),
+                    errno=errno.errorcode.get(exc.errno or 0, ""))
+
+
+def run(config_path: Path) -> int:
+    """Runs the supervisor in the foreground; returns the exit code."""
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        print(f"{config_path}: invalid configuration, nothing started:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem.path}: {problem.message}", file=sys.stderr)
+        return 2
+    problems = check_handlers(config)
+    if problems:
+        print(f"{config_path}: invalid configuration, nothing started:", file=sys.stderr)
+        for problem in problems:
+            print(f"  {problem.path}: {problem.message}", file=sys.stderr)
+        return 2
+    configure_logging("supervisor", config.supervisor.log_format)
+    paths = RunPaths(config.supervisor.run_dir)
+    try:
+        lock_fd = hold_lock(paths)
+    except AlreadyRunning:
+        log.error("another supervisor is running with this run_dir; refusing to start",
+                  run_dir=str(paths.run_dir))
+        return 1
+    try:
+        become_subreaper()
+        return Supervisor(config_path.resolve(), config, paths).run()
+    finally:
+        os.close(lock_fd)

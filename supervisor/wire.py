@@ -1,0 +1,88 @@
+"""The worker link's frame format, shared by the data plane and the workers.
+
+A frame is a 9-byte header followed by its payload::
+
+    uint32 payload length (big-endian) | uint8 kind | uint32 stream id
+
+The payload of each kind is one protobuf message of ``supervisor.v1.worker``
+(or nothing). Stream ids pair an INVOKE with its RESULT; connection-level
+frames (HELLO, WELCOME, READY, ...) use stream 0.
+
+Rules:
+- A decoder never buffers more than one frame of at most ``max_frame`` bytes
+  plus one partial header: a peer announcing a larger frame is a protocol
+  error (the connection is dropped), so a worker cannot make the data plane
+  hold more than the function's ``max_body`` for it.
+- Decoding does no I/O and knows nothing of sockets; the transports feed it.
+
+Why not gRPC for this link: it is the request path, and a frame here costs
+one protobuf encode and one ``write`` (see bench/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections.abc import Iterator
+
+HEADER = struct.Struct(">IBI")
+HEADER_SIZE = HEADER.size
+# Slack over the body limit for the message fields around the body.
+FRAME_OVERHEAD = 64 * 1024
+
+
+class Kind(enum.IntEnum):
+    HELLO = 1  # worker -> data plane: WorkerHello
+    WELCOME = 2  # data plane -> worker: WorkerWelcome
+    REJECT = 3  # data plane -> worker: WorkerReject, then close
+    READY = 4  # worker -> data plane: initialized, takes work
+    INIT_ERROR = 5  # worker -> data plane: ErrorInfo, then the worker exits
+    INVOKE = 6  # data plane -> worker: Invoke
+    RESULT = 7  # worker -> data plane: Result
+    DRAIN = 8  # data plane -> worker: finish in-flight work, then exit
+    DRAINING = 9  # worker -> data plane: send me no more work
+
+
+class ProtocolError(Exception):
+    """The peer broke the frame format; the connection must be dropped."""
+
+
+def encode(kind: Kind | int, stream: int, payload: bytes = b"") -> bytes:
+    return HEADER.pack(len(payload), kind, stream) + payload
+
+
+class FrameDecoder:
+    """Splits a byte stream into (kind, stream, payload) frames."""
+
+    __slots__ = ("_buf", "_max_frame")
+
+    def __init__(self, max_frame: int) -> None:
+        self._buf = bytearray()
+        self._max_frame = max_frame
+
+    def feed(self, data: bytes) -> Iterator[tuple[int, int, bytes]]:
+        buf = self._buf
+        if not buf and len(data) >= HEADER_SIZE:
+            # Fast path: whole frames in one read, no copy into the buffer.
+            length, kind, stream = HEADER.unpack_from(data)
+            end = HEADER_SIZE + length
+            if length > self._max_frame:
+                raise ProtocolError(f"frame of {length} bytes exceeds the limit of {self._max_frame}")
+            if len(data) == end:
+                yield kind, stream, data[HEADER_SIZE:]
+                return
+        buf += data
+        offset = 0
+        size = len(buf)
+        try:
+            while size - offset >= HEADER_SIZE:
+                length, kind, stream = HEADER.unpack_from(buf, offset)
+                if length > self._max_frame:
+                    raise ProtocolError(f"frame of {length} bytes exceeds the limit of {self._max_frame}")
+                end = offset + HEADER_SIZE + length
+                if end > size:
+                    break
+                yield kind, stream, bytes(buf[offset + HEADER_SIZE : end])
+                offset = end
+        finally:
+            del buf[:offset]

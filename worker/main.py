@@ -1,0 +1,261 @@
+"""A worker process: authenticate to the data plane, initialize, serve.
+
+Started by the control plane as ``python -m worker.main`` with its spec (a
+JSON object) on file descriptor 3, never in argv or the environment, because
+the spec holds the worker's one-time credential.
+
+Lifecycle (the rules):
+1. Dial the data plane's worker socket and present ``HELLO(worker_id,
+   token)``. Only a ``WELCOME`` lets it go on; it carries the credential for
+   the next connection. A ``REJECT`` ends the worker: it never serves
+   unauthenticated traffic.
+2. Import the function and run its initializer once, then send ``READY``
+   (or ``INIT_ERROR`` and exit 78).
+3. Serve ``INVOKE`` frames until ``DRAIN``, SIGTERM (also sent when the
+   control plane dies, through the parent-death signal) or SIGINT: then
+   announce ``DRAINING``, finish in-flight work, exit 0.
+4. When the connection drops (the data plane restarted), dial again with
+   backoff for up to ``reconnect_s`` and resume without re-initializing;
+   give up and exit 75 after that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import json
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+from supervisor import wire
+from supervisor.v1 import worker_pb2 as wpb
+from worker import output
+
+EXIT_REJECTED = 77
+EXIT_INIT_FAILED = 78
+EXIT_LOST_DATA_PLANE = 75
+PR_SET_PDEATHSIG = 1
+
+
+def read_spec(fd: int = 3) -> dict[str, Any]:
+    chunks = []
+    while chunk := os.read(fd, 65536):
+        chunks.append(chunk)
+    os.close(fd)
+    spec: dict[str, Any] = json.loads(b"".join(chunks))
+    return spec
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """SIGTERM (a graceful drain) when the control plane goes away."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except OSError:
+        return
+    if os.getppid() != parent_pid:  # it died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+class Link(asyncio.Protocol):
+    """One connection to the data plane, feeding frames to the worker."""
+
+    def __init__(self, worker: Worker, max_frame: int) -> None:
+        self.worker = worker
+        self.decoder = wire.FrameDecoder(max_frame)
+        self.transport: asyncio.Transport | None = None
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.welcome: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not asyncio.Transport subclasses
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            for kind, stream, payload in self.decoder.feed(data):
+                if not self.welcome.done():
+                    self.welcome.set_result((kind, payload))
+                else:
+                    self.worker.on_frame(self, kind, stream, payload)
+        except wire.ProtocolError as exc:
+            output.log_error(f"worker link protocol error: {exc}")
+            if self.transport is not None:
+                self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
+        if not self.welcome.done():
+            self.welcome.set_exception(ConnectionError("data plane closed the connection"))
+
+    def send(self, kind: wire.Kind, stream: int = 0, payload: bytes = b"") -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(wire.encode(kind, stream, payload))
+
+
+class Worker:
+    def __init__(self, spec: dict[str, Any]) -> None:
+        from worker.python.host import PythonHost
+
+        self.spec = spec
+        self.host = PythonHost(spec)
+        self.token = bytes.fromhex(spec["token"])
+        self.inflight: set[asyncio.Task[None]] = set()
+        self.draining = False
+        self.drained = asyncio.get_running_loop().create_future()
+        self.link: Link | None = None
+
+    # ---- connection ------------------------------------------------------
+
+    async def connect(self) -> Link:
+        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + float(self.spec.get("reconnect_s", 30.0))
+        delay = 0.02
+        while True:
+            try:
+                _, link = await loop.create_unix_connection(
+                    lambda: Link(self, int(self.spec["max_frame"])), self.spec["socket"])
+                return link
+            except OSError:
+                if time.monotonic() + delay > deadline or self.draining:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.5)
+
+    async def authenticate(self, link: Link) -> wpb.WorkerWelcome:
+        hello = wpb.WorkerHello(worker_id=self.spec["worker_id"], token=self.token, pid=os.getpid())
+        link.send(wire.Kind.HELLO, 0, hello.SerializeToString())
+        kind, payload = await asyncio.wait_for(link.welcome, 10.0)
+        if kind != wire.Kind.WELCOME:
+            reason = wpb.WorkerReject.FromString(payload).reason if kind == wire.Kind.REJECT else f"frame {kind}"
+            output.log_error(f"data plane refused this worker: {reason}")
+            raise SystemExit(EXIT_REJECTED)
+        welcome = wpb.WorkerWelcome.FromString(payload)
+        self.token = welcome.next_token
+        return welcome
+
+    async def initialize(self, link: Link) -> None:
+        try:
+            self.host.load()
+            if self.host.has("initialize"):
+                rid = f"init-{self.spec['worker_id']}"
+                result = await self._run("initialize", rid, {}, self.host.timeout_s, b"")
+                if not result.ok:
+                    link.send(wire.Kind.INIT_ERROR, 0, result.error.SerializeToString())
+                    raise SystemExit(EXIT_INIT_FAILED)
+        except SystemExit:
+            raise
+        except BaseException as exc:  # import errors, SyntaxError, anything the user's module raises
+            from worker.python.host import error_result
+
+            info = error_result(exc).error
+            sys.stderr.write(info.stack_trace)
+            link.send(wire.Kind.INIT_ERROR, 0, info.SerializeToString())
+            raise SystemExit(EXIT_INIT_FAILED) from None
+
+    async def serve(self) -> int:
+        initialized = False
+        while True:
+            try:
+                link = await self.connect()
+            except OSError:
+                output.log_error("lost the data plane and could not reconnect; exiting")
+                return EXIT_LOST_DATA_PLANE
+            self.link = link
+            try:
+                await self.authenticate(link)
+            except (ConnectionError, asyncio.TimeoutError):
+                continue
+            if not initialized:
+                await self.initialize(link)
+                initialized = True
+            link.send(wire.Kind.DRAINING if self.draining else wire.Kind.READY)
+            done, _ = await asyncio.wait([link.closed, self.drained], return_when=asyncio.FIRST_COMPLETED)
+            if self.drained in done or self.draining:
+                if link.transport is not None:
+                    link.transport.close()
+                return 0
+
+    # ---- work ------------------------------------------------------------
+
+    def on_frame(self, link: Link, kind: int, stream: int, payload: bytes) -> None:
+        if kind == wire.Kind.INVOKE:
+            msg = wpb.Invoke.FromString(payload)
+            headers = {h.name: h.value for h in msg.headers}
+            timeout_s = msg.timeout_ms / 1000.0
+            if self.host.runs_inline(msg.kind):
+                result = self.host.run_inline(msg.kind, msg.request_id, headers, timeout_s, msg.body)
+                link.send(wire.Kind.RESULT, stream, result.SerializeToString())
+                self._maybe_drained()
+            else:
+                task = asyncio.ensure_future(self._invoke(link, stream, msg, headers, timeout_s))
+                self.inflight.add(task)
+                task.add_done_callback(self._done)
+        elif kind == wire.Kind.DRAIN:
+            self.drain()
+
+    async def _run(self, kind: str, request_id: str, headers: dict[str, str], timeout_s: float,
+                   body: bytes) -> wpb.Result:
+        if self.host.runs_inline(kind):
+            return self.host.run_inline(kind, request_id, headers, timeout_s, body)
+        return await self.host.run(kind, request_id, headers, timeout_s, body)
+
+    async def _invoke(self, link: Link, stream: int, msg: wpb.Invoke, headers: dict[str, str],
+                      timeout_s: float) -> None:
+        result = await self.host.run(msg.kind, msg.request_id, headers, timeout_s, msg.body)
+        # Answer on the current connection: after a data-plane restart the old
+        # stream ids mean nothing, and the new data plane has no such stream.
+        if self.link is link:
+            link.send(wire.Kind.RESULT, stream, result.SerializeToString())
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self.inflight.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            output.log_error(f"worker task failed: {task.exception()!r}")
+        self._maybe_drained()
+
+    def drain(self) -> None:
+        if self.draining:
+            return
+        self.draining = True
+        if self.link is not None:
+            self.link.send(wire.Kind.DRAINING)
+        self._maybe_drained()
+
+    def _maybe_drained(self) -> None:
+        if self.draining and not self.inflight and not self.drained.done():
+            self.drained.set_result(None)
+
+
+async def amain(spec: dict[str, Any]) -> int:
+    loop = asyncio.get_running_loop()
+    worker = Worker(spec)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.drain)
+    return await worker.serve()
+
+
+def main() -> None:
+    spec = read_spec()
+    die_with_parent(int(spec["parent_pid"]))
+    output.install()
+    code_dir = spec["code_dir"]
+    os.chdir(code_dir)
+    sys.path.insert(0, code_dir)
+    try:
+        import uvloop
+
+        code = uvloop.run(amain(spec))
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Threads of a sync handler stuck past its deadline must not hold the exit.
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main()

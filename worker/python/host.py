@@ -1,0 +1,160 @@
+"""Hosts a Python function: loads its callables and runs invocations and hooks.
+
+Rules:
+- User code runs only here, after the worker has authenticated.
+- A sync handler runs inline on the event loop when the function's
+  concurrency is 1 (no thread hop: fastest, and nothing else can be running),
+  otherwise in a pool of ``concurrency`` threads; an async handler runs as a
+  task. Either way the current request id is in ``current_request_id`` so
+  that what the handler prints is attributed to its request.
+- Every outcome becomes a ``Result``: the handler's value encoded per the
+  contract (bytes, str, None, or JSON), or the exception's class, message and
+  stack trace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import importlib
+import inspect
+import json
+import sys
+import traceback
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import orjson
+
+from supervisor.v1 import worker_pb2 as wpb
+from worker.output import current_request_id, marker
+from worker.python.context import Context, FunctionMeta
+
+# Hook kinds as sent by the data plane, and the markers FC prints around them.
+MARKERS = {"invoke": "Invoke", "initialize": "Initialize", "pre_freeze": "PreFreeze", "pre_stop": "PreStop"}
+
+
+class LoadError(Exception):
+    """A configured callable cannot be imported."""
+
+
+def resolve(ref: str) -> Callable[..., Any]:
+    module_name, _, attr = ref.partition(":")
+    module = importlib.import_module(module_name)
+    target: Any = module
+    for part in attr.split("."):
+        target = getattr(target, part)
+    if not callable(target):
+        raise LoadError(f"{ref!r} is not callable")
+    return target  # type: ignore[no-any-return]
+
+
+def encode_value(value: Any) -> tuple[bytes, str]:
+    """A handler's return value as (body, content type)."""
+    if value is None:
+        return b"", ""
+    if isinstance(value, bytes):
+        return value, "application/octet-stream"
+    if isinstance(value, (bytearray, memoryview)):
+        return bytes(value), "application/octet-stream"
+    if isinstance(value, str):
+        return value.encode(), "text/plain; charset=utf-8"
+    try:
+        return orjson.dumps(value), "application/json"
+    except TypeError:
+        # orjson is strict (e.g. ints beyond 64 bits, non-str keys); json is not.
+        return json.dumps(value).encode(), "application/json"
+
+
+def error_result(exc: BaseException) -> wpb.Result:
+    trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return wpb.Result(ok=False, error=wpb.ErrorInfo(
+        error_type=type(exc).__name__, error_message=str(exc), stack_trace=trace))
+
+
+class PythonHost:
+    """The function's callables and how to run them."""
+
+    def __init__(self, spec: Mapping[str, Any]) -> None:
+        self.spec = spec
+        self.meta = FunctionMeta(
+            name=spec["function"], handler=spec.get("handler") or "",
+            memory_size=int(spec.get("memory_limit_mb") or 0), timeout=int(spec["timeout_s"]))
+        self.timeout_s = float(spec["timeout_s"])
+        self.concurrency = int(spec.get("concurrency", 1))
+        self.callables: dict[str, Callable[..., Any]] = {}
+        self._executor: ThreadPoolExecutor | None = None
+
+    def load(self) -> None:
+        """Imports the handler and the hooks (raises on any failure)."""
+        for kind, key in (("invoke", "handler"), ("initialize", "initializer"),
+                          ("pre_freeze", "pre_freeze"), ("pre_stop", "pre_stop")):
+            ref = self.spec.get(key)
+            if ref:
+                self.callables[kind] = resolve(ref)
+        if self.concurrency > 1:
+            self._executor = ThreadPoolExecutor(self.concurrency, thread_name_prefix="handler")
+
+    def has(self, kind: str) -> bool:
+        return kind in self.callables
+
+    def runs_inline(self, kind: str) -> bool:
+        """Whether ``kind`` can run synchronously on the loop (no task, no thread)."""
+        fn = self.callables.get(kind)
+        return fn is None or (self._executor is None and not inspect.iscoroutinefunction(fn))
+
+    def run_inline(self, kind: str, request_id: str, headers: Mapping[str, str],
+                   timeout_s: float, body: bytes) -> wpb.Result:
+        """Runs a sync callable (or nothing) right here: the fast path."""
+        fn = self.callables.get(kind)
+        label = MARKERS.get(kind, "Invoke")
+        marker(label, request_id, "Start")
+        token = current_request_id.set(request_id)
+        try:
+            if fn is None:
+                return wpb.Result(ok=True)
+            context = Context(request_id=request_id, function=self.meta, headers=headers, timeout_s=timeout_s)
+            try:
+                value = fn(body, context) if kind == "invoke" else fn(context)
+                payload, content_type = encode_value(value)
+            except Exception as exc:  # the handler's failure is the invocation's result
+                return self._failed(exc)
+            return wpb.Result(ok=True, body=payload, content_type=content_type)
+        finally:
+            current_request_id.reset(token)
+            marker(label, request_id, "End")
+
+    async def run(self, kind: str, request_id: str, headers: Mapping[str, str],
+                  timeout_s: float, body: bytes) -> wpb.Result:
+        """Runs an async callable as a task, or a sync one in the thread pool."""
+        fn = self.callables[kind]
+        label = MARKERS.get(kind, "Invoke")
+        marker(label, request_id, "Start")
+        token = current_request_id.set(request_id)
+        try:
+            context = Context(request_id=request_id, function=self.meta, headers=headers, timeout_s=timeout_s)
+            args: tuple[Any, ...] = (body, context) if kind == "invoke" else (context,)
+            try:
+                if inspect.iscoroutinefunction(fn):
+                    value = await fn(*args)
+                else:
+                    assert self._executor is not None
+                    ctx = contextvars.copy_context()
+                    value = await asyncio.get_running_loop().run_in_executor(self._executor, ctx.run, fn, *args)
+                if inspect.isawaitable(value):
+                    value = await value
+                payload, content_type = encode_value(value)
+            except Exception as exc:  # the handler's failure is the invocation's result
+                return self._failed(exc)
+            return wpb.Result(ok=True, body=payload, content_type=content_type)
+        finally:
+            current_request_id.reset(token)
+            marker(label, request_id, "End")
+
+    @staticmethod
+    def _failed(exc: BaseException) -> wpb.Result:
+        result = error_result(exc)
+        # FC shows the trace in the function's log as well as in the answer.
+        sys.stderr.write(result.error.stack_trace)
+        return result
