@@ -144,8 +144,7 @@ class Worker:
                 rid = f"init-{self.spec['worker_id']}"
                 result = await self._run("initialize", rid, {}, self.host.timeout_s, b"")
                 if not result.ok:
-                    link.send(wire.Kind.INIT_ERROR, 0, result.error.SerializeToString())
-                    raise SystemExit(EXIT_INIT_FAILED)
+                    await self.report_init_error(link, result.error)
         except SystemExit:
             raise
         except BaseException as exc:  # import errors, SyntaxError, anything the user's module raises
@@ -153,8 +152,18 @@ class Worker:
 
             info = error_result(exc).error
             sys.stderr.write(info.stack_trace)
-            link.send(wire.Kind.INIT_ERROR, 0, info.SerializeToString())
-            raise SystemExit(EXIT_INIT_FAILED) from None
+            await self.report_init_error(link, info)
+
+    async def report_init_error(self, link: Link, info: wpb.ErrorInfo) -> None:
+        """Reports the failure, waits (briefly) until the data plane has it, exits 78."""
+        link.send(wire.Kind.INIT_ERROR, 0, info.SerializeToString())
+        # The data plane closes the link once it has passed the error on, so the
+        # control plane learns the cause before it sees this process exit.
+        try:
+            await asyncio.wait_for(asyncio.shield(link.closed), 2.0)
+        except asyncio.TimeoutError:
+            pass
+        raise SystemExit(EXIT_INIT_FAILED)
 
     async def serve(self) -> int:
         initialized = False

@@ -44,6 +44,7 @@ from supervisor.v1 import control_pb2 as cpb
 log = get_logger()
 MEMORY_POLL_S = 2.0
 RECONCILE_S = 0.5
+INIT_DETAIL_WAIT_S = 0.5
 
 
 @dataclass(slots=True)
@@ -116,6 +117,7 @@ class PoolManager:
         self.base_env = dict(os.environ)
         self.data_plane_attached = False
         self.draining = False
+        self.recently_exited: dict[str, str] = {}  # worker id -> function, for late reports
 
     # ---- reconciliation ----------------------------------------------------
 
@@ -233,11 +235,12 @@ class PoolManager:
 
     def _on_init_failed(self, failure: cpb.WorkerInitFailed) -> None:
         record = self.by_id.get(failure.worker_id)
-        if record is None:
+        function = record.function if record is not None else self.recently_exited.get(failure.worker_id)
+        if function is None:
             return
-        pool = self.pools[record.function]
-        pool.last_error = failure
-        record.end_reason = "init_failed"  # the worker exits by itself after reporting
+        self.pools[function].last_error = failure
+        if record is not None:
+            record.end_reason = "init_failed"  # the worker exits by itself after reporting
 
     def _failed_to_start(self, pool: PoolRecord, failure: cpb.WorkerInitFailed) -> None:
         pool.failures += 1
@@ -268,6 +271,9 @@ class PoolManager:
         assert process is not None and process.exit is not None
         pool = self.pools.get(record.function)
         self.by_id.pop(record.worker_id, None)
+        self.recently_exited[record.worker_id] = record.function
+        if len(self.recently_exited) > 256:
+            del self.recently_exited[next(iter(self.recently_exited))]
         if pool is not None:
             pool.workers.pop(record.worker_id, None)
         if record.output is not None:
@@ -288,11 +294,19 @@ class PoolManager:
             worker_id=record.worker_id, reason=f"{reason}: {process.exit.describe()}",
             crashed=reason in ("crashed", "oom"), oom=reason == "oom")))
         if pool is not None and was_starting and reason == "init_failed" and not pool.stopped:
-            failure = pool.last_error or cpb.WorkerInitFailed(
-                worker_id=record.worker_id, error_type="WorkerExited",
-                error_message=f"the worker {process.exit.describe()} before it was ready")
-            self._failed_to_start(pool, failure)
+            generic = cpb.WorkerInitFailed(worker_id=record.worker_id, error_type="WorkerExited",
+                                           error_message=f"the worker {process.exit.describe()} before it was ready")
+            if pool.last_error is not None and pool.last_error.worker_id == record.worker_id:
+                self._failed_to_start(pool, pool.last_error)
+            else:
+                # Its own report (through the data plane) may still be on the way.
+                asyncio.get_running_loop().call_later(
+                    INIT_DETAIL_WAIT_S, self._failed_late, pool, record.worker_id, generic)
         self.changed.set()
+
+    def _failed_late(self, pool: PoolRecord, worker_id: str, generic: cpb.WorkerInitFailed) -> None:
+        error = pool.last_error
+        self._failed_to_start(pool, error if error is not None and error.worker_id == worker_id else generic)
 
     # ---- whole-plane operations ----------------------------------------------
 

@@ -255,6 +255,7 @@ class Router:
         self.outbox(cpb.DataPlaneEvent(init_failed=cpb.WorkerInitFailed(
             worker_id=link.worker_id, error_type=error.error_type, error_message=error.error_message,
             stack_trace=error.stack_trace)))
+        link.close()  # tells the worker its error was passed on: it exits now
 
     def on_protocol_error(self, link: WorkerLink, detail: str) -> None:
         log.warning("worker link protocol error", worker=link.worker_id, function=link.function, error=detail)

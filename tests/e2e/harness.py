@@ -5,6 +5,7 @@ Every wait here has a deadline; nothing sleeps in place of a condition.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -195,6 +196,7 @@ def _ok(response: httpx.Response) -> httpx.Response | None:
 
 def start(tmp_path: Path, functions: Mapping[str, Mapping[str, Any]], *, initialize: bool = True,
           extra_env: Mapping[str, str] | None = None, **supervisor: Any) -> Running:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     run_dir = tmp_path / "run"
     settings: dict[str, Any] = {"ca_port": free_port(), "metrics_port": free_port(), "host": "127.0.0.1",
                                 "run_dir": str(run_dir), "grace_period": "10s"}
@@ -218,8 +220,9 @@ def start(tmp_path: Path, functions: Mapping[str, Mapping[str, Any]], *, initial
     return running
 
 
+@contextlib.contextmanager
 def started(tmp_path: Path, functions: Mapping[str, Mapping[str, Any]], **kwargs: Any) -> Iterator[Running]:
-    """A fixture body: yields a running supervisor, stops it, checks for leaks."""
+    """A running supervisor; on exit it is stopped (must exit 0) and checked for leaks."""
     running = start(tmp_path, functions, **kwargs)
     try:
         yield running

@@ -34,8 +34,9 @@ def sup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
         "par": function(min_warm=1, max_workers=4),
         "aio": function("fns:async_handler", concurrency=4, min_warm=1, max_workers=1),
     }
-    yield from started(tmp, functions, default_function="hello",
-                       extra_env={"SUPERVISOR_TEST_SECRET": "supervisor-env-secret"})
+    with started(tmp, functions, default_function="hello",
+                 extra_env={"SUPERVISOR_TEST_SECRET": "supervisor-env-secret"}) as running:
+        yield running
 
 
 def error_of(response: httpx.Response) -> dict[str, object]:

@@ -1,0 +1,133 @@
+"""Faults on real processes: kill -9 of a worker, the data plane and the
+control plane under load, and SIGTERM during a burst.
+
+Each checks that only the invocations on the killed process fail (with the
+contract's JSON error), that the pool comes back, and that no process is
+leaked or left a zombie.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.e2e.harness import Running, function, start, started, wait_for
+
+
+@pytest.fixture
+def sup(tmp_path: Path) -> Iterator[Running]:
+    with started(tmp_path, {"hello": function(min_warm=2, max_workers=4)}) as running:
+        yield running
+
+
+def tree(sup: Running) -> list[psutil.Process]:
+    root = psutil.Process(sup.proc.pid)
+    return [root, *root.children(recursive=True)]
+
+
+def no_zombies(sup: Running) -> bool:
+    return not [p for p in tree(sup) if p.status() == psutil.STATUS_ZOMBIE]
+
+
+def test_kill_worker_during_invocation(sup: Running) -> None:
+    with ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(sup.invoke, {"op": "sleep", "s": 30})
+        busy = wait_for(lambda: [w for w in sup.workers("hello") if w["state"] == "busy"], 10, "a busy worker")
+        others = [w["pid"] for w in sup.workers("hello") if w["pid"] != busy[0]["pid"]]
+        os.kill(busy[0]["pid"], signal.SIGKILL)
+        response = slow.result(timeout=20)
+    assert response.status_code == 502
+    assert response.json()["errorType"] == "WorkerCrashedError"
+    assert response.headers["x-fc-status"] == "404"
+    assert [sup.invoke({"op": "pid"}).status_code for _ in range(5)] == [200] * 5
+    wait_for(lambda: len(sup.ready_workers("hello")) >= 2, 5, "pool back to min_warm")
+    assert all(psutil.pid_exists(pid) for pid in others)  # the others were untouched
+    wait_for(lambda: no_zombies(sup), 5, "no zombies")
+
+
+def kill_plane_under_load(sup: Running, name: str) -> tuple[list[int], list[dict[str, object]]]:
+    """Keeps invoking from 4 threads while the plane is killed; returns statuses and error bodies."""
+    statuses: list[int] = []
+    errors: list[dict[str, object]] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        with sup.client(timeout=30) as client:
+            while not stop.is_set():
+                try:
+                    response = client.post("/invoke", content=b'{"op": "sleep", "s": 0.05}')
+                except Exception:  # the data plane itself went away: connection errors are expected
+                    statuses.append(0)
+                    continue
+                statuses.append(response.status_code)
+                if response.status_code != 200:
+                    errors.append(response.json())
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        wait_for(lambda: len(statuses) >= 20, 10, "load running")
+        old = sup.component_pid(name)
+        sup.remember_processes()
+        os.kill(old, signal.SIGKILL)
+        wait_for(lambda: (s := sup.status()) and any(
+            c["name"] == name and c["pid"] not in (None, old) and c["state"] == "running" and c["restarts"] == 1
+            for c in s["components"]), 15, f"{name} restarted")
+        count = len(statuses)
+        wait_for(lambda: statuses[count:].count(200) >= 20, 15, "invocations succeeding again")
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+    return statuses, errors
+
+
+def test_kill_data_plane_under_load(sup: Running) -> None:
+    workers_before = {w["pid"] for w in sup.ready_workers("hello")}
+    statuses, errors = kill_plane_under_load(sup, "data-plane")
+    # Only requests that were on the dead process fail (as connection errors); none gets a wrong answer.
+    assert statuses.count(200) > 40
+    assert all(code in (0, 200, 503) for code in statuses), statuses
+    # Workers reconnected to the new data plane rather than being replaced.
+    # (the load may have scaled the pool up meanwhile, so: a superset)
+    wait_for(lambda: {w["pid"] for w in sup.ready_workers("hello")} >= workers_before, 10,
+             "the same workers serving again")
+    assert sup.status()["ready"] is True
+    assert 'supervisor_component_restarts_total{component="data-plane"} 1.0' in sup.metrics()
+    wait_for(lambda: no_zombies(sup), 5, "no zombies")
+
+
+def test_kill_control_plane_under_load(sup: Running) -> None:
+    workers_before = {w["pid"] for w in sup.ready_workers("hello")}
+    statuses, errors = kill_plane_under_load(sup, "control-plane")
+    # The request path does not go through the control plane: no invocation fails.
+    assert statuses and set(statuses) == {200}, (set(statuses), errors[:3])
+    wait_for(lambda: len(sup.ready_workers("hello")) >= 2, 10, "pool back to min_warm")
+    # The old workers drained and exited (parent-death signal); nothing was orphaned.
+    wait_for(lambda: not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+                             for pid in workers_before), 15, "old workers gone")
+    expected = 3 + len(sup.workers("hello"))  # supervisor, two planes, the pool
+    wait_for(lambda: len(tree(sup)) == expected, 10, f"exactly {expected} processes")
+    wait_for(lambda: no_zombies(sup), 5, "no zombies")
+
+
+def test_sigterm_during_burst_fails_nothing(tmp_path: Path) -> None:
+    sup = start(tmp_path, {"hello": function(min_warm=4, max_workers=4)}, grace_period="20s")
+    wait_for(lambda: len(sup.ready_workers("hello")) == 4, 10, "four warm workers")
+    with ThreadPoolExecutor(8) as pool:
+        burst = [pool.submit(sup.invoke, {"op": "sleep", "s": 1.0}) for _ in range(6)]
+        wait_for(lambda: sum(w["inflight"] for w in sup.workers("hello")) == 4, 10, "four in flight, two queued")
+        sup.remember_processes()
+        sup.proc.send_signal(signal.SIGTERM)
+        results = [f.result(timeout=30) for f in burst]
+    assert [r.status_code for r in results] == [200] * 6, [r.text for r in results]
+    assert sup.proc.wait(30) == 0
+    assert not sup.leaked()
