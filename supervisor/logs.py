@@ -123,13 +123,24 @@ def _redact_value(value: Any, depth: int) -> Any:
             sensitive = isinstance(key, str) and is_sensitive_key(key)
             out[key] = REDACTED if sensitive else _redact_value(item, depth + 1)
         return out
-    if cls is list or cls is tuple:
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        # A namedtuple: keep the field names, they decide what is secret.
+        return _redact_value(dict(zip(value._fields, value)), depth)
+    if isinstance(value, (list, tuple)):
         return [_redact_item(item, depth + 1) for item in value]
-    # orjson serializes dataclasses field by field, so they are walked too.
+    # orjson serializes dataclasses field by field, and other objects by
+    # repr(), which for pydantic models (the config) shows every field: walk
+    # their fields instead.
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return _redact_value(
             {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}, depth
         )
+    model_dump = getattr(value, "model_dump", None)
+    if callable(model_dump) and not isinstance(value, type):
+        try:
+            return _redact_value(model_dump(mode="json"), depth)
+        except Exception:
+            return REDACTED  # cannot see inside: fail closed
     return value
 
 
@@ -138,7 +149,7 @@ def _redact_item(item: Any, depth: int) -> Any:
     if (type(item) is tuple or type(item) is list) and len(item) == 2:
         name = _key_text(item[0])
         if isinstance(name, str) and is_sensitive_key(name):
-            return [item[0] if type(item[0]) is str else name, REDACTED]
+            return [name, REDACTED]
     return _redact_value(item, depth)
 
 
@@ -151,7 +162,7 @@ def redact(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> Event
     for key, value in list(event_dict.items()):
         if is_sensitive_key(key):
             event_dict[key] = REDACTED
-        else:
+        elif key != "exc_info":  # the console renderer needs it as it is
             cls = type(value)
             if not (cls is str or cls is int or cls is float or cls is bool or value is None):
                 event_dict[key] = _redact_value(value, 1)

@@ -192,3 +192,18 @@ def hold_lock(paths: RunPaths) -> int:
             raise AlreadyRunning(f"another supervisor is running in {paths.run_dir}") from exc
         raise
     return fd
+
+
+NOTIFY_ENV = "SUPERVISOR_NOTIFY_FD"
+
+
+def notify_ready() -> None:
+    """A plane tells the supervisor it is up: READY on the inherited pipe."""
+    fd = os.environ.pop(NOTIFY_ENV, None)
+    if fd is None:
+        return
+    try:
+        os.write(int(fd), b"READY\n")
+        os.close(int(fd))
+    except OSError:
+        pass

@@ -131,9 +131,9 @@ class Attributor:
         if line.startswith(TAG_START):
             end = line.find(TAG_END, 1, MAX_TAG_ID + 2)
             if end > 1:
-                request_id = line[1:end]
-                if _REQUEST_ID.fullmatch(request_id):
-                    return request_id.decode("ascii"), line[end + 1 :]
+                tagged = line[1:end]
+                if _REQUEST_ID.fullmatch(tagged):
+                    return tagged.decode("ascii"), line[end + 1 :]
         elif markers and line.startswith(b"FC "):
             match = _MARKER.fullmatch(line)
             if match is not None:

@@ -23,19 +23,24 @@ from pathlib import Path
 import grpc
 from prometheus_client import CollectorRegistry
 
-from supervisor.config import load_config
+from supervisor.config import ConfigError, load_config
 from supervisor.control.manager import PoolManager
 from supervisor.control.service import ControlPlaneService
 from supervisor.logs import configure_logging, get_logger
 from supervisor.metrics import ControlPlaneMetrics
-from supervisor.runstate import RunPaths
+from supervisor.runstate import RunPaths, notify_ready
 from supervisor.v1 import control_pb2_grpc as rpc
 
 log = get_logger()
+EXIT_BOOT_ERROR = 2  # deterministic: the supervisor declares FATAL instead of retrying
 
 
 async def amain(config_path: Path) -> int:
-    config = load_config(config_path)
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        print(f"control plane: invalid configuration: {exc}", file=sys.stderr)
+        return EXIT_BOOT_ERROR
     configure_logging("control-plane", config.supervisor.log_format)
     paths = RunPaths(config.supervisor.run_dir)
     registry = CollectorRegistry(auto_describe=True)
@@ -85,17 +90,6 @@ async def amain(config_path: Path) -> int:
     await server.stop(1.0)
     log.info("control plane stopped")
     return code
-
-
-def notify_ready() -> None:
-    fd = os.environ.pop("SUPERVISOR_NOTIFY_FD", None)
-    if fd is None:
-        return
-    try:
-        os.write(int(fd), b"READY\n")
-        os.close(int(fd))
-    except OSError:
-        pass
 
 
 def main() -> None:

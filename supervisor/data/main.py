@@ -26,8 +26,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS_CONTENT_TYPE
 
 from supervisor.clock import AwakeClock
-from supervisor.config import Config, load_config
-from supervisor.data import errors
+from supervisor.config import Config, ConfigError, load_config
 from supervisor.data.control_link import ControlLink
 from supervisor.data.errors import InvocationError
 from supervisor.data.front import Front, Lifecycle, flush_stdio
@@ -36,10 +35,12 @@ from supervisor.data.links import WorkerLink
 from supervisor.data.router import Router
 from supervisor.logs import configure_logging, get_logger
 from supervisor.metrics import DataPlaneMetrics, LiveCollector, exposition, merge_expositions
-from supervisor.runstate import RunPaths, read_state
+from supervisor.runstate import RunPaths, notify_ready, read_state
 
 log = get_logger()
 INITIALIZE_TIMEOUT_S = 120.0  # FC's own limit for an instance's initialization
+BIND_RETRY_S = 3.0
+EXIT_BOOT_ERROR = 2  # deterministic: the supervisor declares FATAL instead of retrying
 
 
 class DataPlane(Lifecycle):
@@ -76,9 +77,9 @@ class DataPlane(Lifecycle):
                                                            backlog=1024)
         # Workers may run as other users; the credential, not the mode, is the gate.
         os.chmod(sock_path, 0o666)
-        await self.front.start()
+        await listen(self.front, "ca_port")
         if self.metrics_server is not None:
-            await self.metrics_server.start()
+            await listen(self.metrics_server, "metrics_port")
         log.info("data plane listening", ca_port=self.config.supervisor.ca_port,
                  metrics_port=self.config.supervisor.metrics_port, worker_socket=str(sock_path))
         notify_ready()
@@ -189,25 +190,40 @@ class DataPlane(Lifecycle):
         self.stopped.set()
 
 
-def notify_ready() -> None:
-    fd = os.environ.pop("SUPERVISOR_NOTIFY_FD", None)
-    if fd is None:
-        return
-    try:
-        os.write(int(fd), b"READY\n")
-        os.close(int(fd))
-    except OSError:
-        pass
+class CannotListen(Exception):
+    pass
+
+
+async def listen(server: HttpServer, key: str) -> None:
+    """Binds, retrying briefly (a previous instance may still hold the port)."""
+    deadline = asyncio.get_running_loop().time() + BIND_RETRY_S
+    while True:
+        try:
+            await server.start()
+            return
+        except OSError as exc:
+            if asyncio.get_running_loop().time() >= deadline:
+                raise CannotListen(f"cannot listen on {server.host}:{server.port} (supervisor.{key}): "
+                                   f"{exc.strerror or exc}") from exc
+            await asyncio.sleep(0.2)
 
 
 async def amain(config_path: Path) -> int:
-    config = load_config(config_path)
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        print(f"data plane: invalid configuration: {exc}", file=sys.stderr)
+        return EXIT_BOOT_ERROR
     configure_logging("data-plane", config.supervisor.log_format)
     plane = DataPlane(config)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, plane.request_stop)
-    await plane.start()
+    try:
+        await plane.start()
+    except CannotListen as exc:
+        log.critical("data plane cannot start", error=str(exc))
+        return EXIT_BOOT_ERROR
     background = [asyncio.ensure_future(coro) for coro in (
         plane.clock.run(), plane.router.sweep(), plane.router.report_demand(), plane.control.run())]
     stopped = asyncio.ensure_future(plane.stopped.wait())
@@ -236,5 +252,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-
-__all__ = ["errors"]

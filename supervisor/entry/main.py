@@ -31,7 +31,7 @@ from pathlib import Path
 from supervisor.config import Config, ConfigError, check_handlers, load_config
 from supervisor.entry.components import STARTUP_TIMEOUT_S, Component
 from supervisor.logs import configure_logging, get_logger
-from supervisor.runstate import AlreadyRunning, RunPaths, hold_lock, write_state
+from supervisor.runstate import NOTIFY_ENV, AlreadyRunning, RunPaths, hold_lock, write_state
 
 PR_SET_CHILD_SUBREAPER = 36
 FORCE_KILL_AFTER_S = 10.0
@@ -122,7 +122,7 @@ class Supervisor:
     def _start(self, component: Component) -> None:
         notify_r, notify_w = os.pipe2(os.O_CLOEXEC)
         os.set_inheritable(notify_w, True)
-        env = dict(os.environ, SUPERVISOR_NOTIFY_FD=str(notify_w), PYTHONUNBUFFERED="1")
+        env = dict(os.environ, **{NOTIFY_ENV: str(notify_w)}, PYTHONUNBUFFERED="1")
         try:
             # Own session: a terminal's Ctrl-C reaches only the supervisor, which
             # then stops the planes in the right order. No Popen: this loop reaps

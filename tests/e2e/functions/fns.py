@@ -66,6 +66,17 @@ def handler(event: bytes, context: Any) -> Any:
             "env_home_leak": os.environ.get("SUPERVISOR_TEST_SECRET"),
             "fc_function_name": os.environ.get("FC_FUNCTION_NAME"),
         }
+    if op == "orphan":
+        # Leave a grandchild behind: it is re-parented to the nearest subreaper
+        # (the supervisor, or PID 1 in a namespace), which must reap it.
+        child = os.fork()
+        if child == 0:
+            if os.fork() == 0:
+                time.sleep(float(req.get("s", 0.3)))
+                os._exit(0)
+            os._exit(0)
+        os.waitpid(child, 0)
+        return {"pid": os.getpid()}
     if op == "text":
         return "plain text"
     if op == "none":
