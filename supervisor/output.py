@@ -46,7 +46,7 @@ import orjson
 
 from supervisor.logs import utc_timestamp
 
-__all__ = ["BoundedLineWriter"]
+__all__ = ["BoundedLineWriter", "shared_sink", "flush_shared"]
 
 DEFAULT_MAX_BUFFER = 4 * 1024 * 1024
 # A Linux pipe holds 64 KiB: a batch no bigger goes into an empty pipe in one piece.
@@ -199,3 +199,20 @@ class BoundedLineWriter:
                 # (EINTR never gets here: os.write retries it, PEP 475.)
                 return
             view = view[written:]
+
+
+_shared: BoundedLineWriter | None = None
+
+
+def shared_sink(component: str) -> BoundedLineWriter:
+    """The process's one bounded writer to stdout (created on first use)."""
+    global _shared
+    if _shared is None:
+        _shared = BoundedLineWriter(1, component=component)
+    return _shared
+
+
+def flush_shared(timeout: float = 2.0) -> None:
+    """Writes out what the shared writer holds (pre-freeze, exit)."""
+    if _shared is not None:
+        _shared.flush(timeout)

@@ -109,6 +109,10 @@ class _BinaryOut(io.RawIOBase):
 class TaggedStream(io.TextIOBase):
     """A line-buffered text stream on ``fd`` that tags lines with the request id."""
 
+    # Class attributes: they shadow io.TextIOBase's read-only descriptors.
+    encoding = "utf-8"
+    errors = "backslashreplace"  # a lone surrogate must not crash a print()
+
     def __init__(self, fd: int, name: str) -> None:
         super().__init__()
         self._fd = fd
@@ -126,14 +130,6 @@ class TaggedStream(io.TextIOBase):
     @property
     def name(self) -> str:
         return self._name
-
-    @property
-    def encoding(self) -> str:
-        return "utf-8"
-
-    @property
-    def errors(self) -> str:
-        return "backslashreplace"
 
     @property
     def line_buffering(self) -> bool:

@@ -27,6 +27,7 @@ from supervisor.config import ConfigError, load_config
 from supervisor.control.manager import PoolManager
 from supervisor.control.service import ControlPlaneService
 from supervisor.logs import configure_logging, get_logger
+from supervisor.output import flush_shared, shared_sink
 from supervisor.metrics import ControlPlaneMetrics
 from supervisor.runstate import RunPaths, notify_ready
 from supervisor.v1 import control_pb2_grpc as rpc
@@ -41,7 +42,7 @@ async def amain(config_path: Path) -> int:
     except ConfigError as exc:
         print(f"control plane: invalid configuration: {exc}", file=sys.stderr)
         return EXIT_BOOT_ERROR
-    configure_logging("control-plane", config.supervisor.log_format)
+    configure_logging("control-plane", config.supervisor.log_format, sink=shared_sink("control-plane"))
     paths = RunPaths(config.supervisor.run_dir)
     registry = CollectorRegistry(auto_describe=True)
     manager = PoolManager(config, ControlPlaneMetrics(registry), sink=lambda event: None)
@@ -93,7 +94,10 @@ async def amain(config_path: Path) -> int:
 
 
 def main() -> None:
-    code = asyncio.run(amain(Path(sys.argv[1])))
+    import uvloop
+
+    code = uvloop.run(amain(Path(sys.argv[1])))
+    flush_shared(2.0)
     sys.stdout.flush()
     sys.exit(code)
 

@@ -11,26 +11,16 @@ from __future__ import annotations
 import asyncio
 
 from supervisor.control.logpump import Attributor, pump
-from supervisor.output import BoundedLineWriter
+from supervisor.output import shared_sink
 
 # After the worker exits, a child it started may still hold its pipes open:
 # the pumps get this long to reach EOF, then stop.
 DRAIN_GRACE_S = 1.0
 
-_sink: BoundedLineWriter | None = None
-
-
-def shared_sink() -> BoundedLineWriter:
-    global _sink
-    if _sink is None:
-        _sink = BoundedLineWriter(1, component="control-plane")
-    return _sink
-
-
 class WorkerOutput:
     def __init__(self, stdout_fd: int, stderr_fd: int, *, function: str, worker: str, fmt: str) -> None:
         attributor = Attributor()
-        sink = shared_sink()
+        sink = shared_sink("control-plane")
         self.tasks = [
             asyncio.ensure_future(pump(fd, function=function, worker=worker, stream=stream, sink=sink, fmt=fmt,
                                        attributor=attributor))

@@ -6,7 +6,9 @@ Routes: ``/invoke`` (event invocation), ``/initialize``, ``/pre-freeze``,
 request (served by functions that speak HTTP; otherwise 404).
 
 Rules:
-- Every answer carries ``x-fc-request-id`` (the caller's, or a generated one).
+- Every answer carries ``x-fc-request-id``: the caller's when it is 1-127
+  characters of ``[A-Za-z0-9._:-]`` (FC's ids are), else a generated one, so
+  an id can never forge or break a log line.
 - Every failure is the contract's JSON (``errorType``, ``errorMessage``,
   ``stackTrace`` for handler exceptions) with ``x-fc-status: 404`` and the
   contract's status; see ``errors.py``.
@@ -17,6 +19,7 @@ Rules:
 
 from __future__ import annotations
 
+import re
 import sys
 import uuid
 from collections.abc import Awaitable, Callable
@@ -28,6 +31,7 @@ from supervisor.data import errors
 from supervisor.data.errors import InvocationError
 from supervisor.data.router import Router
 from supervisor.logs import get_logger
+from supervisor.output import flush_shared
 from supervisor.v1 import worker_pb2 as wpb
 
 Scope = dict[str, Any]
@@ -36,6 +40,7 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 log = get_logger()
 
+SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,127}")
 HOOK_PATHS = {"/initialize": "initialize", "/pre-freeze": "pre_freeze", "/pre-stop": "pre_stop"}
 EMPTY_START_HEADERS: list[tuple[bytes, bytes]] = []
 
@@ -74,13 +79,15 @@ class Front:
             text = value.decode("latin-1")
             fc_headers.append(wpb.Header(name=name.decode("latin-1"), value=text))
             if name == b"x-fc-request-id":
-                request_id = text
+                # An id that could not be logged safely (markers, tags) is replaced.
+                request_id = text if SAFE_REQUEST_ID.fullmatch(text) else None
             elif name == b"x-fc-function-name":
                 function_name = text
             elif name == b"content-length":
                 content_length = int(value) if value.isdigit() else -1
         if not request_id:
             request_id = uuid.uuid4().hex
+            fc_headers = [h for h in fc_headers if h.name != "x-fc-request-id"]
             fc_headers.append(wpb.Header(name="x-fc-request-id", value=request_id))
         rid = request_id.encode("latin-1")
         path = scope["path"]
@@ -184,6 +191,8 @@ async def read_body(receive: Receive, limit: int, function: str) -> bytes:
 
 
 def flush_stdio() -> None:
+    """Everything this process logged reaches stdout (pre-freeze, pre-stop, exit)."""
+    flush_shared(2.0)
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

@@ -34,6 +34,7 @@ from supervisor.data.http_server import HttpServer
 from supervisor.data.links import WorkerLink
 from supervisor.data.router import Router
 from supervisor.logs import configure_logging, get_logger
+from supervisor.output import shared_sink
 from supervisor.metrics import DataPlaneMetrics, LiveCollector, exposition, merge_expositions
 from supervisor.runstate import RunPaths, notify_ready, read_state
 
@@ -111,7 +112,7 @@ class DataPlane(Lifecycle):
         # that follows counts as a freeze, not as work.
         self.clock.note()
         log.info("FC PreFreeze End RequestId: " + request_id, request_id=request_id)
-        flush_stdio()
+        await asyncio.to_thread(flush_stdio)
 
     async def pre_stop(self, request_id: str) -> None:
         log.info("FC PreStop Start RequestId: " + request_id, request_id=request_id)
@@ -127,7 +128,7 @@ class DataPlane(Lifecycle):
             except grpc.aio.AioRpcError as exc:
                 log.error("control plane did not stop the workers", code=exc.code().name)
         log.info("FC PreStop End RequestId: " + request_id, request_id=request_id)
-        flush_stdio()
+        await asyncio.to_thread(flush_stdio)
 
     def _hook_timeout(self) -> float:
         return max(f.timeout for f in self.config.functions.values())
@@ -214,7 +215,7 @@ async def amain(config_path: Path) -> int:
     except ConfigError as exc:
         print(f"data plane: invalid configuration: {exc}", file=sys.stderr)
         return EXIT_BOOT_ERROR
-    configure_logging("data-plane", config.supervisor.log_format)
+    configure_logging("data-plane", config.supervisor.log_format, sink=shared_sink("data-plane"))
     plane = DataPlane(config)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

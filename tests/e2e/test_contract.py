@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from tests.e2e.harness import Running, function, started, wait_for
@@ -272,3 +273,15 @@ def test_cli_invoke_prints_the_result(sup: Running) -> None:
     assert json.loads(ok.stdout) == {"name": "cli"}
     failed = sup.cli("invoke", "hello", "--data", '{"op": "raise"}', "--run-dir", str(sup.run_dir))
     assert failed.returncode != 0 and b"ValueError" in failed.stderr
+
+
+def test_a_10mb_line_and_a_flood_neither_stall_the_worker_nor_bloat_the_supervisor(sup: Running) -> None:
+    control = psutil.Process(sup.component_pid("control-plane"))
+    response = sup.invoke({"op": "flood", "n": 100_000}, headers={"x-fc-request-id": "req-flood"}, timeout=60)
+    assert response.status_code == 200  # within the 10 s timeout: the worker never blocked on its stdout
+    done = wait_for(lambda: [r for r in sup.logs() if r.get("event") == "flood done"], 30, "the last line")
+    assert done[0]["request_id"] == "req-flood"
+    huge = [r for r in sup.logs() if r.get("request_id") == "req-flood" and r.get("truncated_bytes")]
+    assert huge and len(huge[0]["event"]) <= 16 * 1024 and huge[0]["truncated_bytes"] >= 10 * 1024 * 1024 - 16 * 1024
+    assert control.memory_info().rss < 200 * 1024 * 1024
+    assert sup.invoke({}).status_code == 200

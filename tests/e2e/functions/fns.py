@@ -77,6 +77,12 @@ def handler(event: bytes, context: Any) -> Any:
             os._exit(0)
         os.waitpid(child, 0)
         return {"pid": os.getpid()}
+    if op == "flood":
+        sys.stdout.write("x" * (10 * 1024 * 1024) + "\n")  # one 10 MB line
+        for i in range(int(req.get("n", 100_000))):
+            print(f"flood {i}")
+        print("flood done")
+        return {"flooded": True}
     if op == "text":
         return "plain text"
     if op == "none":
