@@ -147,7 +147,8 @@ def _run_dir(value: Any, info: ValidationInfo) -> Path:
     if not isinstance(value, (str, Path)) or str(value) == "":
         raise ValueError(f"expected a directory path as a string, got {_show(value)}")
     # It need not exist yet: the supervisor creates it.
-    return (info.context or {}).get("base_dir", Path.cwd()) / Path(value).expanduser()
+    base: Path = (info.context or {}).get("base_dir", Path.cwd())
+    return base / Path(value).expanduser()
 
 
 Duration = Annotated[float, BeforeValidator(_duration), Field(ge=0)]

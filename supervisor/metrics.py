@@ -120,10 +120,10 @@ def exposition(registry: CollectorRegistry, openmetrics: bool) -> bytes:
     if openmetrics:
         from prometheus_client.openmetrics.exposition import generate_latest as generate_om
 
-        return generate_om(registry)
+        return bytes(generate_om(registry))  # type: ignore[no-untyped-call]
     from prometheus_client import generate_latest
 
-    return generate_latest(registry)
+    return bytes(generate_latest(registry))
 
 
 OPENMETRICS_EOF = b"# EOF\n"

@@ -161,7 +161,7 @@ class Worker:
         # control plane learns the cause before it sees this process exit.
         try:
             await asyncio.wait_for(asyncio.shield(link.closed), 2.0)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         raise SystemExit(EXIT_INIT_FAILED)
 
@@ -176,7 +176,7 @@ class Worker:
             self.link = link
             try:
                 await self.authenticate(link)
-            except (ConnectionError, asyncio.TimeoutError):
+            except (TimeoutError, ConnectionError):
                 continue
             if not initialized:
                 await self.initialize(link)

@@ -27,8 +27,8 @@ from supervisor.config import ConfigError, load_config
 from supervisor.control.manager import PoolManager
 from supervisor.control.service import ControlPlaneService
 from supervisor.logs import configure_logging, get_logger
-from supervisor.output import flush_shared, shared_sink
 from supervisor.metrics import ControlPlaneMetrics
+from supervisor.output import flush_shared, shared_sink
 from supervisor.runstate import RunPaths, notify_ready
 from supervisor.v1 import control_pb2_grpc as rpc
 

@@ -135,7 +135,7 @@ class PoolManager:
             self.changed.clear()
             try:
                 await asyncio.wait_for(self.changed.wait(), RECONCILE_S)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     def _start(self, pool: PoolRecord) -> None:
@@ -166,7 +166,7 @@ class PoolManager:
         self.metrics.starts.labels(fn.name, record.mode).inc()
         record.output = WorkerOutput(record.process.stdout_fd, record.process.stderr_fd, function=fn.name,
                                      worker=worker_id, fmt=self.config.supervisor.log_format)
-        launcher.watch_exit(record.process, lambda process, r=record: self._on_exit(r))
+        launcher.watch_exit(record.process, lambda _process: self._on_exit(record))
         self.sink(cpb.ControlEvent(added=record.added()))
         log.info("worker starting", function=fn.name, worker=worker_id, pid=record.pid, mode=record.mode)
 
@@ -322,7 +322,7 @@ class PoolManager:
             self.changed.clear()
             try:
                 await asyncio.wait_for(self.changed.wait(), min(0.1, deadline - time.monotonic()))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         for record in list(self.by_id.values()):
             self.kill(record, reason)
@@ -330,7 +330,7 @@ class PoolManager:
             self.changed.clear()
             try:
                 await asyncio.wait_for(self.changed.wait(), 0.1)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         return len(records)
 

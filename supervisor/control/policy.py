@@ -59,4 +59,4 @@ def backoff_delay(failures: int) -> float:
     """Seconds to wait after ``failures`` consecutive failures (0 -> none)."""
     if failures <= 0:
         return 0.0
-    return min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (failures - 1))
+    return float(min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** min(failures - 1, 32)))

@@ -49,7 +49,7 @@ class Session:
             self.queue.put_nowait(None)
 
 
-class ControlPlaneService(rpc.ControlPlaneServicer):
+class ControlPlaneService(rpc.ControlPlaneServicer):  # type: ignore[misc]  # generated, untyped
     def __init__(self, manager: PoolManager, registry: CollectorRegistry) -> None:
         self.manager = manager
         self.registry = registry

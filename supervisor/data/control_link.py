@@ -82,15 +82,18 @@ class ControlLink:
             delay = min(delay * 2, RECONNECT_MAX_S)
 
     async def wait_ready(self, timeout_s: float) -> cpb.WaitReadyReply:
-        return await self.stub.WaitReady(cpb.WaitReadyRequest(timeout_s=timeout_s), timeout=timeout_s + 5)
+        reply: cpb.WaitReadyReply = await self.stub.WaitReady(cpb.WaitReadyRequest(timeout_s=timeout_s),
+                                                              timeout=timeout_s + 5)
+        return reply
 
     async def stop_workers(self, grace_s: float, reason: str) -> cpb.StopWorkersReply:
-        return await self.stub.StopWorkers(cpb.StopWorkersRequest(grace_s=grace_s, reason=reason),
-                                           timeout=grace_s + 10)
+        reply: cpb.StopWorkersReply = await self.stub.StopWorkers(
+            cpb.StopWorkersRequest(grace_s=grace_s, reason=reason), timeout=grace_s + 10)
+        return reply
 
     async def metrics(self, openmetrics: bool) -> bytes:
         reply = await self.stub.GetMetrics(cpb.MetricsRequest(openmetrics=openmetrics), timeout=2.0)
-        return reply.exposition
+        return bytes(reply.exposition)
 
     async def close(self) -> None:
         await self.channel.close()

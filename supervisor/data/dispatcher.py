@@ -60,11 +60,12 @@ class Slotted:
 class Waiter:
     """A queued invocation; ``token`` is the async layer's (a future)."""
 
-    __slots__ = ("token", "cancelled", "enqueued_at")
+    __slots__ = ("token", "cancelled", "served", "enqueued_at")
 
     def __init__(self, token: Any, enqueued_at: float) -> None:
         self.token = token
         self.cancelled = False
+        self.served = False  # given a slot: no longer counted in the queue
         self.enqueued_at = enqueued_at
 
 
@@ -137,8 +138,8 @@ class PoolDispatch:
         return True
 
     def cancel(self, waiter: Waiter) -> None:
-        """``waiter`` left the queue before being served."""
-        if not waiter.cancelled:
+        """``waiter`` left the queue (a no-op once it was served)."""
+        if not waiter.cancelled and not waiter.served:
             waiter.cancelled = True
             self.queue_depth -= 1
 
@@ -210,6 +211,7 @@ class PoolDispatch:
             if worker is None:
                 break
             waiter = waiters.popleft()
+            waiter.served = True
             self.queue_depth -= 1
             assignments.append((waiter, worker))
         while waiters and waiters[0].cancelled:

@@ -34,8 +34,8 @@ from supervisor.data.http_server import HttpServer
 from supervisor.data.links import WorkerLink
 from supervisor.data.router import Router
 from supervisor.logs import configure_logging, get_logger
-from supervisor.output import shared_sink
 from supervisor.metrics import DataPlaneMetrics, LiveCollector, exposition, merge_expositions
+from supervisor.output import shared_sink
 from supervisor.runstate import RunPaths, notify_ready, read_state
 
 log = get_logger()

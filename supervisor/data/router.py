@@ -198,7 +198,7 @@ class Router:
         waiter = self._known_waiters.setdefault(hello.worker_id, self.loop.create_future())
         try:
             await asyncio.wait_for(asyncio.shield(waiter), UNKNOWN_WORKER_WAIT_S)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         finally:
             self._known_waiters.pop(hello.worker_id, None)
@@ -278,7 +278,7 @@ class Router:
             waiter = self._lost.setdefault(link.worker_id, self.loop.create_future())
             try:
                 await asyncio.wait_for(asyncio.shield(waiter), CAUSE_WAIT_S)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             finally:
                 self._lost.pop(link.worker_id, None)
@@ -430,7 +430,7 @@ class Router:
             try:
                 payload = await asyncio.wait_for(future, timeout_s)
                 results.append((worker_id, wpb.Result.FromString(payload)))
-            except (asyncio.TimeoutError, errors.InvocationError) as exc:
+            except (TimeoutError, errors.InvocationError) as exc:
                 results.append((worker_id, wpb.Result(ok=False, error=wpb.ErrorInfo(
                     error_type=type(exc).__name__, error_message=str(exc)))))
         return results
@@ -444,7 +444,7 @@ class Router:
             self.idle_changed.clear()
             try:
                 await asyncio.wait_for(self.idle_changed.wait(), min(remaining, 0.1))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         return True
 

@@ -84,7 +84,7 @@ class Component:
     def backoff_delay(self) -> float:
         if self.failures <= 0:
             return 0.0
-        return float(min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (self.failures - 1)))
+        return float(min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** min(self.failures - 1, 32)))
 
     def due(self, now: float) -> bool:
         return self.state == "backoff" and self.next_start_at is not None and now >= self.next_start_at
