@@ -245,7 +245,9 @@ def test_policy_matches_its_rules(cycles: list[tuple[float, bool, int | None, fl
         c.on_started(1, now)
         if ready:
             c.on_ready(now)
+        started = now
         now += ran_for
+        ran_for = now - started  # as the component measures it (floating point)
         c.on_exit(code, now, restart=True)
         assert c.pid is None
         if code == EXIT_CONFIG and not ready:
