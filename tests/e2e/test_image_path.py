@@ -120,4 +120,4 @@ def test_a_plane_that_cannot_boot_is_fatal(tmp_path: Path) -> None:
                                 capture_output=True, timeout=90)
     assert result.returncode != 0
     assert b"FATAL" in result.stdout or b'"component is FATAL' in result.stdout, result.stdout[-2000:]
-    assert f"supervisor.ca_port".encode() in result.stdout
+    assert b"supervisor.ca_port" in result.stdout
