@@ -425,14 +425,22 @@ class Router:
                 if isinstance(worker, WorkerLink) and worker.state in (WorkerState.READY, WorkerState.DRAINING):
                     message = wpb.Invoke(request_id=request_id, kind=kind, timeout_ms=int(timeout_s * 1000))
                     calls.append((worker.worker_id, worker.call(message, self.clock.awake() + timeout_s, self.loop)))
+        if calls:
+            # One deadline for all: the hooks run at once, one per worker.
+            await asyncio.wait([future for _, future in calls], timeout=timeout_s)
         results: list[tuple[str, wpb.Result]] = []
         for worker_id, future in calls:
-            try:
-                payload = await asyncio.wait_for(future, timeout_s)
-                results.append((worker_id, wpb.Result.FromString(payload)))
-            except (TimeoutError, errors.InvocationError) as exc:
+            if not future.done():
+                future.cancel()
+                error = wpb.ErrorInfo(error_type="FunctionTimeoutError",
+                                      error_message=f"{kind} hook did not finish within {timeout_s:g}s")
+                results.append((worker_id, wpb.Result(ok=False, error=error)))
+            elif future.cancelled() or future.exception() is not None:
+                exc = future.exception() if not future.cancelled() else None
                 results.append((worker_id, wpb.Result(ok=False, error=wpb.ErrorInfo(
-                    error_type=type(exc).__name__, error_message=str(exc)))))
+                    error_type=type(exc).__name__ if exc else "Cancelled", error_message=str(exc or "")))))
+            else:
+                results.append((worker_id, wpb.Result.FromString(future.result())))
         return results
 
     async def wait_idle(self, deadline: float) -> bool:
