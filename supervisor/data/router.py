@@ -43,6 +43,7 @@ SWEEP_S = 0.05
 CAUSE_WAIT_S = 0.5
 UNKNOWN_WORKER_WAIT_S = 3.0
 DEMAND_INTERVAL_S = 0.1
+URGENT_INTERVAL_S = 0.02
 DEMAND_HEARTBEAT_S = 2.0
 
 log = get_logger()
@@ -365,12 +366,23 @@ class Router:
     # ==== demand ==========================================================
 
     def _report_demand(self, function: FunctionState, urgent: bool = False) -> None:
+        """Tells the control plane about demand, at a bounded rate.
+
+        A queue starting to build is sent at once (scale-out must not wait);
+        while it keeps changing, at most every URGENT_INTERVAL_S; anything
+        else is left to the reporter task (every DEMAND_INTERVAL_S). Under a
+        sustained queue this is a few messages per second, not one per request.
+        """
         pool = function.pool
         key = (pool.queue_depth, pool.inflight, len(pool.workers))
         if key == function.demand_sent:
             return
         now = self.loop.time()
-        if not urgent and now - function.demand_at < DEMAND_INTERVAL_S:
+        since = now - function.demand_at
+        if urgent:
+            if function.demand_sent[0] > 0 and since < URGENT_INTERVAL_S:
+                return
+        elif since < DEMAND_INTERVAL_S:
             return  # the reporter task sends it shortly
         function.demand_sent = key
         function.demand_at = now
