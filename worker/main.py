@@ -68,6 +68,7 @@ class Link(asyncio.Protocol):
         self.decoder = wire.FrameDecoder(max_frame)
         self.transport: asyncio.Transport | None = None
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.authenticated = False
         self.welcome: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -135,6 +136,7 @@ class Worker:
             raise SystemExit(EXIT_REJECTED)
         welcome = wpb.WorkerWelcome.FromString(payload)
         self.token = welcome.next_token
+        link.authenticated = True
         return welcome
 
     async def initialize(self, link: Link) -> None:
@@ -171,6 +173,8 @@ class Worker:
             try:
                 link = await self.connect()
             except OSError:
+                if self.draining:  # shutting down anyway: nothing was lost
+                    return 0
                 output.log_error("lost the data plane and could not reconnect; exiting")
                 return EXIT_LOST_DATA_PLANE
             self.link = link
@@ -230,7 +234,7 @@ class Worker:
         if self.draining:
             return
         self.draining = True
-        if self.link is not None:
+        if self.link is not None and self.link.authenticated:
             self.link.send(wire.Kind.DRAINING)
         self._maybe_drained()
 

@@ -29,7 +29,14 @@ log = get_logger()
 class ControlLink:
     def __init__(self, target: str) -> None:
         self.target = target
-        self.channel = grpc.aio.insecure_channel(target, options=[("grpc.enable_retries", 0)])
+        # Short reconnect backoffs: both planes start at once, and gRPC's default
+        # (1 s, growing) would leave /initialize waiting on a closed socket.
+        self.channel = grpc.aio.insecure_channel(target, options=[
+            ("grpc.enable_retries", 0),
+            ("grpc.initial_reconnect_backoff_ms", 20),
+            ("grpc.min_reconnect_backoff_ms", 20),
+            ("grpc.max_reconnect_backoff_ms", 500),
+        ])
         self.stub = rpc.ControlPlaneStub(self.channel)
         self._outbox: asyncio.Queue[cpb.DataPlaneEvent] | None = None
         self._dropped = 0
@@ -82,8 +89,10 @@ class ControlLink:
             delay = min(delay * 2, RECONNECT_MAX_S)
 
     async def wait_ready(self, timeout_s: float) -> cpb.WaitReadyReply:
+        # wait_for_ready: a control plane still starting (or restarting) is
+        # waited for within the deadline, not reported as unavailable.
         reply: cpb.WaitReadyReply = await self.stub.WaitReady(cpb.WaitReadyRequest(timeout_s=timeout_s),
-                                                              timeout=timeout_s + 5)
+                                                              timeout=timeout_s + 5, wait_for_ready=True)
         return reply
 
     async def stop_workers(self, grace_s: float, reason: str) -> cpb.StopWorkersReply:
