@@ -20,17 +20,14 @@ import signal
 import sys
 from pathlib import Path
 
-import grpc
 from prometheus_client import CollectorRegistry
 
 from supervisor.config import ConfigError, load_config
 from supervisor.control.manager import PoolManager
-from supervisor.control.service import ControlPlaneService
 from supervisor.logs import configure_logging, get_logger
 from supervisor.metrics import ControlPlaneMetrics
 from supervisor.output import flush_shared, shared_sink
 from supervisor.runstate import RunPaths, notify_ready
-from supervisor.v1 import control_pb2_grpc as rpc
 
 log = get_logger()
 EXIT_BOOT_ERROR = 2  # deterministic: the supervisor declares FATAL instead of retrying
@@ -46,6 +43,16 @@ async def amain(config_path: Path) -> int:
     paths = RunPaths(config.supervisor.run_dir)
     registry = CollectorRegistry(auto_describe=True)
     manager = PoolManager(config, ControlPlaneMetrics(registry), sink=lambda event: None)
+    # Start the warm workers first: they import and initialize while this
+    # process loads gRPC (~100 ms), and dial the data plane with retries.
+    # The data plane learns of them from the Attach snapshot.
+    manager.reconcile()
+
+    import grpc
+
+    from supervisor.control.service import ControlPlaneService
+    from supervisor.v1 import control_pb2_grpc as rpc
+
     service = ControlPlaneService(manager, registry)
 
     sock = paths.control_sock
