@@ -4,7 +4,9 @@ Rules and invariants:
 
 * After :func:`install`, every line Python code writes to ``sys.stdout`` or
   ``sys.stderr`` while a request is being handled starts with the tag
-  ``b"\\x1e" + request_id + b"\\x1f"`` for the id in :data:`current_request_id`
+  ``b"\\x1e" + request_id + b"\\x1f"`` (``b"\\x1d"...`` for stderr, which is
+  written into the stdout pipe so that line order survives; a stderr line is
+  tagged even outside a request) for the id in :data:`current_request_id`
   (set by the worker around each handler; contextvars follow asyncio tasks
   and ``copy_context().run`` into threads). The control plane's log pump
   (:mod:`supervisor.control.logpump`) strips the tag and attributes the line.
@@ -65,20 +67,27 @@ def _write_fd(fd: int, data: bytes) -> None:
 
 
 class _TagCache:
-    """Remembers the last id's tag: one request writes many lines."""
+    """Remembers the last id's tag: one request writes many lines.
 
-    __slots__ = ("request_id", "tag")
+    ``lead`` is ``\x1e`` for stdout and ``\x1d`` for stderr; a stderr line is
+    always tagged (with an empty id outside a request) because it travels on
+    the stdout pipe and the pump must know its stream.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("request_id", "tag", "lead", "untagged")
+
+    def __init__(self, lead: str = "\x1e", always: bool = False) -> None:
         self.request_id: str | None = None
-        self.tag = ""
+        self.lead = lead
+        self.untagged = f"{lead}\x1f" if always else ""
+        self.tag = self.untagged
 
     def get(self) -> str:
         request_id = current_request_id.get()
         if request_id is None:
-            return ""
+            return self.untagged
         if request_id != self.request_id:
-            self.tag = f"\x1e{request_id}\x1f" if _VALID_ID.fullmatch(request_id) else ""
+            self.tag = f"{self.lead}{request_id}\x1f" if _VALID_ID.fullmatch(request_id) else self.untagged
             self.request_id = request_id
         return self.tag
 
@@ -113,16 +122,17 @@ class TaggedStream(io.TextIOBase):
     encoding = "utf-8"
     errors = "backslashreplace"  # a lone surrogate must not crash a print()
 
-    def __init__(self, fd: int, name: str) -> None:
+    def __init__(self, fd: int, name: str, *, write_fd: int | None = None, stderr: bool = False) -> None:
         super().__init__()
-        self._fd = fd
+        self._fileno = fd  # what fileno() reports
+        self._fd = fd if write_fd is None else write_fd  # where lines go
         self._name = name
         self._pending: list[str] = []  # the current line's text not yet written
         self._pending_len = 0
         self._line_open = False  # the current line's start (and tag) is already out
         # Reentrant: a signal handler or a finalizer may print mid-write.
         self._lock = threading.RLock()
-        self._tags = _TagCache()
+        self._tags = _TagCache("\x1d", always=True) if stderr else _TagCache()
         self._buffer = _BinaryOut(self)
 
     # --- io attributes code commonly relies on ---------------------------------
@@ -143,11 +153,11 @@ class TaggedStream(io.TextIOBase):
         return True
 
     def fileno(self) -> int:
-        return self._fd
+        return self._fileno
 
     def isatty(self) -> bool:
         try:
-            return os.isatty(self._fd)
+            return os.isatty(self._fileno)
         except OSError:
             return False
 
@@ -233,7 +243,10 @@ def install(stream_fd_out: int = 1, stream_fd_err: int = 2) -> None:
         except (OSError, ValueError):
             pass
     _stdout = TaggedStream(stream_fd_out, "<stdout>")
-    _stderr = TaggedStream(stream_fd_err, "<stderr>")
+    # Python-level stderr shares the stdout pipe (tagged as stderr), so the
+    # order of a handler's lines and FC's markers survives; raw writes to fd 2
+    # (C code, child processes) still go to the stderr pipe.
+    _stderr = TaggedStream(stream_fd_err, "<stderr>", write_fd=stream_fd_out, stderr=True)
     sys.stdout = _stdout
     sys.stderr = _stderr
 

@@ -24,6 +24,11 @@ Rules and invariants (DESIGN.md, "Contract: logs"):
   guess. Tagged text that looks like a marker is not a marker, and markers
   only count on stdout. Stdout and stderr of one worker share one
   :class:`Attributor`.
+* Order. Two pipes give no order between them, so the worker writes its
+  Python-level stderr into the stdout pipe as ``b"\\x1d" + id + b"\\x1f" +
+  text`` (empty id outside a request): such a line is logged with
+  ``stream: "stderr"`` and keeps its place between the markers. Only raw
+  writes to fd 2 (C code, child processes) use the stderr pipe.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ DEFAULT_MAX_LINE = 16 * 1024
 READ_SIZE = 64 * 1024
 
 TAG_START = b"\x1e"
+STDERR_TAG_START = b"\x1d"  # a sys.stderr line carried on the stdout pipe
 TAG_END = b"\x1f"
 MAX_TAG_ID = 127
 
@@ -149,6 +155,20 @@ class Attributor:
         return self._current, line
 
 
+def _stderr_as_tagged(line: bytes) -> bytes:
+    """A stderr line from the stdout pipe, as the ordinary tagged form.
+
+    ``\x1d<id>\x1f<text>`` -> ``\x1e<id>\x1f<text>``; with an empty id, just
+    ``<text>`` (attributed like any untagged line). Malformed: unchanged.
+    """
+    end = line.find(TAG_END, 1, MAX_TAG_ID + 2)
+    if end < 1:
+        return line
+    if end == 1:
+        return line[2:]
+    return TAG_START + line[1:]
+
+
 async def pump(
     fd: int,
     *,
@@ -178,12 +198,15 @@ async def pump(
 
     def emit(lines: list[tuple[bytes, int]]) -> None:
         for line, truncated in lines:
-            request_id, text = attribute(line, markers=markers)
+            line_stream = stream
+            if line.startswith(STDERR_TAG_START) and markers:
+                line_stream, line = "stderr", _stderr_as_tagged(line)
+            request_id, text = attribute(line, markers=markers and line_stream == "stdout")
             emit_worker_line(
                 sink,
                 function=function,
                 worker=worker,
-                stream=stream,
+                stream=line_stream,
                 text=text,
                 request_id=request_id,
                 truncated=truncated,

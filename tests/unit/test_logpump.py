@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import worker.output as wo
-from supervisor.control.logpump import Attributor, LineSplitter, pump
+from supervisor.control.logpump import Attributor, LineSplitter, _stderr_as_tagged, pump
 from worker.output import TaggedStream, current_request_id, marker
 
 
@@ -431,3 +431,44 @@ def test_worker_stream_rejects_bytes(tagged: tuple[TaggedStream, int]) -> None:
     stream, _ = tagged
     with pytest.raises(TypeError):
         stream.write(b"bytes")  # type: ignore[arg-type]
+
+
+# ---- sys.stderr carried on the stdout pipe ---------------------------------------
+
+
+def test_stderr_tag_becomes_an_ordinary_tag() -> None:
+    assert _stderr_as_tagged(b"\x1dreq-1\x1fboom") == b"\x1ereq-1\x1fboom"
+    assert _stderr_as_tagged(b"\x1d\x1fno request") == b"no request"
+    assert _stderr_as_tagged(b"\x1dno end") == b"\x1dno end"  # malformed: kept as text
+
+
+def test_worker_stderr_goes_through_the_stdout_pipe_tagged_as_stderr() -> None:
+    read_fd, write_fd = os.pipe()
+    try:
+        err = TaggedStream(2, "<stderr>", write_fd=write_fd, stderr=True)
+        err.write("outside\n")
+        token = current_request_id.set("req-9")
+        try:
+            err.write("inside\n")
+        finally:
+            current_request_id.reset(token)
+        assert err.fileno() == 2  # what user code sees is still stderr
+        assert os.read(read_fd, 1024) == b"\x1d\x1foutside\n\x1dreq-9\x1finside\n"
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)
+
+
+def test_pump_keeps_stderr_lines_in_order_between_markers() -> None:
+    read_fd, write_fd = os.pipe()
+    sink = ListSink()
+    os.write(write_fd, b"FC Invoke Start RequestId: r1\n\x1dr1\x1foops\n\x1d\x1fbare\nFC Invoke End RequestId: r1\n")
+    os.close(write_fd)
+    asyncio.run(asyncio.wait_for(pump(read_fd, function="f", worker="w", stream="stdout", sink=sink, fmt="json"), 5))
+    records = [json.loads(line) for line in sink.lines]
+    assert [(r["event"], r["stream"], r.get("request_id")) for r in records] == [
+        ("FC Invoke Start RequestId: r1", "stdout", "r1"),
+        ("oops", "stderr", "r1"),
+        ("bare", "stderr", "r1"),  # untagged: the open request, by the markers
+        ("FC Invoke End RequestId: r1", "stdout", "r1"),
+    ]
