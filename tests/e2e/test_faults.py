@@ -131,3 +131,12 @@ def test_sigterm_during_burst_fails_nothing(tmp_path: Path) -> None:
     assert [r.status_code for r in results] == [200] * 6, [r.text for r in results]
     assert sup.proc.wait(30) == 0
     assert not sup.leaked()
+
+
+def test_initialize_waits_for_a_restarting_control_plane(sup: Running) -> None:
+    # FC calls /initialize once: a control plane that is (re)starting is waited
+    # for, not reported as unavailable.
+    os.kill(sup.component_pid("control-plane"), signal.SIGKILL)
+    response = sup.post("/initialize", timeout=60)
+    assert response.status_code == 200, response.text
+    assert sup.invoke({}).status_code == 200
