@@ -69,6 +69,7 @@ class Link(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.authenticated = False
+        self.outbox: list[bytes] | None = None
         self.welcome: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -93,8 +94,18 @@ class Link(asyncio.Protocol):
             self.welcome.set_exception(ConnectionError("data plane closed the connection"))
 
     def send(self, kind: wire.Kind, stream: int = 0, payload: bytes = b"") -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(wire.encode(kind, stream, payload))
+        """Queues a frame; frames queued in one loop iteration share one write."""
+        frame = wire.encode(kind, stream, payload)
+        if self.outbox is None:
+            self.outbox = [frame]
+            asyncio.get_running_loop().call_soon(self.flush)
+        else:
+            self.outbox.append(frame)
+
+    def flush(self) -> None:
+        frames, self.outbox = self.outbox, None
+        if frames and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
 
 
 class Worker:

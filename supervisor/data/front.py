@@ -19,9 +19,10 @@ Rules:
 
 from __future__ import annotations
 
+import itertools
+import os
 import re
 import sys
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -67,6 +68,13 @@ class Front:
         self.router = router
         self.lifecycle = lifecycle
         self.config = router.config
+        # Unique without a getrandom() per request: a random per-process
+        # prefix (a restarted plane gets a new one) and a counter.
+        self._id_prefix = os.urandom(8).hex()
+        self._id_counter = itertools.count(1)
+
+    def _new_request_id(self) -> str:
+        return f"{self._id_prefix}{next(self._id_counter):016x}"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -86,7 +94,7 @@ class Front:
             elif name == b"content-length":
                 content_length = int(value) if value.isdigit() else -1
         if not request_id:
-            request_id = uuid.uuid4().hex
+            request_id = self._new_request_id()
             fc_headers = [h for h in fc_headers if h.name != "x-fc-request-id"]
             fc_headers.append(wpb.Header(name="x-fc-request-id", value=request_id))
         rid = request_id.encode("latin-1")
