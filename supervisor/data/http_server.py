@@ -17,6 +17,48 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
 
+class CoalescingTransport:
+    """A transport whose writes in one loop iteration leave in one ``write()``.
+
+    uvicorn writes a response's status line and headers, then its body, as
+    two writes: two syscalls, each able to wake the client. Here a write that
+    wakes another process is the most expensive step of an invocation, so the
+    writes are gathered and sent once, at the end of the current iteration.
+    Everything else is the real transport's.
+    """
+
+    __slots__ = ("_transport", "_pending", "_loop")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._pending: list[bytes] | None = None
+        self._loop = loop
+
+    def write(self, data: bytes) -> None:
+        if self._pending is None:
+            self._pending = [data]
+            self._loop.call_soon(self.flush)
+        else:
+            self._pending.append(data)
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending and not self._transport.is_closing():
+            self._transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+class CoalescingHttpToolsProtocol(HttpToolsProtocol):
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]
+
+
 class HttpServer:
     def __init__(self, app: Any, host: str, port: int, backlog: int = 2048) -> None:
         self.host = host
@@ -32,7 +74,8 @@ class HttpServer:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(
-            lambda: HttpToolsProtocol(config=self.config, server_state=self.state, app_state={}, _loop=loop),
+            lambda: CoalescingHttpToolsProtocol(config=self.config, server_state=self.state, app_state={},
+                                                _loop=loop),
             host=self.host, port=self.port, backlog=self.backlog, reuse_address=True)
 
     def stop_accepting(self) -> None:
