@@ -21,9 +21,11 @@ one protobuf encode and one ``write`` (see bench/RESULTS.md).
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import struct
 from collections.abc import Iterator
+from typing import Any
 
 HEADER = struct.Struct(">IBI")
 HEADER_SIZE = HEADER.size
@@ -86,3 +88,33 @@ class FrameDecoder:
                 offset = end
         finally:
             del buf[:offset]
+
+
+class FrameWriter:
+    """Frames queued in one loop iteration leave in one ``write()``.
+
+    On this path a write that wakes the other side costs more than anything
+    else, so a peer with several invocations in flight gets them (or their
+    results) in one wake-up. Frames written before ``transport`` is set, or
+    after it closed, are dropped: the connection is gone.
+    """
+
+    __slots__ = ("transport", "_pending")
+
+    def __init__(self) -> None:
+        self.transport: Any = None  # an asyncio (or uvloop) transport
+        self._pending: list[bytes] | None = None
+
+    def send(self, kind: Kind | int, stream: int, payload: bytes = b"") -> None:
+        frame = encode(kind, stream, payload)
+        if self._pending is None:
+            self._pending = [frame]
+            asyncio.get_running_loop().call_soon(self.flush)
+        else:
+            self._pending.append(frame)
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, None
+        transport = self.transport
+        if pending and transport is not None and not transport.is_closing():
+            transport.write(pending[0] if len(pending) == 1 else b"".join(pending))

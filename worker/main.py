@@ -69,11 +69,12 @@ class Link(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.authenticated = False
-        self.outbox: list[bytes] | None = None
+        self.writer = wire.FrameWriter()
         self.welcome: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not asyncio.Transport subclasses
+        self.writer.transport = transport
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -94,18 +95,7 @@ class Link(asyncio.Protocol):
             self.welcome.set_exception(ConnectionError("data plane closed the connection"))
 
     def send(self, kind: wire.Kind, stream: int = 0, payload: bytes = b"") -> None:
-        """Queues a frame; frames queued in one loop iteration share one write."""
-        frame = wire.encode(kind, stream, payload)
-        if self.outbox is None:
-            self.outbox = [frame]
-            asyncio.get_running_loop().call_soon(self.flush)
-        else:
-            self.outbox.append(frame)
-
-    def flush(self) -> None:
-        frames, self.outbox = self.outbox, None
-        if frames and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
+        self.writer.send(kind, stream, payload)
 
 
 class Worker:

@@ -38,7 +38,7 @@ class Pending(NamedTuple):
 
 class WorkerLink(Slotted, asyncio.Protocol):
     __slots__ = ("router", "transport", "decoder", "pending", "next_stream", "peer_pid", "peer_uid",
-                 "authenticated", "mode", "_outbox")
+                 "authenticated", "mode", "writer")
 
     def __init__(self, router: Router) -> None:
         Slotted.__init__(self, "", "")
@@ -51,12 +51,13 @@ class WorkerLink(Slotted, asyncio.Protocol):
         self.peer_uid = -1
         self.authenticated = False
         self.mode = ""
-        self._outbox: list[bytes] | None = None
+        self.writer = wire.FrameWriter()
 
     # ---- asyncio.Protocol ------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not asyncio.Transport subclasses
+        self.writer.transport = transport
         sock = transport.get_extra_info("socket")
         if sock is not None:
             creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
@@ -100,7 +101,7 @@ class WorkerLink(Slotted, asyncio.Protocol):
 
     def reject(self, reason: str) -> None:
         self.send(wire.Kind.REJECT, 0, wpb.WorkerReject(reason=reason).SerializeToString())
-        self._flush()
+        self.writer.flush()
         self.close()
 
     def call(self, message: wpb.Invoke, deadline: float, loop: asyncio.AbstractEventLoop) -> asyncio.Future[bytes]:
@@ -113,23 +114,7 @@ class WorkerLink(Slotted, asyncio.Protocol):
         return future
 
     def send(self, kind: wire.Kind, stream: int, payload: bytes = b"") -> None:
-        """Queues a frame; all frames queued in one loop iteration go out in one write.
-
-        Each write wakes the worker (a costly cross-CPU wake-up): a worker with
-        several invocations in flight gets them together, for one wake-up.
-        """
-        frame = wire.encode(kind, stream, payload)
-        if self._outbox is None:
-            self._outbox = [frame]
-            asyncio.get_running_loop().call_soon(self._flush)
-        else:
-            self._outbox.append(frame)
-
-    def _flush(self) -> None:
-        frames, self._outbox = self._outbox, None
-        transport = self.transport
-        if frames and transport is not None and not transport.is_closing():
-            transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
+        self.writer.send(kind, stream, payload)
 
     def close(self) -> None:
         if self.transport is not None:

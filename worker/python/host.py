@@ -73,6 +73,26 @@ def error_result(exc: BaseException) -> wpb.Result:
         error_type=type(exc).__name__, error_message=str(exc), stack_trace=trace))
 
 
+class Invocation:
+    """The scope of one invocation or hook: FC's markers around it, and its
+    request id current for whatever it prints (a class, not a generator-based
+    context manager: it runs on every invocation)."""
+
+    __slots__ = ("label", "request_id", "token")
+
+    def __init__(self, kind: str, request_id: str) -> None:
+        self.label = MARKERS.get(kind, "Invoke")
+        self.request_id = request_id
+
+    def __enter__(self) -> None:
+        marker(self.label, self.request_id, "Start")
+        self.token = current_request_id.set(self.request_id)
+
+    def __exit__(self, *exc: object) -> None:
+        current_request_id.reset(self.token)
+        marker(self.label, self.request_id, "End")
+
+
 class PythonHost:
     """The function's callables and how to run them."""
 
@@ -108,10 +128,7 @@ class PythonHost:
                    timeout_s: float, body: bytes) -> wpb.Result:
         """Runs a sync callable (or nothing) right here: the fast path."""
         fn = self.callables.get(kind)
-        label = MARKERS.get(kind, "Invoke")
-        marker(label, request_id, "Start")
-        token = current_request_id.set(request_id)
-        try:
+        with Invocation(kind, request_id):
             if fn is None:
                 return wpb.Result(ok=True)
             context = Context(request_id=request_id, function=self.meta, headers=headers, timeout_s=timeout_s)
@@ -121,18 +138,12 @@ class PythonHost:
             except Exception as exc:  # the handler's failure is the invocation's result
                 return self._failed(exc)
             return wpb.Result(ok=True, body=payload, content_type=content_type)
-        finally:
-            current_request_id.reset(token)
-            marker(label, request_id, "End")
 
     async def run(self, kind: str, request_id: str, headers: Mapping[str, str],
                   timeout_s: float, body: bytes) -> wpb.Result:
         """Runs an async callable as a task, or a sync one in the thread pool."""
         fn = self.callables[kind]
-        label = MARKERS.get(kind, "Invoke")
-        marker(label, request_id, "Start")
-        token = current_request_id.set(request_id)
-        try:
+        with Invocation(kind, request_id):
             context = Context(request_id=request_id, function=self.meta, headers=headers, timeout_s=timeout_s)
             args: tuple[Any, ...] = (body, context) if kind == "invoke" else (context,)
             try:
@@ -148,9 +159,6 @@ class PythonHost:
             except Exception as exc:  # the handler's failure is the invocation's result
                 return self._failed(exc)
             return wpb.Result(ok=True, body=payload, content_type=content_type)
-        finally:
-            current_request_id.reset(token)
-            marker(label, request_id, "End")
 
     @staticmethod
     def _failed(exc: BaseException) -> wpb.Result:
