@@ -8,12 +8,14 @@ signals reach the supervisor, orphans are reaped, a broken boot is FATAL.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -23,6 +25,19 @@ import pytest
 from tests.e2e.harness import FUNCTIONS_DIR, free_port, function, started, wait_for, write_config
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+@contextlib.contextmanager
+def process_group(argv: list[str], **kwargs: object) -> Iterator[subprocess.Popen[bytes]]:
+    """A child in its own process group, killed with the group if the test fails."""
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            **kwargs)  # type: ignore[call-overload]
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
 
 
 def image_env(tmp_path: Path, ca_port: int) -> dict[str, str]:
@@ -40,9 +55,7 @@ def test_start_sh_runs_the_bundled_example_and_stops_cleanly(tmp_path: Path) -> 
     config.write_text(bundled.replace("metrics_port = 9464", f"metrics_port = {free_port()}")
                       .replace('code_dir = "."', f'code_dir = "{ROOT / "examples" / "hello"}"'))
     env["SUPERVISOR_CONFIG"] = str(config)
-    proc = subprocess.Popen([str(ROOT / "start.sh")], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
+    with process_group([str(ROOT / "start.sh")], env=env, cwd=tmp_path) as proc:
         base = f"http://127.0.0.1:{ca_port}"
         wait_for(lambda: httpx.post(f"{base}/initialize", trust_env=False).status_code == 200, 60, "initialize")
         # exec: the process start.sh became is the supervisor itself.
@@ -54,10 +67,6 @@ def test_start_sh_runs_the_bundled_example_and_stops_cleanly(tmp_path: Path) -> 
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
         assert not [pid for pid in tree if psutil.pid_exists(pid)]
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
 
 
 def test_orphans_are_reaped_by_the_supervisor(tmp_path: Path) -> None:
@@ -78,10 +87,8 @@ def test_as_pid_1_it_reaps_orphans_and_forwards_sigterm(tmp_path: Path) -> None:
     write_config(config, {"ca_port": ca_port, "metrics_port": 0, "host": "127.0.0.1",
                           "run_dir": str(tmp_path / "run")}, {"hello": function(min_warm=1)})
     # A new PID namespace: the supervisor is PID 1 there, as in a container.
-    proc = subprocess.Popen(["unshare", "--pid", "--fork", "--kill-child", sys.executable, "-m", "supervisor.cli",
-                             "run", "--config", str(config)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
+    with process_group(["unshare", "--pid", "--fork", "--kill-child", sys.executable, "-m", "supervisor.cli",
+                        "run", "--config", str(config)]) as proc:
         base = f"http://127.0.0.1:{ca_port}"
         wait_for(lambda: httpx.post(f"{base}/initialize", trust_env=False).status_code == 200, 60, "initialize")
         pid1 = wait_for(lambda: psutil.Process(proc.pid).children(), 5, "the namespace's init")[0]
@@ -101,10 +108,6 @@ def test_as_pid_1_it_reaps_orphans_and_forwards_sigterm(tmp_path: Path) -> None:
         os.kill(pid1.pid, signal.SIGTERM)  # what the platform sends to PID 1
         assert proc.wait(60) == 0
         assert not [pid for pid in tree if psutil.pid_exists(pid)]
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
 
 
 def test_a_plane_that_cannot_boot_is_fatal(tmp_path: Path) -> None:
