@@ -1129,27 +1129,22 @@ def render(r: dict[str, Any]) -> str:
               + " / ".join(f"{x:.3f}" for x in a50) + f" ms (rounds) | {_verdict(max(a50) <= GOALS['added_p50_ms'])} |")
             w(f"| added p99 latency, {ck} - A | <= {GOALS['added_p99_ms']} ms | "
               + " / ".join(f"{x:.3f}" for x in a99) + f" ms (rounds) | {_verdict(max(a99) <= GOALS['added_p99_ms'])} |")
-    if "C3" in thr:
-        c3 = thr["C3"]
-        rps3 = [x["rps"] for x in c3]
-        errs3 = [x["non_2xx"] + x["socket_errors_total"] for x in c3]
-        w(f"| throughput C3 (concurrency 32, async), c=64 | >= {GOALS['rps_min']:,} req/s with 0 errors | "
-          + " / ".join(f"{x:,.0f}" for x in rps3) + " req/s, errors " + " / ".join(map(str, errs3))
-          + f" | {_verdict(min(rps3) >= GOALS['rps_min'] and max(errs3) == 0)} |")
-    if "C2" in thr:
-        c = thr["C2"]
+    for ck, label in (("C2", "C2 (sync, concurrency 1)"), ("C3", "C3 (async, concurrency 32)")):
+        if ck not in thr:
+            continue
+        c = thr[ck]
         rps = [x["rps"] for x in c]
         errs = [x["non_2xx"] + x["socket_errors_total"] for x in c]
-        w(f"| throughput C2, c=64 | >= {GOALS['rps_min']:,} req/s (10 x Noslate) with 0 errors | "
+        w(f"| throughput {label}, c=64 | >= {GOALS['rps_min']:,} req/s (10 x Noslate) with 0 errors | "
           + " / ".join(f"{x:,.0f}" for x in rps) + " req/s, errors " + " / ".join(map(str, errs))
           + f" | {_verdict(min(rps) >= GOALS['rps_min'] and max(errs) == 0)} |")
         if "B" in thr:
             shares = [cx["rps"] / bx["rps"] for cx, bx in zip(c, thr["B"]) if bx["rps"]]
-            w(f"| throughput C2 / B (aim) | >= {GOALS['gunicorn_share']} x gunicorn | "
+            w(f"| throughput {ck} / B (aim) | >= {GOALS['gunicorn_share']} x gunicorn | "
               + " / ".join(f"{x:.2f}" for x in shares) + f" | {_verdict(bool(shares) and min(shares) >= GOALS['gunicorn_share'])} |")
         if "A" in thr:
             shares = [cx["rps"] / ax["rps"] for cx, ax in zip(c, thr["A"]) if ax["rps"]]
-            w("| throughput C2 / A (for reference) | - | " + " / ".join(f"{x:.2f}" for x in shares) + " | - |")
+            w(f"| throughput {ck} / A (for reference) | - | " + " / ".join(f"{x:.2f}" for x in shares) + " | - |")
     if r.get("start"):
         p50 = r["start"]["p50_s"]
         w(f"| start to /initialize 200, 1 warm worker | <= {GOALS['start_s']} s | {p50:.3f} s (p50) "
