@@ -75,7 +75,7 @@ async def amain(config_path: Path) -> int:
     log.info("control plane listening", socket=str(sock))
     notify_ready()
 
-    background = [asyncio.ensure_future(c) for c in (manager.run(), manager.poll_memory())]
+    background = [asyncio.ensure_future(c) for c in (manager.run(), manager.poll_memory(), manager.clock.run())]
     stopped = asyncio.ensure_future(stop.wait())
     done, _ = await asyncio.wait([stopped, *background], return_when=asyncio.FIRST_COMPLETED)
     code = 0

@@ -16,8 +16,9 @@ Rules:
   had for ending it (timeout, shutdown, init_failed), else ``crashed``.
 - Replacements follow policy: the pool returns to ``min_warm`` after any
   exit unless it is stopped or backing off after failures.
-- A worker that is not ready within its start deadline is killed and counts
-  as a failure to start (``init_failed``).
+- A worker that is not ready within its start deadline (in freeze-safe awake
+  time, ``supervisor.clock``) is killed and counts as a failure to start
+  (``init_failed``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from dataclasses import dataclass, field
 
 import psutil
 
+from supervisor.clock import AwakeClock
 from supervisor.config import Config, FunctionConfig
 from supervisor.control import launcher, policy
 from supervisor.control.output import WorkerOutput
@@ -53,7 +55,8 @@ class WorkerRecord:
     function: str
     mode: str
     token_digest: bytes
-    decided_at: float
+    decided_at: float  # monotonic: for start latency and age
+    decided_awake: float = 0.0  # awake time: for the start deadline (freeze-safe)
     process: launcher.Process | None = None
     state: str = "starting"  # starting | ready | draining
     end_reason: str | None = None  # why the control plane is ending it
@@ -117,6 +120,9 @@ class PoolManager:
         self.base_env = dict(os.environ)
         self.data_plane_attached = False
         self.draining = False
+        # Deadlines in awake time: a container frozen by FC while a worker was
+        # starting must not kill that worker as "not ready in time" on thaw.
+        self.clock = AwakeClock()
         self.recently_exited: dict[str, str] = {}  # worker id -> function, for late reports
 
     # ---- reconciliation ----------------------------------------------------
@@ -126,7 +132,7 @@ class PoolManager:
         for pool in self.pools.values():
             for _ in range(policy.workers_to_start(pool.facts(now))):
                 self._start(pool)
-            self._enforce_start_deadlines(pool, now)
+            self._enforce_start_deadlines(pool, self.clock.note(now))
 
     async def run(self) -> None:
         """Reconciles on every change, and at least every RECONCILE_S."""
@@ -144,7 +150,8 @@ class PoolManager:
         worker_id = f"{fn.name}-{pool.sequence}-{secrets.token_hex(3)}"
         token = secrets.token_bytes(32)
         record = WorkerRecord(worker_id=worker_id, function=fn.name, mode="spawn",
-                              token_digest=hashlib.sha256(token).digest(), decided_at=time.monotonic())
+                              token_digest=hashlib.sha256(token).digest(), decided_at=time.monotonic(),
+                              decided_awake=self.clock.awake())
         spec = {
             "worker_id": worker_id, "token": token.hex(), "socket": str(self.paths.worker_sock),
             "function": fn.name, "runtime": fn.runtime, "handler": fn.handler, "interface": fn.interface,
@@ -170,10 +177,10 @@ class PoolManager:
         self.sink(cpb.ControlEvent(added=record.added()))
         log.info("worker starting", function=fn.name, worker=worker_id, pid=record.pid, mode=record.mode)
 
-    def _enforce_start_deadlines(self, pool: PoolRecord, now: float) -> None:
+    def _enforce_start_deadlines(self, pool: PoolRecord, awake: float) -> None:
         limit = max(pool.config.startup_timeout, pool.config.timeout) + 5.0
         for record in list(pool.workers.values()):
-            if record.state == "starting" and record.end_reason is None and now - record.decided_at > limit:
+            if record.state == "starting" and record.end_reason is None and awake - record.decided_awake > limit:
                 log.error("worker did not become ready in time; killing it", function=record.function,
                           worker=record.worker_id, limit_s=limit)
                 pool.last_error = cpb.WorkerInitFailed(

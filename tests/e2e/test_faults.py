@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -140,3 +141,27 @@ def test_initialize_waits_for_a_restarting_control_plane(sup: Running) -> None:
     response = sup.post("/initialize", timeout=60)
     assert response.status_code == 200, response.text
     assert sup.invoke({}).status_code == 200
+
+
+def test_a_freeze_during_start_up_kills_nothing(tmp_path: Path) -> None:
+    # FC freezes idle containers; CLOCK_MONOTONIC runs on while frozen. A worker
+    # still initializing when the tree is stopped for longer than its start
+    # deadline (max(startup_timeout, timeout) + 5 s = 6 s here) must survive.
+    with started(tmp_path, {"hello": function(initializer="fns:slow_init", startup_timeout="1s", timeout="1s",
+                                              env={"INIT_SECONDS": "2"})}, initialize=False) as sup:
+        starting = wait_for(lambda: [w for w in sup.workers("hello") if w["state"] == "starting"], 10,
+                            "a worker initializing")
+        frozen = tree(sup)
+        for process in frozen:
+            process.suspend()
+        try:
+            deadline = time.monotonic() + 8.0
+            while time.monotonic() < deadline:  # the freeze itself: nothing runs, nothing to wait for
+                time.sleep(deadline - time.monotonic())
+        finally:
+            for process in frozen:
+                process.resume()
+        assert sup.post("/initialize", timeout=30).status_code == 200
+        ready = sup.ready_workers("hello")
+        assert [w["pid"] for w in ready] == [starting[0]["pid"]], "the worker was killed as not ready in time"
+        assert 'reason="init_failed"' not in sup.metrics()

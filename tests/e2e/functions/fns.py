@@ -128,3 +128,7 @@ def pre_freeze(context: Any) -> None:
 
 def pre_stop(context: Any) -> None:
     hook_file(context, "pre_stop")
+
+
+def slow_init(context: Any) -> None:
+    time.sleep(float(os.environ.get("INIT_SECONDS", "1.5")))
