@@ -197,6 +197,16 @@ def hold_lock(paths: RunPaths) -> int:
 NOTIFY_ENV = "SUPERVISOR_NOTIFY_FD"
 
 
+def hide_notify_fd() -> None:
+    """Keeps the READY pipe from being inherited by what this plane starts."""
+    fd = os.environ.get(NOTIFY_ENV)
+    if fd is not None:
+        try:
+            os.set_inheritable(int(fd), False)
+        except (OSError, ValueError):
+            pass
+
+
 def notify_ready() -> None:
     """A plane tells the supervisor it is up: READY on the inherited pipe."""
     fd = os.environ.pop(NOTIFY_ENV, None)

@@ -13,7 +13,11 @@ Lifecycle (the rules):
    (or ``INIT_ERROR`` and exit 78).
 3. Serve ``INVOKE`` frames until ``DRAIN``, SIGTERM (also sent when the
    control plane dies, through the parent-death signal) or SIGINT: then
-   announce ``DRAINING``, finish in-flight work, exit 0.
+   announce ``DRAINING``, and once the data plane has answered ``DRAIN`` (so
+   no INVOKE is still on its way) and in-flight work is done, flush and exit
+   0. A worker whose control plane died cannot outlive it by more than the
+   function's timeout plus ``ORPHAN_LINGER_S``: a watchdog thread ends it
+   even when a handler is stuck (the event loop then never runs the drain).
 4. When the connection drops (the data plane restarted), dial again with
    backoff for up to ``reconnect_s`` and resume without re-initializing;
    give up and exit 75 after that.
@@ -27,6 +31,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -37,6 +42,8 @@ from worker import output
 EXIT_REJECTED = 77
 EXIT_INIT_FAILED = 78
 EXIT_LOST_DATA_PLANE = 75
+ORPHAN_LINGER_S = 5.0
+ORPHAN_POLL_S = 0.5
 PR_SET_PDEATHSIG = 1
 
 
@@ -58,6 +65,27 @@ def die_with_parent(parent_pid: int) -> None:
         return
     if os.getppid() != parent_pid:  # it died before prctl took effect
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def watch_for_orphaning(parent_pid: int, limit_s: float) -> None:
+    """Ends this process once it has been orphaned for ``limit_s``.
+
+    Normally the parent-death SIGTERM drains the worker within its timeout.
+    A handler stuck in a loop never lets that drain run, and the restarted
+    control plane does not own this process: nobody else would end it.
+    """
+
+    def watch() -> None:
+        orphaned_at: float | None = None
+        while True:
+            time.sleep(ORPHAN_POLL_S)
+            if os.getppid() == parent_pid:
+                continue
+            orphaned_at = orphaned_at or time.monotonic()
+            if time.monotonic() - orphaned_at > limit_s:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="orphan-watchdog", daemon=True).start()
 
 
 class Link(asyncio.Protocol):
@@ -107,6 +135,9 @@ class Worker:
         self.token = bytes.fromhex(spec["token"])
         self.inflight: set[asyncio.Task[None]] = set()
         self.draining = False
+        # The data plane's DRAIN (an answer to our DRAINING, or its own order):
+        # after it, no INVOKE can still be on its way to us.
+        self.drain_acked = False
         self.drained = asyncio.get_running_loop().create_future()
         self.link: Link | None = None
 
@@ -189,6 +220,7 @@ class Worker:
             link.send(wire.Kind.DRAINING if self.draining else wire.Kind.READY)
             done, _ = await asyncio.wait([link.closed, self.drained], return_when=asyncio.FIRST_COMPLETED)
             if self.drained in done or self.draining:
+                link.writer.flush()  # the last results go out before the close
                 if link.transport is not None:
                     link.transport.close()
                 return 0
@@ -209,6 +241,7 @@ class Worker:
                 self.inflight.add(task)
                 task.add_done_callback(self._done)
         elif kind == wire.Kind.DRAIN:
+            self.drain_acked = True
             self.drain()
 
     async def _run(self, kind: str, request_id: str, headers: dict[str, str], timeout_s: float,
@@ -232,15 +265,20 @@ class Worker:
         self._maybe_drained()
 
     def drain(self) -> None:
+        """Finish what is in flight, then exit (SIGTERM, parent death, DRAIN)."""
         if self.draining:
+            self._maybe_drained()
             return
         self.draining = True
-        if self.link is not None and self.link.authenticated:
-            self.link.send(wire.Kind.DRAINING)
+        link = self.link
+        if link is not None and link.authenticated and not self.drain_acked:
+            link.send(wire.Kind.DRAINING)
+        if link is None or link.closed.done():
+            self.drain_acked = True  # nobody can send us work
         self._maybe_drained()
 
     def _maybe_drained(self) -> None:
-        if self.draining and not self.inflight and not self.drained.done():
+        if self.draining and self.drain_acked and not self.inflight and not self.drained.done():
             self.drained.set_result(None)
 
 
@@ -254,6 +292,9 @@ async def amain(spec: dict[str, Any]) -> int:
 
 def main() -> None:
     spec = read_spec()
+    # Nothing the supervisor's processes had open reaches user code.
+    os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+    watch_for_orphaning(int(spec["parent_pid"]), float(spec["timeout_s"]) + ORPHAN_LINGER_S)
     die_with_parent(int(spec["parent_pid"]))
     output.install()
     code_dir = spec["code_dir"]

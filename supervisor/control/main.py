@@ -27,7 +27,7 @@ from supervisor.control.manager import PoolManager
 from supervisor.logs import configure_logging, get_logger
 from supervisor.metrics import ControlPlaneMetrics
 from supervisor.output import flush_shared, shared_sink
-from supervisor.runstate import RunPaths, notify_ready
+from supervisor.runstate import RunPaths, hide_notify_fd, notify_ready
 
 log = get_logger()
 EXIT_BOOT_ERROR = 2  # deterministic: the supervisor declares FATAL instead of retrying
@@ -103,6 +103,7 @@ async def amain(config_path: Path) -> int:
 def main() -> None:
     import uvloop
 
+    hide_notify_fd()
     code = uvloop.run(amain(Path(sys.argv[1])))
     flush_shared(2.0)
     sys.stdout.flush()

@@ -47,6 +47,7 @@ log = get_logger()
 MEMORY_POLL_S = 2.0
 RECONCILE_S = 0.5
 INIT_DETAIL_WAIT_S = 0.5
+EARLY_CRASH_S = 1.0
 
 
 @dataclass(slots=True)
@@ -158,7 +159,7 @@ class PoolManager:
             "code_dir": str(fn.code_dir), "initializer": fn.initializer, "pre_freeze": fn.pre_freeze,
             "pre_stop": fn.pre_stop, "timeout_s": fn.timeout, "concurrency": fn.concurrency,
             "memory_limit_mb": (fn.limits.memory or 0) // (1024 * 1024),
-            "max_frame": fn.max_body + 64 * 1024, "parent_pid": os.getpid(),
+            "max_frame": fn.max_body + 64 * 1024, "max_body": fn.max_body, "parent_pid": os.getpid(),
         }
         env = launcher.worker_env(fn, self.instance_id, self.base_env)
         try:
@@ -287,6 +288,8 @@ class PoolManager:
             record.output.close_when_drained()
         reason = record.end_reason or "crashed"
         was_starting = record.ready_at is None
+        died_early = (reason == "crashed" and record.ready_at is not None
+                      and time.monotonic() - record.ready_at < EARLY_CRASH_S)
         if reason == "crashed" and was_starting:
             reason = "init_failed"
         self.metrics.exits.labels(record.function, reason).inc()
@@ -309,6 +312,12 @@ class PoolManager:
                 # Its own report (through the data plane) may still be on the way.
                 asyncio.get_running_loop().call_later(
                     INIT_DETAIL_WAIT_S, self._failed_late, pool, record.worker_id, generic)
+        elif pool is not None and died_early and not pool.stopped:
+            # Dying right after READY is a failure to start too: back off
+            # instead of respawning in a tight loop.
+            self._failed_to_start(pool, cpb.WorkerInitFailed(
+                worker_id=record.worker_id, error_type="WorkerExited",
+                error_message=f"the worker {process.exit.describe()} right after it was ready"))
         self.changed.set()
 
     def _failed_late(self, pool: PoolRecord, worker_id: str, generic: cpb.WorkerInitFailed) -> None:

@@ -109,9 +109,17 @@ class Front:
                     f"no function serves HTTP requests here ({scope['method']} {path}): "
                     "event functions are invoked with POST /invoke")
         except InvocationError as exc:
-            await self._send_error(send, exc, rid, request_id, function_name)
+            await self._send_error(send, exc, rid, request_id, self._resolved(function_name))
         except ClientGone:
             return
+        except Exception as exc:  # a bug here must still answer with the contract's JSON
+            log.exception("unexpected error on the request path", request_id=request_id)
+            await self._send_error(send, InvocationError(500, "InternalError", f"the supervisor failed: {exc!r}",
+                                                         "crashed"), rid, request_id, self._resolved(function_name))
+
+    def _resolved(self, function_name: str | None) -> str | None:
+        config = self.config.function_for(function_name)
+        return config.name if config is not None else function_name
 
     async def _invoke(self, function_name: str | None, request_id: str, rid: bytes, headers: list[wpb.Header],
                       content_length: int, receive: Receive, send: Send) -> None:

@@ -19,8 +19,10 @@ import socket
 import struct
 from typing import TYPE_CHECKING, NamedTuple
 
+from google.protobuf.message import DecodeError
+
 from supervisor import wire
-from supervisor.data.dispatcher import Slotted
+from supervisor.data.dispatcher import Slotted, WorkerState
 from supervisor.v1 import worker_pb2 as wpb
 
 if TYPE_CHECKING:
@@ -83,7 +85,7 @@ class WorkerLink(Slotted, asyncio.Protocol):
                     self.router.on_init_error(self, wpb.ErrorInfo.FromString(payload))
                 else:
                     raise wire.ProtocolError(f"unexpected frame kind {kind}")
-        except (wire.ProtocolError, ValueError) as exc:  # ValueError: protobuf DecodeError
+        except (wire.ProtocolError, ValueError, DecodeError) as exc:
             self.router.on_protocol_error(self, str(exc))
             self.close()
 
@@ -103,6 +105,11 @@ class WorkerLink(Slotted, asyncio.Protocol):
         self.send(wire.Kind.REJECT, 0, wpb.WorkerReject(reason=reason).SerializeToString())
         self.writer.flush()
         self.close()
+
+    def usable(self) -> bool:
+        """Connected and not gone: a frame sent now can reach the worker."""
+        transport = self.transport
+        return self.state != WorkerState.GONE and transport is not None and not transport.is_closing()
 
     def call(self, message: wpb.Invoke, deadline: float, loop: asyncio.AbstractEventLoop) -> asyncio.Future[bytes]:
         """Sends an invocation; the future gets the RESULT payload."""

@@ -36,7 +36,7 @@ from supervisor.data.router import Router
 from supervisor.logs import configure_logging, get_logger
 from supervisor.metrics import DataPlaneMetrics, LiveCollector, exposition, merge_expositions
 from supervisor.output import shared_sink
-from supervisor.runstate import RunPaths, notify_ready, read_state
+from supervisor.runstate import RunPaths, hide_notify_fd, notify_ready, read_state
 
 log = get_logger()
 INITIALIZE_TIMEOUT_S = 120.0  # FC's own limit for an instance's initialization
@@ -246,6 +246,7 @@ async def amain(config_path: Path) -> int:
 def main() -> None:
     import uvloop
 
+    hide_notify_fd()
     code = uvloop.run(amain(Path(sys.argv[1])))
     flush_stdio()
     sys.exit(code)

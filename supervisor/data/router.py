@@ -28,6 +28,8 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from google.protobuf.message import DecodeError
+
 from supervisor import wire
 from supervisor.clock import AwakeClock
 from supervisor.config import Config, FunctionConfig
@@ -40,6 +42,7 @@ from supervisor.v1 import control_pb2 as cpb
 from supervisor.v1 import worker_pb2 as wpb
 
 SWEEP_S = 0.05
+DISPATCH_ATTEMPTS = 3
 CAUSE_WAIT_S = 0.5
 UNKNOWN_WORKER_WAIT_S = 3.0
 DEMAND_INTERVAL_S = 0.1
@@ -91,12 +94,21 @@ class Router:
             raise errors.shutting_down()
         pool = function.pool
         series = function.series
-        worker = pool.acquire()
-        if worker is None:
-            worker = await self._wait_for_slot(function)
+        for _ in range(DISPATCH_ATTEMPTS):
+            worker = pool.acquire()
+            if worker is None:
+                worker = await self._wait_for_slot(function)
+            else:
+                series.queue_wait.observe(0.0)
+            assert isinstance(worker, WorkerLink)
+            if worker.usable():
+                break
+            # Its connection dropped between the hand-over and now: the
+            # invocation never reached it, so it may go to another worker.
+            pool.drain(worker)
+            self._give_back(function, worker)
         else:
-            series.queue_wait.observe(0.0)
-        assert isinstance(worker, WorkerLink)
+            raise errors.worker_crashed(function.config.name, "workers kept disappearing before dispatch")
         config = function.config
         started = time.perf_counter()
         message = wpb.Invoke(request_id=request_id, kind=kind, headers=headers,
@@ -108,7 +120,12 @@ class Router:
             future.cancel()
             self._release(function, worker)
         series.duration.observe(time.perf_counter() - started)
-        return wpb.Result.FromString(payload)
+        try:
+            return wpb.Result.FromString(payload)
+        except DecodeError:
+            self.on_protocol_error(worker, "undecodable RESULT")
+            worker.close()
+            raise errors.worker_crashed(function.config.name, "the worker sent an undecodable result") from None
 
     async def _wait_for_slot(self, function: FunctionState) -> Slotted:
         pool = function.pool
@@ -247,6 +264,8 @@ class Router:
     def on_draining(self, link: WorkerLink) -> None:
         function = self.functions[link.function]
         function.pool.drain(link)
+        # The answer: every INVOKE for this worker was written before this frame.
+        link.send(wire.Kind.DRAIN, 0)
 
     def on_init_error(self, link: WorkerLink, error: wpb.ErrorInfo) -> None:
         function = self.functions[link.function]
@@ -311,8 +330,12 @@ class Router:
 
     def _on_snapshot(self, snapshot: cpb.Snapshot) -> None:
         self.expected = {w.worker_id: w for w in snapshot.workers}
+        for function in self.functions.values():
+            for worker in list(function.pool.workers.values()):
+                if not isinstance(worker, WorkerLink) and worker.worker_id not in self.expected:
+                    function.pool.remove(worker)  # starting under a control plane that is gone
         for added in snapshot.workers:
-            self._known(added.worker_id)
+            self._on_added(added)
         for worker_id, link in list(self.links.items()):
             if worker_id not in self.expected:
                 # A worker the (restarted) control plane does not own: let it finish and go.

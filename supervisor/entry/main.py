@@ -35,6 +35,7 @@ from supervisor.runstate import NOTIFY_ENV, AlreadyRunning, RunPaths, hold_lock,
 
 PR_SET_CHILD_SUBREAPER = 36
 FORCE_KILL_AFTER_S = 10.0
+FAST_STOP_S = 2.0
 EXIT_FATAL = 1
 
 log = get_logger()
@@ -210,7 +211,7 @@ class Supervisor:
             log.warning("second stop signal: fast shutdown", signal=name)
             for component in self.components:
                 self._kill(component, signal.SIGTERM)  # a plane's second signal means "now"
-            self.stop_deadline = time.monotonic() + 2.0
+            self.stop_deadline = time.monotonic() + FAST_STOP_S
 
     def _begin_stop(self, fatal: bool) -> None:
         self.state = "draining"
@@ -223,8 +224,10 @@ class Supervisor:
 
     def _signal_phase(self) -> None:
         component = self.data if self._stop_phase == "data" else self.control
-        grace = self.config.supervisor.grace_period
-        self.stop_deadline = time.monotonic() + grace + FORCE_KILL_AFTER_S
+        if self.stop_signals >= 2:  # fast: no drain budget for the next phase either
+            self.stop_deadline = time.monotonic() + FAST_STOP_S
+        else:
+            self.stop_deadline = time.monotonic() + self.config.supervisor.grace_period + FORCE_KILL_AFTER_S
         if component.pid is not None:
             self._kill(component, signal.SIGTERM)
 

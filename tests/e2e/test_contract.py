@@ -289,3 +289,11 @@ def test_a_10mb_line_and_a_flood_neither_stall_the_worker_nor_bloat_the_supervis
     assert huge[0]["function"] == "flood"
     assert control.memory_info().rss < 200 * 1024 * 1024
     assert sup.invoke({}, function="flood").status_code == 200
+
+
+def test_a_result_over_max_body_fails_only_that_invocation(sup: Running) -> None:
+    pid = sup.invoke({"op": "pid"}).json()["pid"]
+    response = sup.invoke({"op": "big", "n": 2048})  # hello's max_body is 1 KiB
+    assert response.status_code == 404
+    assert error_of(response)["errorType"] == "ResultTooLargeError"
+    assert sup.invoke({"op": "pid"}).json()["pid"] == pid  # the worker and its link survived

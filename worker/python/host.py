@@ -102,6 +102,7 @@ class PythonHost:
             name=spec["function"], handler=spec.get("handler") or "",
             memory_size=int(spec.get("memory_limit_mb") or 0), timeout=int(spec["timeout_s"]))
         self.timeout_s = float(spec["timeout_s"])
+        self.max_result = int(spec.get("max_body") or (1 << 62))
         self.concurrency = int(spec.get("concurrency", 1))
         self.callables: dict[str, Callable[..., Any]] = {}
         self._executor: ThreadPoolExecutor | None = None
@@ -137,7 +138,7 @@ class PythonHost:
                 payload, content_type = encode_value(value)
             except Exception as exc:  # the handler's failure is the invocation's result
                 return self._failed(exc)
-            return wpb.Result(ok=True, body=payload, content_type=content_type)
+            return self._ok(payload, content_type)
 
     async def run(self, kind: str, request_id: str, headers: Mapping[str, str],
                   timeout_s: float, body: bytes) -> wpb.Result:
@@ -158,7 +159,15 @@ class PythonHost:
                 payload, content_type = encode_value(value)
             except Exception as exc:  # the handler's failure is the invocation's result
                 return self._failed(exc)
-            return wpb.Result(ok=True, body=payload, content_type=content_type)
+            return self._ok(payload, content_type)
+
+    def _ok(self, payload: bytes, content_type: str) -> wpb.Result:
+        if len(payload) > self.max_result:
+            # The link would refuse the frame (and drop every invocation on it).
+            return wpb.Result(ok=False, error=wpb.ErrorInfo(
+                error_type="ResultTooLargeError",
+                error_message=f"the handler returned {len(payload)} bytes; max_body is {self.max_result}"))
+        return wpb.Result(ok=True, body=payload, content_type=content_type)
 
     @staticmethod
     def _failed(exc: BaseException) -> wpb.Result:

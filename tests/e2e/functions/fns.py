@@ -83,6 +83,16 @@ def handler(event: bytes, context: Any) -> Any:
             print(f"flood {i}")
         print("flood done")
         return {"flooded": True}
+    if op == "big":
+        return b"b" * int(req.get("n", 0))
+    if op == "fds":
+        out = {}
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                out[fd] = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                pass
+        return out
     if op == "text":
         return "plain text"
     if op == "none":
