@@ -213,6 +213,8 @@ class Worker:
             try:
                 await self.authenticate(link)
             except (TimeoutError, ConnectionError):
+                if link.transport is not None:
+                    link.transport.close()  # never two connections at once
                 continue
             if not initialized:
                 await self.initialize(link)
