@@ -33,6 +33,7 @@ exit, on error and on Ctrl-C/SIGTERM.
 
 from __future__ import annotations
 
+import abc
 import argparse
 import atexit
 import gc
@@ -402,7 +403,7 @@ class CpuWatch:
 # ---------------------------------------------------------------------------
 
 
-class Target:
+class Target(abc.ABC):
     key = ""
     title = ""
     throughput = False
@@ -413,8 +414,9 @@ class Target:
         self.port = 0
         self.log: Path | None = None
 
+    @abc.abstractmethod
     def start(self, round_no: int) -> float:
-        raise NotImplementedError
+        """Starts the target for a round; returns how long it took to be ready."""
 
     def stop(self) -> None:
         if self.proc is not None:

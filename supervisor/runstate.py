@@ -35,10 +35,14 @@ import errno
 import fcntl
 import json
 import os
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from supervisor.config import Config
 
 LOCK_NAME = "supervisor.lock"
 STATE_NAME = "supervisor.json"
@@ -195,6 +199,9 @@ def hold_lock(paths: RunPaths) -> int:
 
 
 NOTIFY_ENV = "SUPERVISOR_NOTIFY_FD"
+# A plane's exit code for a deterministic boot error (a config it refuses, a
+# port it cannot bind): the supervisor declares FATAL instead of retrying.
+EXIT_BOOT_ERROR = 2
 
 
 def hide_notify_fd() -> None:
@@ -217,3 +224,14 @@ def notify_ready() -> None:
         os.close(int(fd))
     except OSError:
         pass
+
+
+def load_plane_config(config_path: Path, plane: str) -> Config | None:
+    """A plane's config, or None (reported on stderr) when it is refused."""
+    from supervisor.config import ConfigError, load_config
+
+    try:
+        return load_config(config_path)
+    except ConfigError as exc:
+        print(f"{plane}: invalid configuration: {exc}", file=sys.stderr)
+        return None

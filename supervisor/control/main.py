@@ -22,22 +22,18 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from supervisor.config import ConfigError, load_config
 from supervisor.control.manager import PoolManager
 from supervisor.logs import configure_logging, get_logger
 from supervisor.metrics import ControlPlaneMetrics
 from supervisor.output import flush_shared, shared_sink
-from supervisor.runstate import RunPaths, hide_notify_fd, notify_ready
+from supervisor.runstate import EXIT_BOOT_ERROR, RunPaths, hide_notify_fd, load_plane_config, notify_ready
 
 log = get_logger()
-EXIT_BOOT_ERROR = 2  # deterministic: the supervisor declares FATAL instead of retrying
 
 
 async def amain(config_path: Path) -> int:
-    try:
-        config = load_config(config_path)
-    except ConfigError as exc:
-        print(f"control plane: invalid configuration: {exc}", file=sys.stderr)
+    config = load_plane_config(config_path, "control plane")
+    if config is None:
         return EXIT_BOOT_ERROR
     configure_logging("control-plane", config.supervisor.log_format, sink=shared_sink("control-plane"))
     paths = RunPaths(config.supervisor.run_dir)

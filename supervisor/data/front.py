@@ -24,7 +24,7 @@ import os
 import re
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -50,17 +50,14 @@ class ClientGone(Exception):
     pass
 
 
-class Lifecycle:
+class Lifecycle(Protocol):
     """What the front needs from the plane for the lifecycle hooks."""
 
-    async def initialize(self, request_id: str) -> InvocationError | None:
-        raise NotImplementedError
+    async def initialize(self, request_id: str) -> InvocationError | None: ...
 
-    async def pre_freeze(self, request_id: str) -> None:
-        raise NotImplementedError
+    async def pre_freeze(self, request_id: str) -> None: ...
 
-    async def pre_stop(self, request_id: str) -> None:
-        raise NotImplementedError
+    async def pre_stop(self, request_id: str) -> None: ...
 
 
 class Front:

@@ -26,25 +26,31 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS_CONTENT_TYPE
 
 from supervisor.clock import AwakeClock
-from supervisor.config import Config, ConfigError, load_config
+from supervisor.config import Config
 from supervisor.data.control_link import ControlLink
 from supervisor.data.errors import InvocationError
-from supervisor.data.front import Front, Lifecycle, flush_stdio
+from supervisor.data.front import Front, flush_stdio
 from supervisor.data.http_server import HttpServer
 from supervisor.data.links import WorkerLink
 from supervisor.data.router import Router
 from supervisor.logs import configure_logging, get_logger
 from supervisor.metrics import DataPlaneMetrics, LiveCollector, exposition, merge_expositions
 from supervisor.output import shared_sink
-from supervisor.runstate import RunPaths, hide_notify_fd, notify_ready, read_state
+from supervisor.runstate import (
+    EXIT_BOOT_ERROR,
+    RunPaths,
+    hide_notify_fd,
+    load_plane_config,
+    notify_ready,
+    read_state,
+)
 
 log = get_logger()
 INITIALIZE_TIMEOUT_S = 120.0  # FC's own limit for an instance's initialization
 BIND_RETRY_S = 3.0
-EXIT_BOOT_ERROR = 2  # deterministic: the supervisor declares FATAL instead of retrying
 
 
-class DataPlane(Lifecycle):
+class DataPlane:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.paths = RunPaths(config.supervisor.run_dir)
@@ -210,10 +216,8 @@ async def listen(server: HttpServer, key: str) -> None:
 
 
 async def amain(config_path: Path) -> int:
-    try:
-        config = load_config(config_path)
-    except ConfigError as exc:
-        print(f"data plane: invalid configuration: {exc}", file=sys.stderr)
+    config = load_plane_config(config_path, "data plane")
+    if config is None:
         return EXIT_BOOT_ERROR
     configure_logging("data-plane", config.supervisor.log_format, sink=shared_sink("data-plane"))
     plane = DataPlane(config)

@@ -212,14 +212,18 @@ class Router:
         else:
             self._authenticate(link, hello, expected)
 
-    async def _hello_later(self, link: WorkerLink, hello: wpb.WorkerHello) -> None:
-        waiter = self._known_waiters.setdefault(hello.worker_id, self.loop.create_future())
+    async def _wait_keyed(self, table: dict[str, asyncio.Future[None]], key: str, timeout_s: float) -> None:
+        """Waits (at most ``timeout_s``) until ``table[key]`` is resolved by an event."""
+        waiter = table.setdefault(key, self.loop.create_future())
         try:
-            await asyncio.wait_for(asyncio.shield(waiter), UNKNOWN_WORKER_WAIT_S)
+            await asyncio.wait_for(asyncio.shield(waiter), timeout_s)
         except TimeoutError:
             pass
         finally:
-            self._known_waiters.pop(hello.worker_id, None)
+            table.pop(key, None)
+
+    async def _hello_later(self, link: WorkerLink, hello: wpb.WorkerHello) -> None:
+        await self._wait_keyed(self._known_waiters, hello.worker_id, UNKNOWN_WORKER_WAIT_S)
         expected = self.expected.get(hello.worker_id)
         if expected is None:
             self._refuse(link, hello.worker_id, "unknown worker")
@@ -295,13 +299,7 @@ class Router:
     async def _fail_pending(self, link: WorkerLink) -> None:
         cause = self.causes.get(link.worker_id)
         if cause is None:
-            waiter = self._lost.setdefault(link.worker_id, self.loop.create_future())
-            try:
-                await asyncio.wait_for(asyncio.shield(waiter), CAUSE_WAIT_S)
-            except TimeoutError:
-                pass
-            finally:
-                self._lost.pop(link.worker_id, None)
+            await self._wait_keyed(self._lost, link.worker_id, CAUSE_WAIT_S)
             cause = self.causes.get(link.worker_id)
         detail = cause.reason if cause is not None and cause.reason else "connection lost"
         oom = cause is not None and cause.oom

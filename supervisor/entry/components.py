@@ -20,13 +20,15 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from supervisor.runstate import EXIT_BOOT_ERROR
+
 BACKOFF_BASE_S = 0.1
 BACKOFF_MAX_S = 10.0
 STABLE_S = 30.0
 FLAP_WINDOW_S = 60.0
 FLAP_LIMIT = 10
 STARTUP_TIMEOUT_S = 30.0
-EXIT_CONFIG = 2
+EXIT_CONFIG = EXIT_BOOT_ERROR  # the planes' exit code for a deterministic boot error
 
 
 @dataclass
