@@ -519,12 +519,25 @@ def _check_function(function: FunctionConfig, timeout_s: float) -> list[Problem]
     return [Problem(prefix, f"checking the handlers crashed Python (exit code {process.returncode})" + (f": {' | '.join(tail)}" if tail else ""))]
 
 
+# Runtimes the worker can host in this version; the others are valid config
+# (the contract names them) but refused by `run` and `validate` until they
+# exist, rather than started as something they are not.
+AVAILABLE_RUNTIMES = frozenset({"python"})
+
+
 def check_handlers(config: Config, timeout_s: float = 20.0) -> list[Problem]:
-    """Import every python function's handler and hooks in a subprocess; [] when all resolve."""
+    """Import every python function's handler and hooks in a subprocess; [] when all resolve.
+
+    Also reports functions whose runtime this version cannot run yet.
+    """
+    unavailable = [Problem(f"functions.{f.name}.runtime",
+                           f"runtime {f.runtime!r} is not available in this version of ca-supervisor "
+                           f"(available: {', '.join(sorted(AVAILABLE_RUNTIMES))})")
+                   for f in config.functions.values() if f.runtime not in AVAILABLE_RUNTIMES]
     functions = [f for f in config.functions.values() if f.runtime == "python"]
     if not functions:
-        return []
+        return unavailable
     # Threads, not asyncio: callers may already be inside an event loop.
     with ThreadPoolExecutor(max_workers=len(functions)) as pool:
         results = list(pool.map(lambda f: _check_function(f, timeout_s), functions))
-    return [problem for problems in results for problem in problems]
+    return unavailable + [problem for problems in results for problem in problems]
