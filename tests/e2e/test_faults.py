@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -31,6 +32,12 @@ def sup(tmp_path: Path) -> Iterator[Running]:
 def tree(sup: Running) -> list[psutil.Process]:
     root = psutil.Process(sup.proc.pid)
     return [root, *root.children(recursive=True)]
+
+
+def accepts(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(1.0)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 def no_zombies(sup: Running) -> bool:
@@ -153,12 +160,16 @@ def test_a_freeze_during_start_up_kills_nothing(tmp_path: Path) -> None:
     # FC freezes idle containers; CLOCK_MONOTONIC runs on while frozen. A worker
     # still initializing when the tree is stopped for longer than its start
     # deadline (max(startup_timeout, timeout) + 5 s = 9 s here) must survive.
-    # Awake time it really uses: its start (~1 s, more under load), 1.5 s of
+    # Awake time it really uses: its start (~1 s, more under load), 3 s of
     # initializer, and at most 2 s charged for the freeze: well under 9 s.
     with started(tmp_path, {"hello": function(initializer="fns:slow_init", startup_timeout="4s", timeout="1s",
-                                              env={"INIT_SECONDS": "1.5"})}, initialize=False) as sup:
+                                              env={"INIT_SECONDS": "3"})}, initialize=False) as sup:
         starting = wait_for(lambda: [w for w in sup.workers("hello") if w["state"] == "starting"], 10,
                             "a worker initializing")
+        # Freeze the whole tree only once the CA port accepts: the data plane may still be starting
+        # when the first worker is, and a plane frozen mid-start is not what this test is about.
+        wait_for(lambda: accepts(sup.ca_port), 10, "the CA port accepting")
+        assert [(w["pid"], w["state"]) for w in sup.workers("hello")] == [(starting[0]["pid"], "starting")]
         frozen = tree(sup)
         for process in frozen:
             process.suspend()
