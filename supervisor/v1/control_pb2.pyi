@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DataPlaneEvent(_message.Message):
-    __slots__ = ("hello", "session", "ready", "init_failed", "disconnected", "kill", "demand")
+    __slots__ = ("hello", "session", "ready", "init_failed", "disconnected", "kill", "demand", "due")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
@@ -15,6 +15,7 @@ class DataPlaneEvent(_message.Message):
     DISCONNECTED_FIELD_NUMBER: _ClassVar[int]
     KILL_FIELD_NUMBER: _ClassVar[int]
     DEMAND_FIELD_NUMBER: _ClassVar[int]
+    DUE_FIELD_NUMBER: _ClassVar[int]
     hello: DataPlaneHello
     session: WorkerSession
     ready: WorkerReady
@@ -22,7 +23,8 @@ class DataPlaneEvent(_message.Message):
     disconnected: WorkerDisconnected
     kill: KillWorker
     demand: Demand
-    def __init__(self, hello: _Optional[_Union[DataPlaneHello, _Mapping]] = ..., session: _Optional[_Union[WorkerSession, _Mapping]] = ..., ready: _Optional[_Union[WorkerReady, _Mapping]] = ..., init_failed: _Optional[_Union[WorkerInitFailed, _Mapping]] = ..., disconnected: _Optional[_Union[WorkerDisconnected, _Mapping]] = ..., kill: _Optional[_Union[KillWorker, _Mapping]] = ..., demand: _Optional[_Union[Demand, _Mapping]] = ...) -> None: ...
+    due: WorkerDue
+    def __init__(self, hello: _Optional[_Union[DataPlaneHello, _Mapping]] = ..., session: _Optional[_Union[WorkerSession, _Mapping]] = ..., ready: _Optional[_Union[WorkerReady, _Mapping]] = ..., init_failed: _Optional[_Union[WorkerInitFailed, _Mapping]] = ..., disconnected: _Optional[_Union[WorkerDisconnected, _Mapping]] = ..., kill: _Optional[_Union[KillWorker, _Mapping]] = ..., demand: _Optional[_Union[Demand, _Mapping]] = ..., due: _Optional[_Union[WorkerDue, _Mapping]] = ...) -> None: ...
 
 class DataPlaneHello(_message.Message):
     __slots__ = ("pid",)
@@ -81,44 +83,72 @@ class WorkerLoad(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., inflight: _Optional[int] = ..., served: _Optional[int] = ...) -> None: ...
 
 class Demand(_message.Message):
-    __slots__ = ("function", "queue_depth", "inflight", "workers", "draining")
+    __slots__ = ("function", "queue_depth", "inflight", "workers", "draining", "busy_seconds")
     FUNCTION_FIELD_NUMBER: _ClassVar[int]
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     INFLIGHT_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
+    BUSY_SECONDS_FIELD_NUMBER: _ClassVar[int]
     function: str
     queue_depth: int
     inflight: int
     workers: _containers.RepeatedCompositeFieldContainer[WorkerLoad]
     draining: bool
-    def __init__(self, function: _Optional[str] = ..., queue_depth: _Optional[int] = ..., inflight: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerLoad, _Mapping]]] = ..., draining: _Optional[bool] = ...) -> None: ...
+    busy_seconds: float
+    def __init__(self, function: _Optional[str] = ..., queue_depth: _Optional[int] = ..., inflight: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerLoad, _Mapping]]] = ..., draining: _Optional[bool] = ..., busy_seconds: _Optional[float] = ...) -> None: ...
+
+class WorkerDue(_message.Message):
+    __slots__ = ("worker_id", "reason")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    reason: str
+    def __init__(self, worker_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ControlEvent(_message.Message):
-    __slots__ = ("snapshot", "added", "removed", "drain", "health")
+    __slots__ = ("snapshot", "added", "removed", "drain", "health", "config")
     SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     ADDED_FIELD_NUMBER: _ClassVar[int]
     REMOVED_FIELD_NUMBER: _ClassVar[int]
     DRAIN_FIELD_NUMBER: _ClassVar[int]
     HEALTH_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
     snapshot: Snapshot
     added: WorkerAdded
     removed: WorkerRemoved
     drain: DrainWorker
     health: PoolHealth
-    def __init__(self, snapshot: _Optional[_Union[Snapshot, _Mapping]] = ..., added: _Optional[_Union[WorkerAdded, _Mapping]] = ..., removed: _Optional[_Union[WorkerRemoved, _Mapping]] = ..., drain: _Optional[_Union[DrainWorker, _Mapping]] = ..., health: _Optional[_Union[PoolHealth, _Mapping]] = ...) -> None: ...
+    config: ConfigUpdate
+    def __init__(self, snapshot: _Optional[_Union[Snapshot, _Mapping]] = ..., added: _Optional[_Union[WorkerAdded, _Mapping]] = ..., removed: _Optional[_Union[WorkerRemoved, _Mapping]] = ..., drain: _Optional[_Union[DrainWorker, _Mapping]] = ..., health: _Optional[_Union[PoolHealth, _Mapping]] = ..., config: _Optional[_Union[ConfigUpdate, _Mapping]] = ...) -> None: ...
+
+class ConfigUpdate(_message.Message):
+    __slots__ = ("toml", "base_dir", "path", "generation")
+    TOML_FIELD_NUMBER: _ClassVar[int]
+    BASE_DIR_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    toml: str
+    base_dir: str
+    path: str
+    generation: int
+    def __init__(self, toml: _Optional[str] = ..., base_dir: _Optional[str] = ..., path: _Optional[str] = ..., generation: _Optional[int] = ...) -> None: ...
 
 class WorkerAdded(_message.Message):
-    __slots__ = ("worker_id", "function", "pid", "token_digest")
+    __slots__ = ("worker_id", "function", "pid", "token_digest", "max_requests", "disposable")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     FUNCTION_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    MAX_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    DISPOSABLE_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     function: str
     pid: int
     token_digest: bytes
-    def __init__(self, worker_id: _Optional[str] = ..., function: _Optional[str] = ..., pid: _Optional[int] = ..., token_digest: _Optional[bytes] = ...) -> None: ...
+    max_requests: int
+    disposable: bool
+    def __init__(self, worker_id: _Optional[str] = ..., function: _Optional[str] = ..., pid: _Optional[int] = ..., token_digest: _Optional[bytes] = ..., max_requests: _Optional[int] = ..., disposable: _Optional[bool] = ...) -> None: ...
 
 class WorkerRemoved(_message.Message):
     __slots__ = ("worker_id", "reason", "crashed", "oom")
@@ -153,12 +183,14 @@ class PoolHealth(_message.Message):
     def __init__(self, function: _Optional[str] = ..., init_failed: _Optional[bool] = ..., error_type: _Optional[str] = ..., error_message: _Optional[str] = ..., warm: _Optional[bool] = ...) -> None: ...
 
 class Snapshot(_message.Message):
-    __slots__ = ("workers", "health")
+    __slots__ = ("workers", "health", "config")
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     HEALTH_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
     workers: _containers.RepeatedCompositeFieldContainer[WorkerAdded]
     health: _containers.RepeatedCompositeFieldContainer[PoolHealth]
-    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerAdded, _Mapping]]] = ..., health: _Optional[_Iterable[_Union[PoolHealth, _Mapping]]] = ...) -> None: ...
+    config: ConfigUpdate
+    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerAdded, _Mapping]]] = ..., health: _Optional[_Iterable[_Union[PoolHealth, _Mapping]]] = ..., config: _Optional[_Union[ConfigUpdate, _Mapping]] = ...) -> None: ...
 
 class WaitReadyRequest(_message.Message):
     __slots__ = ("timeout_s",)
@@ -239,16 +271,86 @@ class FunctionStatus(_message.Message):
     def __init__(self, name: _Optional[str] = ..., runtime: _Optional[str] = ..., min_warm: _Optional[int] = ..., max_workers: _Optional[int] = ..., concurrency: _Optional[int] = ..., queue_depth: _Optional[int] = ..., inflight: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., init_error: _Optional[str] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("ready", "functions", "data_plane_attached", "draining")
+    __slots__ = ("ready", "functions", "data_plane_attached", "draining", "components")
     READY_FIELD_NUMBER: _ClassVar[int]
     FUNCTIONS_FIELD_NUMBER: _ClassVar[int]
     DATA_PLANE_ATTACHED_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
+    COMPONENTS_FIELD_NUMBER: _ClassVar[int]
     ready: bool
     functions: _containers.RepeatedCompositeFieldContainer[FunctionStatus]
     data_plane_attached: bool
     draining: bool
-    def __init__(self, ready: _Optional[bool] = ..., functions: _Optional[_Iterable[_Union[FunctionStatus, _Mapping]]] = ..., data_plane_attached: _Optional[bool] = ..., draining: _Optional[bool] = ...) -> None: ...
+    components: _containers.RepeatedCompositeFieldContainer[ComponentStatus]
+    def __init__(self, ready: _Optional[bool] = ..., functions: _Optional[_Iterable[_Union[FunctionStatus, _Mapping]]] = ..., data_plane_attached: _Optional[bool] = ..., draining: _Optional[bool] = ..., components: _Optional[_Iterable[_Union[ComponentStatus, _Mapping]]] = ...) -> None: ...
+
+class ComponentStatus(_message.Message):
+    __slots__ = ("name", "pid", "state", "restarts", "uptime_s", "detail")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_S_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    pid: int
+    state: str
+    restarts: int
+    uptime_s: float
+    detail: str
+    def __init__(self, name: _Optional[str] = ..., pid: _Optional[int] = ..., state: _Optional[str] = ..., restarts: _Optional[int] = ..., uptime_s: _Optional[float] = ..., detail: _Optional[str] = ...) -> None: ...
+
+class ReloadRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ConfigProblem(_message.Message):
+    __slots__ = ("path", "message")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    message: str
+    def __init__(self, path: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
+class ReloadReply(_message.Message):
+    __slots__ = ("ok", "problems", "added", "removed", "changed", "unchanged", "generation")
+    OK_FIELD_NUMBER: _ClassVar[int]
+    PROBLEMS_FIELD_NUMBER: _ClassVar[int]
+    ADDED_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_FIELD_NUMBER: _ClassVar[int]
+    UNCHANGED_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    ok: bool
+    problems: _containers.RepeatedCompositeFieldContainer[ConfigProblem]
+    added: _containers.RepeatedScalarFieldContainer[str]
+    removed: _containers.RepeatedScalarFieldContainer[str]
+    changed: _containers.RepeatedScalarFieldContainer[str]
+    unchanged: _containers.RepeatedScalarFieldContainer[str]
+    generation: int
+    def __init__(self, ok: _Optional[bool] = ..., problems: _Optional[_Iterable[_Union[ConfigProblem, _Mapping]]] = ..., added: _Optional[_Iterable[str]] = ..., removed: _Optional[_Iterable[str]] = ..., changed: _Optional[_Iterable[str]] = ..., unchanged: _Optional[_Iterable[str]] = ..., generation: _Optional[int] = ...) -> None: ...
+
+class ScaleRequest(_message.Message):
+    __slots__ = ("function", "min_warm", "max_workers")
+    FUNCTION_FIELD_NUMBER: _ClassVar[int]
+    MIN_WARM_FIELD_NUMBER: _ClassVar[int]
+    MAX_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    function: str
+    min_warm: int
+    max_workers: int
+    def __init__(self, function: _Optional[str] = ..., min_warm: _Optional[int] = ..., max_workers: _Optional[int] = ...) -> None: ...
+
+class ScaleReply(_message.Message):
+    __slots__ = ("ok", "error", "min_warm", "max_workers")
+    OK_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    MIN_WARM_FIELD_NUMBER: _ClassVar[int]
+    MAX_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    ok: bool
+    error: str
+    min_warm: int
+    max_workers: int
+    def __init__(self, ok: _Optional[bool] = ..., error: _Optional[str] = ..., min_warm: _Optional[int] = ..., max_workers: _Optional[int] = ...) -> None: ...
 
 class MetricsRequest(_message.Message):
     __slots__ = ("openmetrics",)

@@ -59,6 +59,16 @@ class ControlPlaneStub:
                 request_serializer=supervisor_dot_v1_dot_control__pb2.MetricsRequest.SerializeToString,
                 response_deserializer=supervisor_dot_v1_dot_control__pb2.MetricsReply.FromString,
                 _registered_method=True)
+        self.Reload = channel.unary_unary(
+                '/supervisor.v1.ControlPlane/Reload',
+                request_serializer=supervisor_dot_v1_dot_control__pb2.ReloadRequest.SerializeToString,
+                response_deserializer=supervisor_dot_v1_dot_control__pb2.ReloadReply.FromString,
+                _registered_method=True)
+        self.Scale = channel.unary_unary(
+                '/supervisor.v1.ControlPlane/Scale',
+                request_serializer=supervisor_dot_v1_dot_control__pb2.ScaleRequest.SerializeToString,
+                response_deserializer=supervisor_dot_v1_dot_control__pb2.ScaleReply.FromString,
+                _registered_method=True)
 
 
 class ControlPlaneServicer:
@@ -102,6 +112,23 @@ class ControlPlaneServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Reload(self, request, context):
+        """Re-reads the config file the supervisor was started with and applies it
+        without dropping a request (`supervisor reload`, SIGHUP). A config with
+        problems is refused whole: the running one stays.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Scale(self, request, context):
+        """Overrides one function's min_warm / max_workers at run time
+        (`supervisor scale`, for an outer scheduler).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlPlaneServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -129,6 +156,16 @@ def add_ControlPlaneServicer_to_server(servicer, server):
                     servicer.GetMetrics,
                     request_deserializer=supervisor_dot_v1_dot_control__pb2.MetricsRequest.FromString,
                     response_serializer=supervisor_dot_v1_dot_control__pb2.MetricsReply.SerializeToString,
+            ),
+            'Reload': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reload,
+                    request_deserializer=supervisor_dot_v1_dot_control__pb2.ReloadRequest.FromString,
+                    response_serializer=supervisor_dot_v1_dot_control__pb2.ReloadReply.SerializeToString,
+            ),
+            'Scale': grpc.unary_unary_rpc_method_handler(
+                    servicer.Scale,
+                    request_deserializer=supervisor_dot_v1_dot_control__pb2.ScaleRequest.FromString,
+                    response_serializer=supervisor_dot_v1_dot_control__pb2.ScaleReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -266,6 +303,60 @@ class ControlPlane:
             '/supervisor.v1.ControlPlane/GetMetrics',
             supervisor_dot_v1_dot_control__pb2.MetricsRequest.SerializeToString,
             supervisor_dot_v1_dot_control__pb2.MetricsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/supervisor.v1.ControlPlane/Reload',
+            supervisor_dot_v1_dot_control__pb2.ReloadRequest.SerializeToString,
+            supervisor_dot_v1_dot_control__pb2.ReloadReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Scale(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/supervisor.v1.ControlPlane/Scale',
+            supervisor_dot_v1_dot_control__pb2.ScaleRequest.SerializeToString,
+            supervisor_dot_v1_dot_control__pb2.ScaleReply.FromString,
             options,
             channel_credentials,
             insecure,
