@@ -1,4 +1,4 @@
-"""The `supervisor` command line: run | validate | status | invoke.
+"""The `supervisor` command line: run | validate | status | invoke | reload | scale.
 
 The contract is DESIGN.md, "Contract: command line". The rules:
 
@@ -6,7 +6,10 @@ The contract is DESIGN.md, "Contract: command line". The rules:
   every component is running and the pools are ready, 3 when something is
   not (or the control plane does not answer), 4 when no supervisor is
   running; `invoke` 0 on a 2xx answer, 1 otherwise, 4 when no supervisor is
-  running. Usage errors exit 2 (argparse's convention).
+  running; `reload` and `scale` 0 when applied, 2 when the supervisor
+  refused (the running config stays), 3 when its control plane does not
+  answer, 4 when no supervisor is running. Usage errors exit 2 (argparse's
+  convention).
 * Commands that talk to a running supervisor find its run directory by
   `--run-dir`, else `$SUPERVISOR_RUN_DIR`, else the `run_dir` of the config
   they would load (else `/tmp/ca-supervisor`, the default, when that config
@@ -17,7 +20,12 @@ The contract is DESIGN.md, "Contract: command line". The rules:
   `supervisor invoke f > out.bin` stay clean.
 * Rendering is pure: `status_document`, `status_exit_code` and
   `render_status` take a state dict and a StatusReply (or None) and a clock
-  reading, and do no I/O, so they are tested without processes.
+  reading, and do no I/O, so they are tested without processes; so do the
+  `reload_*` and `scale_*` functions with their replies.
+* Seeds are components too: the control plane reports them in
+  StatusReply.components ("seed:<function>"); they join the planes from
+  supervisor.json in `status` and count for its exit code like any other
+  component (a seed that is not running means workers start by slow spawn).
 * Heavy imports (gRPC, pydantic via the config, the entry point) happen
   inside the commands that need them: `validate` should not pay for gRPC,
   and `status` should answer fast.
@@ -32,17 +40,29 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from supervisor.runstate import RunPaths, read_state, supervisor_alive
 
 if TYPE_CHECKING:
-    from supervisor.v1.control_pb2 import FunctionStatus, StatusReply
+    from supervisor.v1.control_pb2 import (
+        ComponentStatus,
+        FunctionStatus,
+        ReloadReply,
+        ScaleReply,
+        ScaleRequest,
+        StatusReply,
+    )
 
 DEFAULT_RUN_DIR = Path("/tmp/ca-supervisor")
 STATUS_TIMEOUT_S = 2.0
+# The control plane answers Reload once the new config is accepted, without
+# waiting for new workers; the margin is for a loaded host.
+RELOAD_TIMEOUT_S = 60.0
+SCALE_TIMEOUT_S = 10.0
+UINT32_MAX = 2**32 - 1  # min_warm / max_workers travel as uint32
 
 EXIT_OK = 0
 EXIT_INVOKE_FAILED = 1
@@ -104,6 +124,17 @@ def _component(component: Mapping[str, Any], now_monotonic: float) -> dict[str, 
     }
 
 
+def _reported_component(component: ComponentStatus) -> dict[str, Any]:
+    """A component the control plane reports (a seed), in the shape of the planes'."""
+    return {
+        "name": component.name,
+        "pid": component.pid or None,
+        "state": component.state or "unknown",
+        "restarts": component.restarts,
+        "uptime_s": round(component.uptime_s, 3) if component.state == "running" else None,
+    }
+
+
 def _function(function: FunctionStatus) -> dict[str, Any]:
     return {
         "name": function.name,
@@ -134,10 +165,15 @@ def status_document(state: Mapping[str, Any] | None, reply: StatusReply | None,
                     now_monotonic: float) -> dict[str, Any]:
     """The contract's `status --json` object from supervisor.json and GetStatus (None: no answer)."""
     components = state.get("components", []) if state is not None else []
+    reported = [_reported_component(c) for c in reply.components] if reply is not None else []
+    # The control plane's word on a component it reports wins over a stale
+    # supervisor.json entry of the same name.
+    names = {c["name"] for c in reported}
+    planes = [_component(c, now_monotonic) for c in components if isinstance(c, Mapping)]
     return {
         # Not ready when the control plane did not answer: nobody vouched for it.
         "ready": bool(reply is not None and reply.ready),
-        "components": [_component(c, now_monotonic) for c in components if isinstance(c, Mapping)],
+        "components": [c for c in planes if c["name"] not in names] + reported,
         "functions": [_function(f) for f in reply.functions] if reply is not None else [],
     }
 
@@ -182,6 +218,11 @@ def format_bytes(n: int) -> str:
     return f"{value:.1f}{unit}"
 
 
+def _one_line(text: str) -> str:
+    """A multi-line detail (a traceback's tail, say) on the component's one line."""
+    return " | ".join(line.strip() for line in text.strip().splitlines() if line.strip())
+
+
 _NAME_WIDTH = 32  # supervisorctl's column widths, so the output reads the same
 _STATE_WIDTH = 10
 _WORKER_HEADER = ("ID", "PID", "STATE", "INFLIGHT", "SERVED", "AGE", "RSS", "MODE")
@@ -191,6 +232,7 @@ def render_status(state: Mapping[str, Any] | None, reply: StatusReply | None,
                   now_monotonic: float) -> str:
     """The human table: supervisor line, one line per component, then per function its workers."""
     document = status_document(state, reply, now_monotonic)
+    details = {c.name: _one_line(c.detail) for c in reply.components if c.detail.strip()} if reply is not None else {}
     lines: list[str] = []
     if state is not None:
         lines.append(
@@ -202,6 +244,7 @@ def render_status(state: Mapping[str, Any] | None, reply: StatusReply | None,
         lines.append(
             f"{c['name']:<{_NAME_WIDTH - 1}} {c['state'].upper():<{_STATE_WIDTH}}"
             f"pid {pid}, uptime {format_duration(c['uptime_s'])}, restarts {c['restarts']}"
+            + (f" ({details[c['name']]})" if c["name"] in details else "")
         )
     if reply is None:
         return "\n".join(lines) + "\n"
@@ -274,6 +317,151 @@ def cmd_status(args: argparse.Namespace) -> int:
         sys.stdout.write(render_status(state, reply, now))
     code = status_exit_code(document)
     return code
+
+
+# --- reload and scale: pure rendering --------------------------------------------------
+
+
+def _problem_line(path: str, message: str) -> str:
+    return f"{path}: {message}" if path else message
+
+
+def reload_document(reply: ReloadReply) -> dict[str, Any]:
+    """`reload --json`: the ReloadReply as one JSON object."""
+    return {
+        "ok": reply.ok,
+        "problems": [{"path": p.path, "message": p.message} for p in reply.problems],
+        "added": list(reply.added),
+        "removed": list(reply.removed),
+        "changed": list(reply.changed),
+        "unchanged": list(reply.unchanged),
+        "generation": reply.generation,
+    }
+
+
+def render_reload(reply: ReloadReply) -> str:
+    """One line for an accepted reload: what happened to which function."""
+    parts = [f"{verb} {', '.join(names)}" for verb, names in (
+        ("added", reply.added), ("changed", reply.changed),
+        ("removed", reply.removed), ("unchanged", reply.unchanged)) if names]
+    return f"reloaded (generation {reply.generation})" + (": " + "; ".join(parts) if parts else "") + "\n"
+
+
+def render_reload_refused(reply: ReloadReply) -> str:
+    """stderr for a refused reload: that nothing changed, then every problem with its key path."""
+    lines = [f"reload refused, the running config stays (generation {reply.generation}):"]
+    lines += [_problem_line(p.path, p.message) for p in reply.problems]
+    if not reply.problems:
+        lines.append("(the supervisor gave no reason)")
+    return "\n".join(lines) + "\n"
+
+
+def scale_request(function: str, min_warm: int | None, max_workers: int | None) -> ScaleRequest:
+    """A ScaleRequest carrying only what was given: an unset field leaves that setting alone."""
+    from supervisor.v1 import control_pb2
+
+    request = control_pb2.ScaleRequest(function=function)
+    if min_warm is not None:
+        request.min_warm = min_warm
+    if max_workers is not None:
+        request.max_workers = max_workers
+    return request
+
+
+def scale_document(function: str, reply: ScaleReply) -> dict[str, Any]:
+    """`scale --json`: the ScaleReply as one JSON object, with the function it was about."""
+    return {"function": function, "ok": reply.ok, "error": reply.error,
+            "min_warm": reply.min_warm, "max_workers": reply.max_workers}
+
+
+def render_scale(function: str, reply: ScaleReply) -> str:
+    return f"{function}: min_warm={reply.min_warm} max_workers={reply.max_workers}\n"
+
+
+# --- reload and scale: I/O -----------------------------------------------------------
+
+
+def _live_paths(args: argparse.Namespace) -> RunPaths | None:
+    """The running supervisor's run dir, found as `status` finds it; None (and said so) when none runs."""
+    run_dir = resolve_run_dir(args.run_dir, os.environ, Path.cwd(), args.config)
+    paths = RunPaths(run_dir)
+    if not supervisor_alive(paths) or read_state(paths) is None:
+        _no_supervisor(run_dir)
+        return None
+    return paths
+
+
+def _rpc_failed(paths: RunPaths, rpc: str, exc: Exception, outcome: str = "") -> int:
+    import grpc
+
+    if isinstance(exc, grpc.RpcError) and isinstance(exc, grpc.Call):
+        code, detail = exc.code(), exc.details()
+        reason = f"{code.name}: {detail}" if code is not None else str(detail)
+    else:  # a socket path gRPC refuses, say
+        reason = str(exc)
+    print(f"control plane did not answer {rpc} on {paths.control_sock}: {reason}{outcome}", file=sys.stderr)
+    return EXIT_NOT_RUNNING_WELL
+
+
+def request_reload(paths: RunPaths, timeout_s: float = RELOAD_TIMEOUT_S) -> ReloadReply:
+    """Reload over the control socket; raises grpc.RpcError when it does not answer."""
+    import grpc
+
+    from supervisor.v1 import control_pb2, control_pb2_grpc
+
+    with grpc.insecure_channel(paths.ctl_target, options=[("grpc.enable_http_proxy", 0)]) as channel:
+        stub = control_pb2_grpc.ControlPlaneStub(channel)
+        reply: ReloadReply = stub.Reload(control_pb2.ReloadRequest(), timeout=timeout_s)
+        return reply
+
+
+def request_scale(paths: RunPaths, request: ScaleRequest, timeout_s: float = SCALE_TIMEOUT_S) -> ScaleReply:
+    """Scale over the control socket; raises grpc.RpcError when it does not answer."""
+    import grpc
+
+    from supervisor.v1 import control_pb2_grpc
+
+    with grpc.insecure_channel(paths.ctl_target, options=[("grpc.enable_http_proxy", 0)]) as channel:
+        stub = control_pb2_grpc.ControlPlaneStub(channel)
+        reply: ScaleReply = stub.Scale(request, timeout=timeout_s)
+        return reply
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    paths = _live_paths(args)
+    if paths is None:
+        return EXIT_NO_SUPERVISOR
+    try:
+        reply = request_reload(paths)
+    except Exception as exc:  # grpc.RpcError, or a socket path gRPC refuses
+        # A deadline may pass after the control plane accepted the new config.
+        return _rpc_failed(paths, "Reload", exc, "; whether the reload took effect is unknown: see `supervisor status`")
+    if args.json:
+        print(json.dumps(reload_document(reply)))
+    if not reply.ok:
+        sys.stderr.write(render_reload_refused(reply))
+        return EXIT_INVALID
+    if not args.json:
+        sys.stdout.write(render_reload(reply))
+    return EXIT_OK
+
+
+def cmd_scale(args: argparse.Namespace) -> int:
+    paths = _live_paths(args)
+    if paths is None:
+        return EXIT_NO_SUPERVISOR
+    try:
+        reply = request_scale(paths, scale_request(args.function, args.min_warm, args.max_workers))
+    except Exception as exc:  # grpc.RpcError, or a socket path gRPC refuses
+        return _rpc_failed(paths, "Scale", exc)
+    if args.json:
+        print(json.dumps(scale_document(args.function, reply)))
+    if not reply.ok:
+        print(f"scale {args.function} refused: {reply.error or 'the supervisor gave no reason'}", file=sys.stderr)
+        return EXIT_INVALID
+    if not args.json:
+        sys.stdout.write(render_scale(args.function, reply))
+    return EXIT_OK
 
 
 # --- invoke ------------------------------------------------------------------------
@@ -385,6 +573,31 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _count(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from `minimum` up to what a uint32 holds."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {text!r}")
+        if value > UINT32_MAX:
+            raise argparse.ArgumentTypeError(f"must be at most {UINT32_MAX}, got {text!r}")
+        return value
+    parse.__name__ = "count"  # what argparse names in "invalid count value"
+    return parse
+
+
+def _scale_usage_error(args: argparse.Namespace) -> str | None:
+    """What argparse cannot say about `scale` alone: at least one setting, and a consistent pair."""
+    if args.min_warm is None and args.max_workers is None:
+        return "give --min-warm, --max-workers, or both"
+    if args.min_warm is not None and args.max_workers is not None and args.min_warm > args.max_workers:
+        return f"--min-warm {args.min_warm} exceeds --max-workers {args.max_workers}"
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="supervisor",
@@ -419,12 +632,33 @@ def build_parser() -> argparse.ArgumentParser:
     invoke.add_argument("--timeout", type=_positive_float, default=300.0, metavar="SECONDS",
                         help="give up waiting for the answer after this long (default 300)")
     invoke.set_defaults(handler=cmd_invoke)
+
+    reload = commands.add_parser(
+        "reload", help="make a running supervisor re-read its config (exit 0 applied, 2 refused, 4 none)")
+    reload.add_argument("--json", action="store_true", help="print the reply as one JSON object")
+    reload.add_argument("--run-dir", metavar="DIR", help=run_dir_help)
+    reload.add_argument("--config", metavar="PATH", help=find_config_help)
+    reload.set_defaults(handler=cmd_reload)
+
+    scale = commands.add_parser(
+        "scale", help="override one function's min_warm / max_workers at run time (exit 0, 2 refused, 4 none)")
+    scale.add_argument("function", metavar="FUNCTION")
+    scale.add_argument("--min-warm", type=_count(0), metavar="N", help="workers kept warm (0 or more)")
+    scale.add_argument("--max-workers", type=_count(1), metavar="M", help="most workers at once (1 or more)")
+    scale.add_argument("--json", action="store_true", help="print the reply as one JSON object")
+    scale.add_argument("--run-dir", metavar="DIR", help=run_dir_help)
+    scale.add_argument("--config", metavar="PATH", help=find_config_help)
+    scale.set_defaults(handler=cmd_scale, usage_error=_scale_usage_error, command_parser=scale)
     return parser
 
 
 def dispatch(argv: Sequence[str] | None = None) -> int:
     """Parse and run one command; returns its exit code (argparse errors raise SystemExit(2))."""
     args = build_parser().parse_args(argv)
+    usage_error = getattr(args, "usage_error", None)
+    problem = usage_error(args) if usage_error is not None else None
+    if problem:
+        args.command_parser.error(problem)  # usage, the message, SystemExit(2)
     code: int = args.handler(args)
     return code
 

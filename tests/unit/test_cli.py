@@ -37,8 +37,14 @@ from supervisor.cli import (
     format_age,
     format_bytes,
     format_duration,
+    reload_document,
+    render_reload,
+    render_reload_refused,
+    render_scale,
     render_status,
     resolve_run_dir,
+    scale_document,
+    scale_request,
     status_document,
     status_exit_code,
 )
@@ -168,6 +174,130 @@ def test_render_status_table() -> None:
 def test_render_status_without_control_plane_lists_components_only() -> None:
     lines = render_status(make_state(), None, NOW).splitlines()
     assert lines[0].endswith("ready no, CA port 9000") and len(lines) == 3
+
+
+def make_seed(state: str = "running", detail: str = "") -> control_pb2.ComponentStatus:
+    running = state == "running"
+    return control_pb2.ComponentStatus(name="seed:hello", pid=300 if running else 0, state=state, restarts=1,
+                                       uptime_s=61.25 if running else 9.0, detail=detail)
+
+
+def reply_with_seed(seed: control_pb2.ComponentStatus, ready: bool = True) -> control_pb2.StatusReply:
+    reply = make_reply(ready)
+    reply.components.append(seed)
+    return reply
+
+
+def test_status_document_appends_the_seeds() -> None:
+    doc = status_document(make_state(), reply_with_seed(make_seed()), NOW)
+    assert [tuple(c) for c in doc["components"]] == [COMPONENT_KEYS] * 3
+    assert doc["components"][2] == {"name": "seed:hello", "pid": 300, "state": "running",
+                                    "restarts": 1, "uptime_s": 61.25}
+    assert status_exit_code(doc) == 0
+    # A seed that is not running has no pid nor uptime, whatever the reply's numbers say.
+    doc = status_document(make_state(), reply_with_seed(make_seed("backoff", "exit 1")), NOW)
+    assert doc["components"][2] == {"name": "seed:hello", "pid": None, "state": "backoff",
+                                    "restarts": 1, "uptime_s": None}
+    json.dumps(doc)
+
+
+def test_status_document_prefers_the_control_planes_word_on_a_seed() -> None:
+    doc = status_document(make_state(**{"seed:hello": "backoff"}), reply_with_seed(make_seed()), NOW)
+    assert [(c["name"], c["state"]) for c in doc["components"]] == [
+        ("control-plane", "running"), ("data-plane", "running"), ("seed:hello", "running")]
+
+
+@pytest.mark.parametrize("state", ["starting", "backoff", "failed", "stopped", ""])
+def test_a_seed_not_running_makes_status_exit_3(state: str) -> None:
+    doc = status_document(make_state(), reply_with_seed(make_seed(state)), NOW)
+    assert status_exit_code(doc) == 3
+    assert doc["components"][2]["state"] == (state or "unknown")
+
+
+def test_render_status_shows_seeds_with_their_detail() -> None:
+    reply = reply_with_seed(make_seed("failed", "ImportError: no module named numpy\n  (gave up after 5 tries)\n"))
+    reply.components.append(control_pb2.ComponentStatus(name="seed:web", pid=301, state="running", uptime_s=5))
+    lines = render_status(make_state(), reply, NOW).splitlines()
+    assert lines[3] == (f"{'seed:hello':<32}{'FAILED':<10}pid -, uptime -, restarts 1 "
+                        "(ImportError: no module named numpy | (gave up after 5 tries))")
+    assert lines[4] == f"{'seed:web':<32}{'RUNNING':<10}pid 301, uptime 0:00:05, restarts 0"
+    assert lines[5] == "" and lines[6].startswith("function hello")
+
+
+def make_reload_reply(ok: bool = True) -> control_pb2.ReloadReply:
+    if ok:
+        return control_pb2.ReloadReply(ok=True, added=["a", "b"], changed=["c"], removed=["d"],
+                                       unchanged=["e"], generation=3)
+    return control_pb2.ReloadReply(ok=False, generation=2, problems=[
+        control_pb2.ConfigProblem(path="functions.hello.timeout", message="must be greater than 0"),
+        control_pb2.ConfigProblem(path="", message="not valid TOML: line 3"),
+    ])
+
+
+def test_render_reload() -> None:
+    assert render_reload(make_reload_reply()) == "reloaded (generation 3): added a, b; changed c; removed d; unchanged e\n"
+    # Only what happened is named.
+    assert render_reload(control_pb2.ReloadReply(ok=True, unchanged=["hello"], generation=4)) == (
+        "reloaded (generation 4): unchanged hello\n")
+    assert render_reload(control_pb2.ReloadReply(ok=True, generation=5)) == "reloaded (generation 5)\n"
+
+
+def test_render_reload_refused() -> None:
+    assert render_reload_refused(make_reload_reply(ok=False)).splitlines() == [
+        "reload refused, the running config stays (generation 2):",
+        "functions.hello.timeout: must be greater than 0",
+        "not valid TOML: line 3",
+    ]
+    assert render_reload_refused(control_pb2.ReloadReply(ok=False)).splitlines()[1] == "(the supervisor gave no reason)"
+
+
+def test_reload_document() -> None:
+    assert reload_document(make_reload_reply()) == {
+        "ok": True, "problems": [], "added": ["a", "b"], "removed": ["d"], "changed": ["c"],
+        "unchanged": ["e"], "generation": 3}
+    doc = reload_document(make_reload_reply(ok=False))
+    assert doc["ok"] is False and doc["problems"][0] == {"path": "functions.hello.timeout",
+                                                         "message": "must be greater than 0"}
+    json.dumps(doc)
+
+
+def test_scale_request_sets_only_what_was_given() -> None:
+    only_max = scale_request("hello", None, 8)
+    assert only_max.function == "hello" and only_max.max_workers == 8
+    assert only_max.HasField("max_workers") and not only_max.HasField("min_warm")
+    # 0 is a value to send (no warm workers), not "unset".
+    zero = scale_request("hello", 0, None)
+    assert zero.HasField("min_warm") and zero.min_warm == 0 and not zero.HasField("max_workers")
+    both = scale_request("hello", 2, 3)
+    assert both.HasField("min_warm") and both.HasField("max_workers")
+
+
+def test_render_scale() -> None:
+    reply = control_pb2.ScaleReply(ok=True, min_warm=2, max_workers=6)
+    assert render_scale("hello", reply) == "hello: min_warm=2 max_workers=6\n"
+    assert scale_document("hello", reply) == {"function": "hello", "ok": True, "error": "",
+                                              "min_warm": 2, "max_workers": 6}
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["scale", "hello"], "give --min-warm, --max-workers, or both"),
+        (["scale", "hello", "--min-warm", "-1"], "argument --min-warm: must be at least 0, got '-1'"),
+        (["scale", "hello", "--max-workers", "0"], "argument --max-workers: must be at least 1, got '0'"),
+        (["scale", "hello", "--max-workers", "2.5"], "argument --max-workers: expected a whole number, got '2.5'"),
+        (["scale", "hello", "--min-warm", str(2**32)], "argument --min-warm: must be at most 4294967295"),
+        (["scale", "hello", "--min-warm", "5", "--max-workers", "2"], "--min-warm 5 exceeds --max-workers 2"),
+        (["scale", "--min-warm", "1"], "the following arguments are required: FUNCTION"),
+        (["reload", "extra"], "unrecognized arguments: extra"),
+    ],
+)
+def test_scale_and_reload_usage_errors(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        dispatch(argv)
+    assert exc.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == "" and message in err and err.startswith("usage: supervisor ")
 
 
 def test_formatters() -> None:
@@ -437,9 +567,21 @@ def test_status_uses_env_run_dir(run_dir: Path, capsys: pytest.CaptureFixture[st
 class FakeControlPlane(control_pb2_grpc.ControlPlaneServicer):
     def __init__(self, reply: control_pb2.StatusReply) -> None:
         self.reply = reply
+        self.reload_reply = make_reload_reply()
+        self.scale_reply = control_pb2.ScaleReply(ok=True, min_warm=1, max_workers=8)
+        self.reloads = 0
+        self.scales: list[control_pb2.ScaleRequest] = []
 
     def GetStatus(self, request: control_pb2.StatusRequest, context: grpc.ServicerContext) -> control_pb2.StatusReply:
         return self.reply
+
+    def Reload(self, request: control_pb2.ReloadRequest, context: grpc.ServicerContext) -> control_pb2.ReloadReply:
+        self.reloads += 1
+        return self.reload_reply
+
+    def Scale(self, request: control_pb2.ScaleRequest, context: grpc.ServicerContext) -> control_pb2.ScaleReply:
+        self.scales.append(request)
+        return self.scale_reply
 
 
 @pytest.fixture
@@ -478,6 +620,18 @@ def test_status_table_from_a_running_supervisor(run_dir: Path, fake_supervisor: 
     assert "control-plane" in out and "uptime 0:00:1" in out and "hello-1" in out
 
 
+def test_status_with_a_seed_from_a_running_supervisor(run_dir: Path, fake_supervisor: FakeControlPlane, capsys: pytest.CaptureFixture[str]) -> None:
+    fake_supervisor.reply = reply_with_seed(make_seed())
+    assert dispatch(["status", "--json", "--run-dir", str(run_dir)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["components"][2] == {"name": "seed:hello", "pid": 300, "state": "running",
+                                    "restarts": 1, "uptime_s": 61.25}
+    fake_supervisor.reply = reply_with_seed(make_seed("backoff", "exited with 1"))
+    assert dispatch(["status", "--run-dir", str(run_dir)]) == 3
+    out = capsys.readouterr().out
+    assert f"{'seed:hello':<32}{'BACKOFF':<10}pid -, uptime -, restarts 1 (exited with 1)" in out.splitlines()
+
+
 def test_status_when_the_control_plane_does_not_answer(run_dir: Path, lock_holder: Callable[[RunPaths], subprocess.Popen[bytes]], capsys: pytest.CaptureFixture[str]) -> None:
     paths = RunPaths(run_dir)
     write_state(paths, make_state(pid=lock_holder(paths).pid))
@@ -488,6 +642,87 @@ def test_status_when_the_control_plane_does_not_answer(run_dir: Path, lock_holde
     doc = json.loads(out)
     assert doc["ready"] is False and doc["functions"] == [] and len(doc["components"]) == 2
     assert "control plane did not answer" in err
+
+
+# --- reload and scale against a control plane ---------------------------------------------
+
+
+def test_reload_applied(run_dir: Path, fake_supervisor: FakeControlPlane, capsys: pytest.CaptureFixture[str]) -> None:
+    assert dispatch(["reload", "--run-dir", str(run_dir)]) == 0
+    out, err = capsys.readouterr()
+    assert out == "reloaded (generation 3): added a, b; changed c; removed d; unchanged e\n" and err == ""
+    assert dispatch(["reload", "--json", "--run-dir", str(run_dir)]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out) == {"ok": True, "problems": [], "added": ["a", "b"], "removed": ["d"],
+                               "changed": ["c"], "unchanged": ["e"], "generation": 3}
+    assert err == "" and fake_supervisor.reloads == 2
+
+
+def test_reload_refused(run_dir: Path, fake_supervisor: FakeControlPlane, capsys: pytest.CaptureFixture[str]) -> None:
+    fake_supervisor.reload_reply = make_reload_reply(ok=False)
+    assert dispatch(["reload", "--run-dir", str(run_dir)]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.splitlines() == ["reload refused, the running config stays (generation 2):",
+                                "functions.hello.timeout: must be greater than 0",
+                                "not valid TOML: line 3"]
+    # --json: the object on stdout (clean for jq), the problems still on stderr.
+    assert dispatch(["reload", "--json", "--run-dir", str(run_dir)]) == 2
+    out, err = capsys.readouterr()
+    doc = json.loads(out)
+    assert doc["ok"] is False and [p["path"] for p in doc["problems"]] == ["functions.hello.timeout", ""]
+    assert "functions.hello.timeout: must be greater than 0" in err.splitlines()
+
+
+def test_reload_finds_the_supervisor_by_env(run_dir: Path, fake_supervisor: FakeControlPlane, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SUPERVISOR_RUN_DIR", str(run_dir))
+    assert dispatch(["reload"]) == 0
+    assert fake_supervisor.reloads == 1
+
+
+def test_scale_only_max_workers(run_dir: Path, fake_supervisor: FakeControlPlane, capsys: pytest.CaptureFixture[str]) -> None:
+    assert dispatch(["scale", "hello", "--max-workers", "8", "--run-dir", str(run_dir)]) == 0
+    out, err = capsys.readouterr()
+    assert out == "hello: min_warm=1 max_workers=8\n" and err == ""
+    [received] = fake_supervisor.scales
+    assert received.function == "hello" and received.max_workers == 8
+    assert received.HasField("max_workers") and not received.HasField("min_warm")
+
+
+def test_scale_min_warm_zero_and_json(run_dir: Path, fake_supervisor: FakeControlPlane, capsys: pytest.CaptureFixture[str]) -> None:
+    fake_supervisor.scale_reply = control_pb2.ScaleReply(ok=True, min_warm=0, max_workers=4)
+    assert dispatch(["scale", "hello", "--min-warm", "0", "--json", "--run-dir", str(run_dir)]) == 0
+    assert json.loads(capsys.readouterr().out) == {"function": "hello", "ok": True, "error": "",
+                                                   "min_warm": 0, "max_workers": 4}
+    [received] = fake_supervisor.scales
+    assert received.HasField("min_warm") and received.min_warm == 0 and not received.HasField("max_workers")
+
+
+def test_scale_refused(run_dir: Path, fake_supervisor: FakeControlPlane, capsys: pytest.CaptureFixture[str]) -> None:
+    fake_supervisor.scale_reply = control_pb2.ScaleReply(ok=False, error="no function named 'nope'")
+    assert dispatch(["scale", "nope", "--min-warm", "1", "--max-workers", "2", "--run-dir", str(run_dir)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == "scale nope refused: no function named 'nope'\n"
+    [received] = fake_supervisor.scales
+    assert (received.function, received.min_warm, received.max_workers) == ("nope", 1, 2)
+
+
+@pytest.mark.parametrize("argv", [["reload"], ["reload", "--json"], ["scale", "hello", "--min-warm", "1"]])
+def test_reload_and_scale_without_a_supervisor(run_dir: Path, capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
+    assert dispatch([*argv, "--run-dir", str(run_dir)]) == 4
+    out, err = capsys.readouterr()
+    assert out == "" and err == f"no supervisor running in {run_dir}\n"
+
+
+@pytest.mark.parametrize("argv", [["reload"], ["scale", "hello", "--max-workers", "3"]])
+def test_reload_and_scale_when_the_control_plane_does_not_answer(run_dir: Path, lock_holder: Callable[[RunPaths], subprocess.Popen[bytes]], capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
+    paths = RunPaths(run_dir)
+    write_state(paths, make_state(pid=lock_holder(paths).pid))
+    started = time.monotonic()
+    assert dispatch([*argv, "--run-dir", str(run_dir)]) == 3
+    assert time.monotonic() - started < 5  # no socket: refused at once, not after the deadline
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("control plane did not answer ") and "UNAVAILABLE" in err
 
 
 # --- invoke ----------------------------------------------------------------------
