@@ -201,6 +201,7 @@ class FunctionConfig(BaseModel):
     max_requests: Annotated[int, Field(ge=0)] = 0
     recycle_memory_share: Annotated[float, Field(ge=0, le=1)] = 0.9
     disposable: bool = False
+    seed: bool = True  # python: fork workers from a preloaded seed; false: a fresh interpreter each
     max_body: Size = 6 << 20
     env: dict[EnvName, str] = Field(default_factory=dict)
     limits: Limits = Field(default_factory=Limits)
@@ -243,6 +244,8 @@ class Config(BaseModel):
     supervisor: SupervisorSettings
     functions: dict[str, FunctionConfig]  # in the file's order
     path: Path | None = None
+    text: str | None = None  # the file's text, as read (what a reload passes between the planes)
+    generation: int = 0  # 0 as started; each accepted reload adds one
 
     def function_for(self, name: str | None) -> FunctionConfig | None:
         """The function a request naming `name` (or nothing) is for, as the HTTP contract says."""
@@ -363,6 +366,10 @@ def _function_checks(prefix: str, raw: Mapping[str, Any], failed: set[str]) -> l
                 problems.append(Problem(f"{prefix}.{key}", f'only python functions take {key}; a {runtime} function gets lifecycle calls through hooks = ["initialize", ...]'))
         if ok("interface") and values["interface"] != "event":
             problems.append(Problem(f"{prefix}.interface", f"only python functions take interface; a {runtime} function serves HTTP from its command"))
+    if ok("disposable", "concurrency") and values["disposable"] and values["concurrency"] > 1:
+        problems.append(Problem(f"{prefix}.concurrency", f"a disposable worker serves exactly one invocation; concurrency must be 1, got {values['concurrency']}"))
+    if ok("seed", "runtime") and "seed" in raw and runtime != "python":
+        problems.append(Problem(f"{prefix}.seed", f"only python functions have a seed; a {runtime} function starts its command"))
     if ok("min_warm", "max_workers") and values["min_warm"] > values["max_workers"]:
         problems.append(Problem(f"{prefix}.min_warm", f"min_warm ({values['min_warm']}) cannot exceed max_workers ({values['max_workers']})"))
     return problems
@@ -437,13 +444,23 @@ def load_config(path: Path, env: Mapping[str, str] | None = None) -> Config:
     """Read and validate a TOML config file; env (default os.environ) overrides it."""
     path = Path(path).absolute()
     try:
-        with path.open("rb") as file:
-            data = tomllib.load(file)
+        text = path.read_bytes().decode("utf-8")
     except OSError as exc:
         raise ConfigError([Problem(str(path), f"cannot read the config file: {exc.strerror or exc}")]) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError([Problem(str(path), f"not valid TOML: the file is not UTF-8 ({exc})")]) from exc
+    return parse_config_text(text, path.parent, path, env)
+
+
+def parse_config_text(text: str, base_dir: Path, path: Path | None = None, env: Mapping[str, str] | None = None,
+                      generation: int = 0) -> Config:
+    """Validate a config file's text; relative paths start at ``base_dir``."""
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([Problem(str(path), f"not valid TOML: {exc}")]) from exc
-    return parse_config(data, path.parent, os.environ if env is None else env, path)
+        raise ConfigError([Problem(str(path or "config"), f"not valid TOML: {exc}")]) from exc
+    config = parse_config(data, base_dir, os.environ if env is None else env, path)
+    return config.model_copy(update={"text": text, "generation": generation})
 
 
 def bundled_config_path() -> Path:

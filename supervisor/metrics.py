@@ -8,7 +8,9 @@ writing the same family:
   time from its live pools, so the request path never touches a gauge)
   ready, workers by state, capacity, in-flight, queue depth, plus the
   supervisor's component restarts read from its state file;
-- control plane: worker starts, start latency, exits by reason, memory.
+- control plane: worker starts, start latency, exits by reason, memory,
+  whether each seed is ready (its restarts reach the data plane's
+  ``supervisor_component_restarts_total`` through ``run_dir/seeds.json``).
 
 Workers never write metrics: nothing they send becomes a series or a label
 value other than the function and worker ids the supervisor assigned.
@@ -114,6 +116,9 @@ class ControlPlaneMetrics:
                              ["function", "reason"], registry=registry)
         self.memory = Gauge("supervisor_worker_memory_bytes", "Resident memory of each worker.",
                             ["function", "worker"], registry=registry)
+        self.seed_ready = Gauge("supervisor_seed_ready",
+                                "1 while the function's seed forks its workers; 0: they start by spawn.",
+                                ["function"], registry=registry)
 
 
 def exposition(registry: CollectorRegistry, openmetrics: bool) -> bytes:

@@ -46,6 +46,8 @@ if TYPE_CHECKING:
 
 LOCK_NAME = "supervisor.lock"
 STATE_NAME = "supervisor.json"
+ACCEPTED_CONFIG_NAME = "config.accepted.json"
+SEEDS_NAME = "seeds.json"
 CONTROL_SOCK_NAME = "control.sock"
 WORKER_SOCK_NAME = "worker.sock"
 
@@ -80,6 +82,11 @@ class RunPaths:
     @property
     def worker_sock(self) -> Path:
         return self.run_dir / WORKER_SOCK_NAME
+
+    @property
+    def accepted_config(self) -> Path:
+        """The config a reload accepted (so a restarted plane runs it, not a newer edit)."""
+        return self.run_dir / ACCEPTED_CONFIG_NAME
 
     @property
     def ctl_target(self) -> str:
@@ -227,11 +234,67 @@ def notify_ready() -> None:
 
 
 def load_plane_config(config_path: Path, plane: str) -> Config | None:
-    """A plane's config, or None (reported on stderr) when it is refused."""
-    from supervisor.config import ConfigError, load_config
+    """A plane's config, or None (reported on stderr) when it is refused.
+
+    When a reload has accepted a config during this run, that one wins over
+    the file: a plane restarted later runs what its sibling runs, even if the
+    file was edited (or broken) since.
+    """
+    from supervisor.config import ConfigError, load_config, parse_config_text
 
     try:
-        return load_config(config_path)
+        config = load_config(config_path)
     except ConfigError as exc:
         print(f"{plane}: invalid configuration: {exc}", file=sys.stderr)
         return None
+    accepted = read_accepted_config(RunPaths(config.supervisor.run_dir))
+    if accepted is None:
+        return config
+    try:
+        return parse_config_text(accepted["toml"], Path(accepted["base_dir"]), Path(accepted["path"]),
+                                 generation=int(accepted["generation"]))
+    except (ConfigError, KeyError, ValueError, TypeError) as exc:
+        print(f"{plane}: ignoring the reloaded config in {ACCEPTED_CONFIG_NAME}: {exc}", file=sys.stderr)
+        return config
+
+
+def write_accepted_config(paths: RunPaths, toml: str, base_dir: Path, path: Path, generation: int) -> None:
+    """Atomically records the config a reload accepted."""
+    document = {"toml": toml, "base_dir": str(base_dir), "path": str(path), "generation": generation}
+    tmp = paths.accepted_config.with_suffix(".tmp")
+    tmp.write_text(json.dumps(document))
+    os.replace(tmp, paths.accepted_config)
+
+
+def read_accepted_config(paths: RunPaths) -> dict[str, Any] | None:
+    try:
+        document = json.loads(paths.accepted_config.read_text())
+    except (OSError, ValueError):
+        return None
+    return document if isinstance(document, dict) else None
+
+
+def write_seed_restarts(paths: RunPaths, restarts: dict[str, int]) -> None:
+    """The seeds' restart counts (component name -> count), for the data plane's metrics."""
+    tmp = paths.run_dir / (SEEDS_NAME + ".tmp")
+    tmp.write_text(json.dumps(restarts))
+    os.replace(tmp, paths.run_dir / SEEDS_NAME)
+
+
+def read_seed_restarts(paths: RunPaths) -> dict[str, int]:
+    try:
+        document = json.loads((paths.run_dir / SEEDS_NAME).read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(document, dict):
+        return {}
+    return {str(k): int(v) for k, v in document.items() if isinstance(v, int)}
+
+
+def forget_accepted_config(paths: RunPaths) -> None:
+    """A new run starts from the file (called by the supervisor before the planes start)."""
+    for path in (paths.accepted_config, paths.run_dir / SEEDS_NAME):
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass

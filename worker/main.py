@@ -293,7 +293,15 @@ async def amain(spec: dict[str, Any]) -> int:
 
 
 def main() -> None:
-    spec = read_spec()
+    start(read_spec())
+
+
+def start(spec: dict[str, Any]) -> None:
+    """Runs the worker described by ``spec`` until it exits (never returns).
+
+    The one path for both modes: after ``posix_spawn`` + ``read_spec``, and in
+    a child cloned by the seed (``worker.seed``).
+    """
     # Nothing the supervisor's processes had open reaches user code.
     os.closerange(3, os.sysconf("SC_OPEN_MAX"))
     watch_for_orphaning(int(spec["parent_pid"]), float(spec["timeout_s"]) + ORPHAN_LINGER_S)
@@ -301,7 +309,8 @@ def main() -> None:
     output.install()
     code_dir = spec["code_dir"]
     os.chdir(code_dir)
-    sys.path.insert(0, code_dir)
+    if code_dir not in sys.path:  # a forked worker has it from its seed
+        sys.path.insert(0, code_dir)
     try:
         import uvloop
 

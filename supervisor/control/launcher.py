@@ -3,13 +3,15 @@
 Rules:
 - Workers are started with ``posix_spawn`` (vfork + exec in glibc): the
   control plane runs gRPC threads, and forking a threaded process without
-  exec is never safe. The seed (a later stage) forks; this process never does.
+  exec is never safe. Only the seed forks; this process never does.
 - Each worker is its own session and process group, so a kill reaches
   everything it started. Its spec, with the one-time credential, travels on
   fd 3 (a pipe), never in argv or the environment.
 - The environment is built, not inherited: the function's ``env``, FC's
   documented variables and the few the runtime needs. Nothing else of the
   supervisor's environment reaches user code.
+- Python workers are forked by their function's seed when it runs
+  (``seeds.py``); this module then only reaps and signals them.
 - Exits are observed through a pidfd on the event loop (no SIGCHLD handler,
   no polling) and reaped here with ``waitpid`` on that pid only.
 """
@@ -79,30 +81,13 @@ def worker_env(function: FunctionConfig, instance_id: str, base: Mapping[str, st
 def spawn(spec: Mapping[str, Any], env: Mapping[str, str], cwd: str) -> Process:
     """Starts ``python -m worker.main`` with ``spec`` on fd 3."""
     spec_r, spec_w = os.pipe()
-    out_r, out_w = os.pipe()
-    err_r, err_w = os.pipe()
     try:
-        if spec_r == SPEC_FD:  # dup2 onto itself would keep close-on-exec
-            moved = os.dup(spec_r)
-            os.close(spec_r)
-            spec_r = moved
-        pid = os.posix_spawn(
-            WORKER_ARGV[0], WORKER_ARGV, dict(env),
-            file_actions=[
-                (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
-                (os.POSIX_SPAWN_DUP2, out_w, 1),
-                (os.POSIX_SPAWN_DUP2, err_w, 2),
-                (os.POSIX_SPAWN_DUP2, spec_r, SPEC_FD),
-            ],
-            setsid=True, setsigdef=RESET_SIGNALS, setsigmask=(),
-        )
+        process = spawn_with_fd(WORKER_ARGV, env, cwd, spec_r)
     except BaseException:
-        for fd in (out_r, err_r, spec_w):
-            os.close(fd)
+        os.close(spec_w)
         raise
     finally:
-        for fd in (spec_r, out_w, err_w):
-            os.close(fd)
+        os.close(spec_r)
     payload = json.dumps(dict(spec)).encode()
     try:
         os.write(spec_w, payload)  # small: fits the pipe buffer, never blocks
@@ -110,6 +95,38 @@ def spawn(spec: Mapping[str, Any], env: Mapping[str, str], cwd: str) -> Process:
         pass  # the worker died already; its exit is observed like any other
     finally:
         os.close(spec_w)
+    return process
+
+
+def spawn_with_fd(argv: list[str], env: Mapping[str, str], cwd: str, fd3: int) -> Process:
+    """Starts ``argv`` in its own session, stdin /dev/null, stdout/stderr on new
+    pipes (returned), and ``fd3`` as its file descriptor 3. The caller keeps
+    (and closes) ``fd3``."""
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    moved = -1
+    try:
+        if fd3 == SPEC_FD:  # dup2 onto itself would keep close-on-exec
+            moved = fd3 = os.dup(fd3)
+        pid = os.posix_spawn(
+            argv[0], argv, dict(env),
+            file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_DUP2, out_w, 1),
+                (os.POSIX_SPAWN_DUP2, err_w, 2),
+                (os.POSIX_SPAWN_DUP2, fd3, SPEC_FD),
+            ],
+            setsid=True, setsigdef=RESET_SIGNALS, setsigmask=(),
+        )
+    except BaseException:
+        for fd in (out_r, err_r):
+            os.close(fd)
+        raise
+    finally:
+        for fd in (out_w, err_w):
+            os.close(fd)
+        if moved >= 0:
+            os.close(moved)
     return Process(pid=pid, stdout_fd=out_r, stderr_fd=err_r)
 
 

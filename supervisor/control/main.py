@@ -4,7 +4,8 @@ Started by the supervisor as ``python -m supervisor.control.main CONFIG``;
 writes ``READY`` on ``$SUPERVISOR_NOTIFY_FD`` once its socket is bound (mode
 0600: only the supervisor's user may talk to it).
 
-On SIGTERM/SIGINT it stops every worker gracefully (each finishes its
+SIGHUP (forwarded by the supervisor) reloads the config, like the Reload
+call. On SIGTERM/SIGINT it stops every worker gracefully (each finishes its
 in-flight work; SIGKILL after ``grace_period``) and exits 0. By then the
 supervisor has already drained the data plane, so no invocation is lost.
 If this process dies instead, its workers get SIGTERM from the kernel
@@ -68,6 +69,14 @@ async def amain(config_path: Path) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task[object]] = set()
+
+    def reload_on_signal() -> None:  # SIGHUP, forwarded by the supervisor
+        task: asyncio.Task[object] = asyncio.ensure_future(manager.reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, reload_on_signal)
     log.info("control plane listening", socket=str(sock))
     notify_ready()
 
@@ -81,6 +90,7 @@ async def amain(config_path: Path) -> int:
         code = 1
     manager.draining = True
     # A second signal during the stop means: now.
+    loop.remove_signal_handler(signal.SIGHUP)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: [t.cancel() for t in asyncio.all_tasks()])
     try:

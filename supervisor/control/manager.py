@@ -7,18 +7,29 @@ the data plane sees (sessions, readiness, demand, timeouts) from the
 
 Worker lifecycle (the state machine, in ``WorkerRecord.state``)::
 
-    starting --ready--> ready --drain/kill--> draining --exit--> (removed)
-       |                  |                                  ^
-       +--- exit ---------+----------------------------------+
+    starting --ready--> ready --retire/drain/kill--> draining --exit--> (removed)
+       |                  |                                        ^
+       +--- exit ---------+----------------------------------------+
+
+A ready worker may also be *due*: it has done what it was started for
+(``max_requests``, its memory high-water mark, its one ``disposable``
+invocation, or its function changed in a reload). A due worker no longer
+counts as live, so the policy starts its replacement, and it keeps serving
+until the replacement is ready (a disposable one takes nothing more).
 
 Rules:
 - Every exit is counted once with one reason: the reason the control plane
-  had for ending it (timeout, shutdown, init_failed), else ``crashed``.
+  had for ending it (idle, recycled, disposable, timeout, shutdown,
+  init_failed), else ``crashed``; a graceful reason holds only for a clean
+  exit.
 - Replacements follow policy: the pool returns to ``min_warm`` after any
   exit unless it is stopped or backing off after failures.
-- A worker that is not ready within its start deadline (in freeze-safe awake
-  time, ``supervisor.clock``) is killed and counts as a failure to start
-  (``init_failed``).
+- Retirement and recycling are graceful (drain, then exit); only a timeout,
+  a start deadline or the end of a shutdown kill.
+- Python workers are forked by the function's seed when it runs, else
+  spawned; both are children of this process.
+- Every deadline (start, idle) is in freeze-safe awake time
+  (``supervisor.clock``): a thaw does not look like a hang or an idle pool.
 """
 
 from __future__ import annotations
@@ -26,21 +37,25 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import random
 import secrets
 import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import psutil
 
 from supervisor.clock import AwakeClock
-from supervisor.config import Config, FunctionConfig
+from supervisor.config import Config, ConfigError, FunctionConfig, Problem, check_handlers, parse_config_text
 from supervisor.control import launcher, policy
 from supervisor.control.output import WorkerOutput
+from supervisor.control.seeds import SeedProcess
 from supervisor.logs import get_logger
 from supervisor.metrics import ControlPlaneMetrics
-from supervisor.runstate import RunPaths
+from supervisor.runstate import RunPaths, write_accepted_config, write_seed_restarts
 from supervisor.v1 import control_pb2 as cpb
 
 log = get_logger()
@@ -48,6 +63,11 @@ MEMORY_POLL_S = 2.0
 RECONCILE_S = 0.5
 INIT_DETAIL_WAIT_S = 0.5
 EARLY_CRASH_S = 1.0
+SEED_WAIT_S = 3.0  # how long a pool waits for its starting seed before it spawns instead
+GRACEFUL_REASONS = ("idle", "recycled", "disposable")
+# [supervisor] keys a reload can apply; the others need a new container.
+LIVE_SETTINGS = ("grace_period", "default_function")
+FINGERPRINT_MAX_FILES = 20000
 
 
 @dataclass(slots=True)
@@ -66,6 +86,11 @@ class WorkerRecord:
     rss: int = 0
     ready_at: float | None = None
     output: WorkerOutput | None = None
+    sequence: int = 0
+    due: str | None = None  # max_requests | memory | reload | disposable
+    idle_since: float = 0.0  # awake time it last had work
+    max_requests: int = 0  # jittered; 0: never
+    disposable: bool = False
 
     @property
     def pid(self) -> int:
@@ -73,7 +98,8 @@ class WorkerRecord:
 
     def added(self) -> cpb.WorkerAdded:
         return cpb.WorkerAdded(worker_id=self.worker_id, function=self.function, pid=self.pid,
-                               token_digest=self.token_digest)
+                               token_digest=self.token_digest, max_requests=self.max_requests,
+                               disposable=self.disposable)
 
 
 @dataclass(slots=True)
@@ -87,15 +113,33 @@ class PoolRecord:
     last_error: cpb.WorkerInitFailed | None = None
     stopped: bool = False
     sequence: int = 0
+    removed: bool = False  # by a reload: drains its queue, then its workers go
+    min_warm_override: int | None = None  # `supervisor scale`
+    max_workers_override: int | None = None
+    seed: SeedProcess | None = None
+    fingerprint: str = ""
+    load: policy.LoadWindow = field(default_factory=policy.LoadWindow)
+    load_now: float = 0.0
+    peak_load: float = 0.0
+    last_expand_at: float = float("-inf")
+
+    @property
+    def min_warm(self) -> int:
+        return self.config.min_warm if self.min_warm_override is None else self.min_warm_override
+
+    @property
+    def max_workers(self) -> int:
+        return self.config.max_workers if self.max_workers_override is None else self.max_workers_override
 
     def facts(self, now: float) -> policy.PoolFacts:
-        live = [w for w in self.workers.values() if w.state != "draining"]
+        live = [w for w in self.workers.values() if w.state != "draining" and not w.due]
         return policy.PoolFacts(
-            min_warm=self.config.min_warm, max_workers=self.config.max_workers,
+            min_warm=self.min_warm, max_workers=self.max_workers,
             concurrency=self.config.concurrency, live=len(live),
             starting=sum(1 for w in live if w.state == "starting"),
             inflight=self.inflight, queued=self.queued, failures=self.failures,
-            backing_off=now < self.retry_at, stopped=self.stopped)
+            backing_off=now < self.retry_at, stopped=self.stopped, load=self.load_now,
+            peak_load=self.peak_load, expand_ready=now - self.last_expand_at >= policy.EXPAND_COOLDOWN_S)
 
     def ready_count(self) -> int:
         return sum(1 for w in self.workers.values() if w.state == "ready")
@@ -105,7 +149,7 @@ class PoolRecord:
         return cpb.PoolHealth(
             function=self.config.name, init_failed=self.failures > 0 and error is not None,
             error_type=error.error_type if error else "", error_message=error.error_message if error else "",
-            warm=self.ready_count() >= self.config.min_warm)
+            warm=self.ready_count() >= self.min_warm)
 
 
 class PoolManager:
@@ -113,7 +157,6 @@ class PoolManager:
         self.config = config
         self.metrics = metrics
         self.paths = RunPaths(config.supervisor.run_dir)
-        self.pools = {name: PoolRecord(fn) for name, fn in config.functions.items()}
         self.by_id: dict[str, WorkerRecord] = {}
         self.sink = sink  # to the attached data plane (dropped when none is attached)
         self.changed = asyncio.Event()
@@ -125,15 +168,77 @@ class PoolManager:
         # starting must not kill that worker as "not ready in time" on thaw.
         self.clock = AwakeClock()
         self.recently_exited: dict[str, str] = {}  # worker id -> function, for late reports
+        self.pools: dict[str, PoolRecord] = {}
+        self._reload_lock = asyncio.Lock()
+        self._strays: set[int] = set()
+        self._seed_restarts: dict[str, int] = {}
+        for fn in config.functions.values():
+            self._add_pool(fn)
+
+    # ---- pools and seeds -----------------------------------------------------
+
+    def _add_pool(self, fn: FunctionConfig) -> PoolRecord:
+        pool = self.pools[fn.name] = PoolRecord(fn, fingerprint=code_fingerprint(fn.code_dir))
+        self._start_seed(pool)
+        return pool
+
+    def _start_seed(self, pool: PoolRecord) -> None:
+        fn = pool.config
+        if fn.runtime != "python" or not fn.seed:
+            return
+        spec = {"function": fn.name, "code_dir": str(fn.code_dir), "handler": fn.handler,
+                "initializer": fn.initializer, "pre_freeze": fn.pre_freeze, "pre_stop": fn.pre_stop,
+                "parent_pid": os.getpid()}
+        pool.seed = SeedProcess(fn.name, spec, launcher.worker_env(fn, self.instance_id, self.base_env),
+                                str(fn.code_dir), self.config.supervisor.log_format, self._seed_changed)
+        pool.seed.start()
+        self.metrics.seed_ready.labels(fn.name).set(0)
+
+    def _seed_changed(self) -> None:
+        restarts = {}
+        for pool in self.pools.values():
+            if pool.seed is not None:
+                self.metrics.seed_ready.labels(pool.config.name).set(1 if pool.seed.running else 0)
+                restarts[pool.seed.name] = pool.seed.restarts
+        if restarts != self._seed_restarts:
+            self._seed_restarts = restarts
+            try:
+                write_seed_restarts(self.paths, restarts)
+            except OSError as exc:
+                log.warning("could not record seed restarts", error=str(exc))
+        self.changed.set()
+
+    def seeds(self) -> list[SeedProcess]:
+        return [pool.seed for pool in self.pools.values() if pool.seed is not None]
 
     # ---- reconciliation ----------------------------------------------------
 
     def reconcile(self) -> None:
         now = time.monotonic()
-        for pool in self.pools.values():
-            for _ in range(policy.workers_to_start(pool.facts(now))):
+        awake = self.clock.note(now)
+        for name, pool in list(self.pools.items()):
+            if pool.seed is not None:
+                pool.seed.tick(now)
+            pool.load_now, pool.peak_load = pool.load.note(awake, max(pool.config.idle_ttl, policy.LOAD_WINDOW_S))
+            if pool.removed:
+                self._wind_down(name, pool)
+                continue
+            facts = pool.facts(now)
+            count = policy.workers_to_start(facts)
+            if count and policy.expands(facts) and policy.target_workers(facts) > max(
+                    facts.min_warm, policy.backlog_workers(facts)):
+                pool.last_expand_at = now  # a water-level growth: cool down before the next
+                log.info("pool above its water level; adding headroom", function=name, load=round(pool.load_now, 2),
+                         live=facts.live, starting=count)
+            seed = pool.seed
+            if count and seed is not None and seed.state == "starting" and now - seed.started_at < SEED_WAIT_S:
+                count = 0  # it is about to fork them in milliseconds: wait for it rather than spawn
+            for _ in range(count):
                 self._start(pool)
-            self._enforce_start_deadlines(pool, self.clock.note(now))
+            self._replace_due(pool, facts)
+            self._retire_idle(pool, facts, awake)
+            self._enforce_start_deadlines(pool, awake)
+        self._reap_strays()
 
     async def run(self) -> None:
         """Reconciles on every change, and at least every RECONCILE_S."""
@@ -152,7 +257,10 @@ class PoolManager:
         token = secrets.token_bytes(32)
         record = WorkerRecord(worker_id=worker_id, function=fn.name, mode="spawn",
                               token_digest=hashlib.sha256(token).digest(), decided_at=time.monotonic(),
-                              decided_awake=self.clock.awake())
+                              decided_awake=self.clock.awake(), sequence=pool.sequence,
+                              idle_since=self.clock.awake(), disposable=fn.disposable,
+                              max_requests=0 if fn.disposable else
+                              policy.jittered_max_requests(fn.max_requests, random.random()))
         spec = {
             "worker_id": worker_id, "token": token.hex(), "socket": str(self.paths.worker_sock),
             "function": fn.name, "runtime": fn.runtime, "handler": fn.handler, "interface": fn.interface,
@@ -161,22 +269,70 @@ class PoolManager:
             "memory_limit_mb": (fn.limits.memory or 0) // (1024 * 1024),
             "max_frame": fn.max_body + 64 * 1024, "max_body": fn.max_body, "parent_pid": os.getpid(),
         }
-        env = launcher.worker_env(fn, self.instance_id, self.base_env)
-        try:
-            record.process = launcher.spawn(spec, env, str(fn.code_dir))
-        except OSError as exc:
-            log.error("could not start a worker", function=fn.name, error=str(exc))
-            self._failed_to_start(pool, cpb.WorkerInitFailed(
-                worker_id=worker_id, error_type=type(exc).__name__, error_message=str(exc)))
-            return
         pool.workers[worker_id] = record
         self.by_id[worker_id] = record
+        seed = pool.seed
+        if seed is not None and seed.running:
+            out_r, out_w = os.pipe()
+            err_r, err_w = os.pipe()
+            try:
+                asked = seed.fork(spec, out_w, err_w,
+                                  lambda pid, error: self._forked(pool, record, spec, out_r, err_r, pid, error))
+            finally:
+                os.close(out_w)
+                os.close(err_w)
+            if asked:
+                record.mode = "fork"
+                return
+            os.close(out_r)
+            os.close(err_r)
+        self._spawn(pool, record, spec)
+
+    def _spawn(self, pool: PoolRecord, record: WorkerRecord, spec: dict[str, Any]) -> None:
+        fn = pool.config
+        record.mode = "spawn"
+        env = launcher.worker_env(fn, self.instance_id, self.base_env)
+        try:
+            process = launcher.spawn(spec, env, str(fn.code_dir))
+        except OSError as exc:
+            log.error("could not start a worker", function=fn.name, error=str(exc))
+            pool.workers.pop(record.worker_id, None)
+            self.by_id.pop(record.worker_id, None)
+            self._failed_to_start(pool, cpb.WorkerInitFailed(
+                worker_id=record.worker_id, error_type=type(exc).__name__, error_message=str(exc)))
+            return
+        self._launched(pool, record, process)
+
+    def _forked(self, pool: PoolRecord, record: WorkerRecord, spec: dict[str, Any], out_r: int, err_r: int,
+                pid: int | None, error: str) -> None:
+        if pid is None:
+            os.close(out_r)
+            os.close(err_r)
+            if self.by_id.get(record.worker_id) is not record:
+                return
+            log.warning("the seed could not fork a worker; spawning it", function=record.function,
+                        worker=record.worker_id, error=error)
+            if record.end_reason is not None or pool.stopped:
+                pool.workers.pop(record.worker_id, None)
+                self.by_id.pop(record.worker_id, None)
+                self.changed.set()
+                return
+            self._spawn(pool, record, spec)
+            return
+        self._launched(pool, record, launcher.Process(pid=pid, stdout_fd=out_r, stderr_fd=err_r))
+
+    def _launched(self, pool: PoolRecord, record: WorkerRecord, process: launcher.Process) -> None:
+        fn = pool.config
+        record.process = process
         self.metrics.starts.labels(fn.name, record.mode).inc()
-        record.output = WorkerOutput(record.process.stdout_fd, record.process.stderr_fd, function=fn.name,
-                                     worker=worker_id, fmt=self.config.supervisor.log_format)
-        launcher.watch_exit(record.process, lambda _process: self._on_exit(record))
+        record.output = WorkerOutput(process.stdout_fd, process.stderr_fd, function=fn.name,
+                                     worker=record.worker_id, fmt=self.config.supervisor.log_format)
+        launcher.watch_exit(process, lambda _process: self._on_exit(record))
+        if self.by_id.get(record.worker_id) is not record or record.end_reason is not None:
+            self.kill(record, record.end_reason or "shutdown")  # ended while its start was on the way
+            return
         self.sink(cpb.ControlEvent(added=record.added()))
-        log.info("worker starting", function=fn.name, worker=worker_id, pid=record.pid, mode=record.mode)
+        log.info("worker starting", function=fn.name, worker=record.worker_id, pid=record.pid, mode=record.mode)
 
     def _enforce_start_deadlines(self, pool: PoolRecord, awake: float) -> None:
         limit = max(pool.config.startup_timeout, pool.config.timeout) + 5.0
@@ -188,6 +344,65 @@ class PoolManager:
                     worker_id=record.worker_id, error_type="InitializationTimeout",
                     error_message=f"the worker was not ready within {limit:g}s")
                 self.kill(record, "init_failed")
+
+    def _replace_due(self, pool: PoolRecord, facts: policy.PoolFacts) -> None:
+        """Stops due workers once what remains covers the pool's target without them."""
+        due = [w for w in pool.workers.values()
+               if w.due and w.due != "disposable" and w.state == "ready" and w.end_reason is None]
+        if not due:
+            return
+        fresh_ready = sum(1 for w in pool.workers.values() if w.state == "ready" and not w.due)
+        stoppable = fresh_ready + len(due) - policy.target_workers(facts)
+        if pool.stopped:
+            stoppable = len(due)
+        due.sort(key=lambda w: (w.inflight, w.sequence))
+        for record in due[:max(0, stoppable)]:
+            log.info("recycling worker", function=record.function, worker=record.worker_id, why=record.due,
+                     served=record.served)
+            self.retire(record, "recycled")
+
+    def _retire_idle(self, pool: PoolRecord, facts: policy.PoolFacts, awake: float) -> None:
+        if pool.stopped or facts.starting:
+            return  # never shrink while replacements are still on their way
+        candidates = [policy.WorkerFacts(w.worker_id, w.sequence, w.inflight,
+                                         0.0 if w.inflight else awake - w.idle_since)
+                      for w in pool.workers.values() if w.state == "ready" and not w.due and w.end_reason is None]
+        for worker_id in policy.workers_to_retire(facts, candidates, pool.config.idle_ttl,
+                                                  pool.config.shrink_strategy):
+            record = pool.workers[worker_id]
+            log.info("retiring idle worker", function=record.function, worker=worker_id,
+                     idle_s=round(awake - record.idle_since, 1))
+            self.retire(record, "idle")
+
+    def _wind_down(self, name: str, pool: PoolRecord) -> None:
+        """A function removed by a reload: its queue drains onto its workers, then they go."""
+        if pool.queued == 0:
+            for record in list(pool.workers.values()):
+                if record.end_reason is None:
+                    self.retire(record, "shutdown")
+        if not pool.workers:
+            del self.pools[name]
+            log.info("function removed", function=name)
+
+    def _reap_strays(self) -> None:
+        """Reaps children nobody watches (a worker cloned as its seed died before answering)."""
+        known = {w.pid for w in self.by_id.values()} | {s.pid for s in self.seeds()}
+        try:
+            info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return
+        if info is None or info.si_pid in known:
+            self._strays.clear()
+            return
+        if info.si_pid in self._strays:  # unknown on two passes: not a start in progress
+            self._strays.discard(info.si_pid)
+            try:
+                os.waitpid(info.si_pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+            log.warning("reaped a worker nobody owned", pid=info.si_pid)
+        else:
+            self._strays.add(info.si_pid)
 
     # ---- events from the data plane -----------------------------------------
 
@@ -207,21 +422,43 @@ class PoolManager:
             record = self.by_id.get(event.kill.worker_id)
             if record is not None:
                 self.kill(record, event.kill.reason or "crashed")
+        elif which == "due":
+            self._on_due(event.due)
+
+    def on_attach(self) -> None:
+        """A (new) data plane session: disposable workers that served are drained here,
+        since the new data plane cannot know they did."""
+        for record in list(self.by_id.values()):
+            if record.due == "disposable":
+                self.stop(record, "disposable")
 
     def _on_demand(self, demand: cpb.Demand) -> None:
         pool = self.pools.get(demand.function)
         if pool is None:
             return
+        awake = self.clock.awake()
         grew = demand.queue_depth > pool.queued
         pool.queued = demand.queue_depth
         pool.inflight = demand.inflight
+        pool.load.observe(awake, demand.busy_seconds)
         for load in demand.workers:
             record = pool.workers.get(load.worker_id)
             if record is not None:
+                if load.inflight or load.served != record.served:
+                    record.idle_since = awake
                 record.inflight = load.inflight
                 record.served = load.served
-        if grew:
+        if grew or pool.removed:
             self.changed.set()
+
+    def _on_due(self, due: cpb.WorkerDue) -> None:
+        record = self.by_id.get(due.worker_id)
+        if record is None or record.due or record.state == "draining":
+            return
+        record.due = due.reason or "max_requests"
+        if record.due == "disposable":
+            record.end_reason = "disposable"  # the data plane drains it after its one invocation
+        self.changed.set()  # its replacement starts now
 
     def _on_ready(self, worker_id: str) -> None:
         record = self.by_id.get(worker_id)
@@ -229,22 +466,23 @@ class PoolManager:
             return
         record.state = "ready"
         record.ready_at = time.monotonic()
+        record.idle_since = self.clock.awake()
         pool = self.pools[record.function]
         recovered = pool.failures > 0
         pool.failures = 0
         pool.retry_at = 0.0
         pool.last_error = None
         self.metrics.start_seconds.labels(record.function, record.mode).observe(record.ready_at - record.decided_at)
-        log.info("worker ready", function=record.function, worker=worker_id, pid=record.pid,
-                 start_ms=round((record.ready_at - record.decided_at) * 1000, 1))
-        if recovered or pool.ready_count() == pool.config.min_warm:
+        log.info("worker ready", function=record.function, worker=worker_id, pid=record.pid, mode=record.mode,
+                 start_ms=round((record.ready_at - record.decided_at) * 1000, 2))
+        if recovered or pool.ready_count() == pool.min_warm:
             self.sink(cpb.ControlEvent(health=pool.health()))
         self.changed.set()
 
     def _on_init_failed(self, failure: cpb.WorkerInitFailed) -> None:
         record = self.by_id.get(failure.worker_id)
         function = record.function if record is not None else self.recently_exited.get(failure.worker_id)
-        if function is None:
+        if function is None or function not in self.pools:
             return
         self.pools[function].last_error = failure
         if record is not None:
@@ -257,10 +495,10 @@ class PoolManager:
         self.sink(cpb.ControlEvent(health=pool.health()))
         self.changed.set()
 
-    # ---- exits and kills -----------------------------------------------------
+    # ---- exits, kills, retirement ---------------------------------------------
 
     def kill(self, record: WorkerRecord, reason: str) -> None:
-        if record.end_reason is None or record.end_reason == "init_failed":
+        if record.end_reason not in ("timeout", "oom"):
             record.end_reason = reason
         record.state = "draining"
         if record.process is not None and record.process.exit is None:
@@ -273,6 +511,11 @@ class PoolManager:
         record.state = "draining"
         if record.process is not None and record.process.exit is None:
             launcher.signal_group(record.pid, signal.SIGTERM)
+
+    def retire(self, record: WorkerRecord, reason: str) -> None:
+        """Graceful, and the data plane stops giving it work at once."""
+        self.sink(cpb.ControlEvent(drain=cpb.DrainWorker(worker_id=record.worker_id)))
+        self.stop(record, reason)
 
     def _on_exit(self, record: WorkerRecord) -> None:
         process = record.process
@@ -287,6 +530,8 @@ class PoolManager:
         if record.output is not None:
             record.output.close_when_drained()
         reason = record.end_reason or "crashed"
+        if reason in GRACEFUL_REASONS and process.exit.code != 0:
+            reason = "crashed"  # it was meant to finish cleanly and did not
         was_starting = record.ready_at is None
         died_early = (reason == "crashed" and record.ready_at is not None
                       and time.monotonic() - record.ready_at < EARLY_CRASH_S)
@@ -297,9 +542,9 @@ class PoolManager:
             self.metrics.memory.remove(record.function, record.worker_id)
         except KeyError:
             pass
-        level = log.info if reason in ("shutdown", "idle", "recycled", "disposable") else log.warning
+        level = log.info if reason in ("shutdown", *GRACEFUL_REASONS) else log.warning
         level("worker exited", function=record.function, worker=record.worker_id, pid=process.pid,
-              reason=reason, status=process.exit.describe())
+              reason=reason, status=process.exit.describe(), served=record.served)
         self.sink(cpb.ControlEvent(removed=cpb.WorkerRemoved(
             worker_id=record.worker_id, reason=f"{reason}: {process.exit.describe()}",
             crashed=reason in ("crashed", "oom"), oom=reason == "oom")))
@@ -324,12 +569,131 @@ class PoolManager:
         error = pool.last_error
         self._failed_to_start(pool, error if error is not None and error.worker_id == worker_id else generic)
 
+    # ---- reload and scale -------------------------------------------------------
+
+    async def reload(self) -> cpb.ReloadReply:
+        """Applies the config file again; refuses it whole when anything is wrong."""
+        async with self._reload_lock:
+            return await self._reload()
+
+    async def _reload(self) -> cpb.ReloadReply:
+        old = self.config
+        path = old.path
+        if path is None:
+            return _refused([Problem("", "this supervisor was not started from a config file")], old.generation)
+        try:
+            text = await asyncio.to_thread(path.read_bytes)
+            new = parse_config_text(text.decode("utf-8"), path.parent, path, generation=old.generation + 1)
+        except OSError as exc:
+            return _refused([Problem(str(path), f"cannot read the config file: {exc.strerror or exc}")],
+                            old.generation)
+        except UnicodeDecodeError as exc:
+            return _refused([Problem(str(path), f"not valid TOML: the file is not UTF-8 ({exc})")], old.generation)
+        except ConfigError as exc:
+            return _refused(exc.problems, old.generation)
+        problems = [Problem(f"supervisor.{key}", "cannot change while the supervisor runs (start a new container "
+                                                  "for it); the rest of the file was not applied either")
+                    for key in type(new.supervisor).model_fields
+                    if key not in LIVE_SETTINGS and getattr(new.supervisor, key) != getattr(old.supervisor, key)]
+        fingerprints = {name: await asyncio.to_thread(code_fingerprint, fn.code_dir)
+                        for name, fn in new.functions.items()}
+        added = [n for n in new.functions if n not in self.pools or self.pools[n].removed]
+        removed = [n for n, p in self.pools.items() if n not in new.functions and not p.removed]
+        changed = [n for n in new.functions if n not in added and (
+            new.functions[n] != self.pools[n].config or fingerprints[n] != self.pools[n].fingerprint)]
+        unchanged = [n for n in new.functions if n not in added and n not in changed]
+        to_check = {n: new.functions[n] for n in added + changed}
+        if to_check and not problems:
+            problems += await asyncio.to_thread(check_handlers, new.model_copy(update={"functions": to_check}))
+        if problems:
+            log.warning("reload refused; the running config stays", problems=[f"{p.path}: {p.message}"
+                                                                               for p in problems])
+            return _refused(problems, old.generation)
+
+        self.config = new
+        assert new.text is not None
+        write_accepted_config(self.paths, new.text, path.parent, path, new.generation)
+        self.sink(cpb.ControlEvent(config=self.config_update()))
+        for name in removed:
+            pool = self.pools[name]
+            pool.removed = pool.stopped = True
+            if pool.seed is not None:
+                pool.seed.stop()
+        for name in changed:
+            pool = self.pools[name]
+            fn = new.functions[name]
+            if (fn.min_warm, fn.max_workers) != (pool.config.min_warm, pool.config.max_workers):
+                pool.min_warm_override = pool.max_workers_override = None
+            pool.config = fn
+            pool.fingerprint = fingerprints[name]
+            pool.failures, pool.retry_at, pool.last_error = 0, 0.0, None
+            for record in pool.workers.values():
+                if record.state != "draining" and not record.due:
+                    record.due = "reload"
+                    if record.state == "starting":
+                        self.stop(record, "recycled")  # old code: no use finishing its start
+            if pool.seed is not None:
+                pool.seed.stop()
+                pool.seed = None
+            self._start_seed(pool)
+        for name in added:
+            stale = self.pools.pop(name, None)
+            pool = self._add_pool(new.functions[name])
+            if stale is not None:  # removed earlier and not gone yet: its workers finish under the new record
+                pool.workers.update(stale.workers)
+        for name in unchanged:
+            self.pools[name].config = new.functions[name]
+        # Keep the file's order.
+        self.pools = {n: self.pools[n] for n in new.functions} | {
+            n: p for n, p in self.pools.items() if n not in new.functions}
+        log.info("config reloaded", generation=new.generation, added=added, removed=removed, changed=changed,
+                 unchanged=unchanged)
+        self.changed.set()
+        return cpb.ReloadReply(ok=True, added=added, removed=removed, changed=changed, unchanged=unchanged,
+                               generation=new.generation)
+
+    def config_update(self) -> cpb.ConfigUpdate | None:
+        config = self.config
+        if config.generation == 0 or config.text is None or config.path is None:
+            return None
+        return cpb.ConfigUpdate(toml=config.text, base_dir=str(config.path.parent), path=str(config.path),
+                                generation=config.generation)
+
+    def scale(self, request: cpb.ScaleRequest) -> cpb.ScaleReply:
+        pool = self.pools.get(request.function)
+        if pool is None or pool.removed:
+            known = ", ".join(n for n, p in self.pools.items() if not p.removed)
+            return cpb.ScaleReply(ok=False, error=f"no function named {request.function!r} (configured: {known})")
+        min_warm = request.min_warm if request.HasField("min_warm") else pool.min_warm
+        max_workers = request.max_workers if request.HasField("max_workers") else pool.max_workers
+        if max_workers < 1:
+            return cpb.ScaleReply(ok=False, error="max_workers must be at least 1",
+                                  min_warm=pool.min_warm, max_workers=pool.max_workers)
+        if min_warm > max_workers:
+            return cpb.ScaleReply(ok=False, error=f"min_warm ({min_warm}) cannot exceed max_workers ({max_workers})",
+                                  min_warm=pool.min_warm, max_workers=pool.max_workers)
+        pool.min_warm_override, pool.max_workers_override = min_warm, max_workers
+        log.info("pool scaled", function=request.function, min_warm=min_warm, max_workers=max_workers)
+        self._shed_above_max(pool)
+        self.changed.set()
+        return cpb.ScaleReply(ok=True, min_warm=min_warm, max_workers=max_workers)
+
+    def _shed_above_max(self, pool: PoolRecord) -> None:
+        """A lower max_workers: the surplus goes, idle ones first, gracefully."""
+        live = [w for w in pool.workers.values() if w.state != "draining" and not w.due]
+        surplus = len(live) - pool.max_workers
+        live.sort(key=lambda w: (w.state == "ready", w.inflight, -w.sequence))
+        for record in live[:max(0, surplus)]:
+            self.retire(record, "idle")
+
     # ---- whole-plane operations ----------------------------------------------
 
     async def stop_all(self, grace_s: float, reason: str) -> int:
         """Stops every worker gracefully (SIGKILL after ``grace_s``); no replacements."""
         for pool in self.pools.values():
             pool.stopped = True
+            if pool.seed is not None:
+                pool.seed.stop()
         records = list(self.by_id.values())
         for record in records:
             self.stop(record, reason)
@@ -352,7 +716,7 @@ class PoolManager:
 
     def ready(self) -> bool:
         return self.data_plane_attached and not self.draining and all(
-            p.ready_count() >= p.config.min_warm for p in self.pools.values())
+            p.ready_count() >= p.min_warm for p in self.pools.values() if not p.removed)
 
     async def wait_ready(self, timeout_s: float) -> cpb.WaitReadyReply:
         """For /initialize: min_warm everywhere, or the first failure."""
@@ -363,16 +727,17 @@ class PoolManager:
         self.changed.set()
         deadline = time.monotonic() + timeout_s
         while True:
-            if all(p.ready_count() >= p.config.min_warm for p in self.pools.values()):
+            pools = [p for p in self.pools.values() if not p.removed]
+            if all(p.ready_count() >= p.min_warm for p in pools):
                 return cpb.WaitReadyReply(ok=True)
-            for pool in self.pools.values():
-                if pool.last_error is not None and pool.ready_count() < pool.config.min_warm:
+            for pool in pools:
+                if pool.last_error is not None and pool.ready_count() < pool.min_warm:
                     error = pool.last_error
                     return cpb.WaitReadyReply(ok=False, function=pool.config.name,
                                               error_type=error.error_type, error_message=error.error_message)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                pending = [p.config.name for p in self.pools.values() if p.ready_count() < p.config.min_warm]
+                pending = [p.config.name for p in pools if p.ready_count() < p.min_warm]
                 return cpb.WaitReadyReply(ok=False, function=pending[0] if pending else "",
                                           error_type="InitializationTimeout",
                                           error_message=f"min_warm not reached within {timeout_s:g}s")
@@ -380,7 +745,7 @@ class PoolManager:
 
     def snapshot(self) -> cpb.Snapshot:
         return cpb.Snapshot(workers=[r.added() for r in self.by_id.values() if r.process is not None],
-                            health=[p.health() for p in self.pools.values()])
+                            health=[p.health() for p in self.pools.values()], config=self.config_update())
 
     async def poll_memory(self) -> None:
         while True:
@@ -389,7 +754,19 @@ class PoolManager:
                 if rss:
                     record.rss = rss
                     self.metrics.memory.labels(record.function, record.worker_id).set(rss)
+                    self._check_memory(record)
             await asyncio.sleep(MEMORY_POLL_S)
+
+    def _check_memory(self, record: WorkerRecord) -> None:
+        pool = self.pools.get(record.function)
+        if pool is None or record.due or record.state != "ready":
+            return
+        limit, share = pool.config.limits.memory, pool.config.recycle_memory_share
+        if limit and share and record.rss > share * limit:
+            log.warning("worker passed its memory high-water mark; recycling it", function=record.function,
+                        worker=record.worker_id, rss_bytes=record.rss, high_water_bytes=int(share * limit))
+            record.due = "memory"
+            self.changed.set()
 
     def status(self) -> cpb.StatusReply:
         now = time.monotonic()
@@ -409,11 +786,39 @@ class PoolManager:
                     mode=record.mode))
             error = pool.last_error
             functions.append(cpb.FunctionStatus(
-                name=fn.name, runtime=fn.runtime, min_warm=fn.min_warm, max_workers=fn.max_workers,
+                name=fn.name, runtime=fn.runtime, min_warm=pool.min_warm, max_workers=pool.max_workers,
                 concurrency=fn.concurrency, queue_depth=pool.queued, inflight=pool.inflight, workers=workers,
                 init_error=f"{error.error_type}: {error.error_message}" if error and pool.failures else ""))
-        return cpb.StatusReply(ready=self.ready(), functions=functions,
+        components = [cpb.ComponentStatus(name=seed.name, pid=seed.pid, state=seed.state, restarts=seed.restarts,
+                                          uptime_s=seed.uptime(), detail=seed.detail) for seed in self.seeds()]
+        return cpb.StatusReply(ready=self.ready(), functions=functions, components=components,
                                data_plane_attached=self.data_plane_attached, draining=self.draining)
+
+
+def _refused(problems: list[Problem], generation: int) -> cpb.ReloadReply:
+    return cpb.ReloadReply(ok=False, generation=generation,
+                           problems=[cpb.ConfigProblem(path=p.path, message=p.message) for p in problems])
+
+
+def code_fingerprint(code_dir: Path) -> str:
+    """What the code in ``code_dir`` is, cheaply: names, sizes and mtimes of its files."""
+    digest = hashlib.sha256()
+    count = 0
+    for root, dirs, files in os.walk(code_dir):
+        dirs[:] = sorted(d for d in dirs if d not in ("__pycache__", ".git"))
+        for name in sorted(files):
+            if name.endswith((".pyc", ".pyo")):
+                continue
+            full = os.path.join(root, name)
+            try:
+                st = os.stat(full)
+            except OSError:
+                continue
+            digest.update(f"{os.path.relpath(full, code_dir)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            count += 1
+            if count >= FINGERPRINT_MAX_FILES:
+                return digest.hexdigest()
+    return digest.hexdigest()
 
 
 def _rss(pid: int) -> int:

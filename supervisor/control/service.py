@@ -66,6 +66,7 @@ class ControlPlaneService(rpc.ControlPlaneServicer):  # type: ignore[misc]  # ge
             self.session.close()
         session = self.session = Session()
         self.manager.data_plane_attached = True
+        self.manager.on_attach()
         reader = asyncio.ensure_future(self._read(request_iterator, session))
         try:
             yield cpb.ControlEvent(snapshot=self.manager.snapshot())
@@ -103,6 +104,12 @@ class ControlPlaneService(rpc.ControlPlaneServicer):  # type: ignore[misc]  # ge
 
     async def GetStatus(self, request: cpb.StatusRequest, context: Any) -> cpb.StatusReply:
         return self.manager.status()
+
+    async def Reload(self, request: cpb.ReloadRequest, context: Any) -> cpb.ReloadReply:
+        return await self.manager.reload()
+
+    async def Scale(self, request: cpb.ScaleRequest, context: Any) -> cpb.ScaleReply:
+        return self.manager.scale(request)
 
     async def GetMetrics(self, request: cpb.MetricsRequest, context: Any) -> cpb.MetricsReply:
         return cpb.MetricsReply(exposition=exposition(self.registry, request.openmetrics))

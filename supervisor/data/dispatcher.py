@@ -17,6 +17,8 @@ Rules and invariants, per function:
 - Whenever a slot frees or a worker becomes ready, queued waiters are given
   slots before any new arrival could take them (a new arrival only takes a
   slot directly when nobody is queued).
+- A worker with a ``limit`` (a disposable one: 1) is given at most that
+  many invocations in its life.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ class WorkerState:
 class Slotted:
     """The dispatcher's view of one worker (the link subclasses it)."""
 
-    __slots__ = ("worker_id", "function", "state", "inflight", "served", "listed", "last_used")
+    __slots__ = ("worker_id", "function", "state", "inflight", "served", "listed", "last_used", "limit", "taken")
 
     def __init__(self, worker_id: str, function: str) -> None:
         self.worker_id = worker_id
@@ -46,6 +48,8 @@ class Slotted:
         self.served = 0
         self.listed = False  # on the free stack
         self.last_used = 0.0
+        self.limit = 0  # invocations it may ever take (0: no limit)
+        self.taken = 0
 
     @property
     def status(self) -> str:
@@ -149,12 +153,16 @@ class PoolDispatch:
             return []
         worker.served += 1
         worker.last_used = now
-        return self.give_back(worker)
+        return self._free_slot(worker)
 
     def give_back(self, worker: Slotted) -> list[Assignment]:
         """Returns a slot that was assigned but not used (its waiter had left)."""
         if worker.state == WorkerState.GONE:
             return []
+        worker.taken -= 1  # not used: it does not count against the worker's limit
+        return self._free_slot(worker)
+
+    def _free_slot(self, worker: Slotted) -> list[Assignment]:
         worker.inflight -= 1
         self.inflight -= 1
         self._list(worker)
@@ -196,7 +204,8 @@ class PoolDispatch:
     # ---- internals -------------------------------------------------------
 
     def _list(self, worker: Slotted) -> None:
-        if not worker.listed and worker.state == WorkerState.READY and worker.inflight < self.concurrency:
+        if (not worker.listed and worker.state == WorkerState.READY and worker.inflight < self.concurrency
+                and not (worker.limit and worker.taken >= worker.limit)):
             worker.listed = True
             self._free.append(worker)
 
@@ -222,13 +231,15 @@ class PoolDispatch:
         free = self._free
         while free:
             worker = free[-1]
-            if worker.state != WorkerState.READY or worker.inflight >= self.concurrency:
+            if (worker.state != WorkerState.READY or worker.inflight >= self.concurrency
+                    or (worker.limit and worker.taken >= worker.limit)):
                 free.pop()
                 worker.listed = False
                 continue
             worker.inflight += 1
             self.inflight += 1
-            if worker.inflight >= self.concurrency:
+            worker.taken += 1
+            if worker.inflight >= self.concurrency or (worker.limit and worker.taken >= worker.limit):
                 free.pop()
                 worker.listed = False
             return worker

@@ -64,7 +64,6 @@ class Front:
     def __init__(self, router: Router, lifecycle: Lifecycle) -> None:
         self.router = router
         self.lifecycle = lifecycle
-        self.config = router.config
         # Unique without a getrandom() per request: a random per-process
         # prefix (a restarted plane gets a new one) and a counter.
         self._id_prefix = os.urandom(8).hex()
@@ -115,12 +114,12 @@ class Front:
                                                          "crashed"), rid, request_id, self._resolved(function_name))
 
     def _resolved(self, function_name: str | None) -> str | None:
-        config = self.config.function_for(function_name)
+        config = self.router.config.function_for(function_name)
         return config.name if config is not None else function_name
 
     async def _invoke(self, function_name: str | None, request_id: str, rid: bytes, headers: list[wpb.Header],
                       content_length: int, receive: Receive, send: Send) -> None:
-        config = self.config.function_for(function_name)
+        config = self.router.config.function_for(function_name)
         if config is None:
             raise errors.not_found(f"no function named {function_name!r} is configured here"
                                    if function_name else "no function named in x-fc-function-name and no "

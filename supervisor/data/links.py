@@ -40,7 +40,7 @@ class Pending(NamedTuple):
 
 class WorkerLink(Slotted, asyncio.Protocol):
     __slots__ = ("router", "transport", "decoder", "pending", "next_stream", "peer_pid", "peer_uid",
-                 "authenticated", "mode", "writer")
+                 "authenticated", "mode", "writer", "max_requests", "due_sent")
 
     def __init__(self, router: Router) -> None:
         Slotted.__init__(self, "", "")
@@ -54,6 +54,8 @@ class WorkerLink(Slotted, asyncio.Protocol):
         self.authenticated = False
         self.mode = ""
         self.writer = wire.FrameWriter()
+        self.max_requests = 0  # report WorkerDue once it has served this many (0: never)
+        self.due_sent = False
 
     # ---- asyncio.Protocol ------------------------------------------------
 

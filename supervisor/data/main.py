@@ -42,6 +42,7 @@ from supervisor.runstate import (
     hide_notify_fd,
     load_plane_config,
     notify_ready,
+    read_seed_restarts,
     read_state,
 )
 
@@ -129,7 +130,7 @@ class DataPlane:
                     log.error("pre_stop hook failed", worker=worker, request_id=request_id,
                               error_type=result.error.error_type, error_message=result.error.error_message)
             try:
-                await self.control.stop_workers(self.config.supervisor.grace_period, "shutdown")
+                await self.control.stop_workers(self.router.config.supervisor.grace_period, "shutdown")
                 self._workers_stopped = True
             except grpc.aio.AioRpcError as exc:
                 log.error("control plane did not stop the workers", code=exc.code().name)
@@ -137,16 +138,16 @@ class DataPlane:
         await asyncio.to_thread(flush_stdio)
 
     def _hook_timeout(self) -> float:
-        return max(f.timeout for f in self.config.functions.values())
+        return max(f.timeout for f in self.router.config.functions.values())
 
     async def drain(self) -> bool:
         """Takes no new invocations; waits for the accepted ones (grace_period)."""
         async with self._drain_lock:
             if not self.router.draining:
                 self.router.draining = True
-                log.info("draining", grace_period_s=self.config.supervisor.grace_period)
+                log.info("draining", grace_period_s=self.router.config.supervisor.grace_period)
             loop = asyncio.get_running_loop()
-            clean = await self.router.wait_idle(loop.time() + self.config.supervisor.grace_period)
+            clean = await self.router.wait_idle(loop.time() + self.router.config.supervisor.grace_period)
             if not clean:
                 log.warning("grace period over with invocations still running")
             return clean
@@ -179,7 +180,9 @@ class DataPlane:
 
     def _restarts(self) -> dict[str, int]:
         state = read_state(self.paths) or {}
-        return {c["name"]: int(c.get("restarts", 0)) for c in state.get("components", []) if "name" in c}
+        restarts = {c["name"]: int(c.get("restarts", 0)) for c in state.get("components", []) if "name" in c}
+        restarts.update(read_seed_restarts(self.paths))
+        return restarts
 
     # ---- shutdown ----------------------------------------------------------
 

@@ -17,6 +17,14 @@ Rules:
 - When a worker's connection drops, its in-flight invocations fail with the
   cause the control plane reports (crash, OOM), waited for at most
   ``CAUSE_WAIT_S``.
+- A disposable worker takes one invocation: the control plane hears of it
+  when it is dispatched (its replacement starts at once) and the worker is
+  drained after its result. A worker that reaches its ``max_requests`` is
+  reported once and keeps serving until the control plane drains it (its
+  replacement is ready first).
+- The function table follows the control plane's config (``ConfigUpdate``,
+  after a reload): new functions are served at once; a removed one takes no
+  new invocation and finishes what it has.
 """
 
 from __future__ import annotations
@@ -26,13 +34,14 @@ import hashlib
 import secrets
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from google.protobuf.message import DecodeError
 
 from supervisor import wire
 from supervisor.clock import AwakeClock
-from supervisor.config import Config, FunctionConfig
+from supervisor.config import Config, ConfigError, FunctionConfig, parse_config_text
 from supervisor.data import errors
 from supervisor.data.dispatcher import PoolDispatch, Slotted, Waiter, WorkerState
 from supervisor.data.links import WorkerLink
@@ -57,7 +66,8 @@ Outbox = Callable[[cpb.DataPlaneEvent], None]
 class FunctionState:
     """Everything the data plane keeps for one function."""
 
-    __slots__ = ("config", "pool", "series", "health", "demand_sent", "demand_at")
+    __slots__ = ("config", "pool", "series", "health", "demand_sent", "demand_at", "removed",
+                 "running", "busy_started", "busy_done")
 
     def __init__(self, config: FunctionConfig, series: FunctionSeries) -> None:
         self.config = config
@@ -66,11 +76,22 @@ class FunctionState:
         self.health = cpb.PoolHealth(function=config.name)
         self.demand_sent: tuple[int, int, int] = (-1, -1, -1)
         self.demand_at = 0.0
+        self.removed = False  # by a reload: finishes what it has, takes nothing new
+        # In-flight time, integrated without a clock read of its own: the sum of
+        # the dispatch times of running invocations and the total of finished ones.
+        self.running = 0
+        self.busy_started = 0.0
+        self.busy_done = 0.0
+
+    def busy_seconds(self, now: float) -> float:
+        """In-flight invocations integrated over time (perf_counter seconds)."""
+        return self.busy_done + self.running * now - self.busy_started
 
 
 class Router:
     def __init__(self, config: Config, metrics: DataPlaneMetrics, clock: AwakeClock, outbox: Outbox) -> None:
         self.config = config
+        self.metrics = metrics
         self.clock = clock
         self.outbox = outbox
         self.functions: dict[str, FunctionState] = {
@@ -109,17 +130,25 @@ class Router:
             self._give_back(function, worker)
         else:
             raise errors.worker_crashed(function.config.name, "workers kept disappearing before dispatch")
+        if worker.limit and worker.taken >= worker.limit:
+            self._due(worker, "disposable")  # its replacement starts now
         config = function.config
         started = time.perf_counter()
+        function.running += 1
+        function.busy_started += started
         message = wpb.Invoke(request_id=request_id, kind=kind, headers=headers,
                              timeout_ms=int(config.timeout * 1000), body=body)
         future = worker.call(message, self.clock.awake() + config.timeout, self.loop)
         try:
             payload = await future
         finally:
+            elapsed = time.perf_counter() - started
+            function.running -= 1
+            function.busy_started -= started
+            function.busy_done += elapsed
             future.cancel()
             self._release(function, worker)
-        series.duration.observe(time.perf_counter() - started)
+        series.duration.observe(elapsed)
         try:
             return wpb.Result.FromString(payload)
         except DecodeError:
@@ -153,8 +182,24 @@ class Router:
         self._hand_over(function, function.pool.release(worker, self.clock.awake()))
         if not worker.inflight:
             self.idle_changed.set()
+        if isinstance(worker, WorkerLink) and (worker.limit or worker.max_requests):
+            self._after_limited(function, worker)
         if function.pool.queue_depth or function.pool.inflight == 0:
             self._report_demand(function)
+
+    def _after_limited(self, function: FunctionState, worker: WorkerLink) -> None:
+        if worker.limit and worker.taken >= worker.limit and not worker.inflight:
+            # A disposable worker's one invocation is done: it goes.
+            if worker.state == WorkerState.READY:
+                function.pool.drain(worker)
+                worker.send(wire.Kind.DRAIN, 0)
+        elif worker.max_requests and worker.served >= worker.max_requests:
+            self._due(worker, "max_requests")
+
+    def _due(self, worker: Slotted, reason: str) -> None:
+        if isinstance(worker, WorkerLink) and not worker.due_sent:
+            worker.due_sent = True
+            self.outbox(cpb.DataPlaneEvent(due=cpb.WorkerDue(worker_id=worker.worker_id, reason=reason)))
 
     def _give_back(self, function: FunctionState, worker: Slotted) -> None:
         self._hand_over(function, function.pool.give_back(worker))
@@ -251,6 +296,8 @@ class Router:
                                                                  next_token_digest=digest)))
         link.accept(hello.worker_id, expected.function, function.config.max_body + wire.FRAME_OVERHEAD,
                     next_token)
+        link.max_requests = expected.max_requests
+        link.limit = 1 if expected.disposable else 0
         self.links[hello.worker_id] = link
         function.pool.add(link)
 
@@ -325,8 +372,35 @@ class Router:
                 link.send(wire.Kind.DRAIN, 0)
         elif which == "health":
             self._on_health(event.health)
+        elif which == "config":
+            self._on_config(event.config)
+
+    def _on_config(self, update: cpb.ConfigUpdate) -> None:
+        """The control plane runs a reloaded config: take its function table."""
+        if update.generation <= self.config.generation:
+            return
+        try:
+            config = parse_config_text(update.toml, Path(update.base_dir), Path(update.path),
+                                       generation=update.generation)
+        except ConfigError as exc:  # it validated there: only the environment can differ
+            log.error("cannot apply the control plane's config", generation=update.generation, error=str(exc))
+            return
+        for name, fn in config.functions.items():
+            function = self.functions.get(name)
+            if function is None:
+                self.functions[name] = FunctionState(fn, self.metrics.function(name))
+            else:
+                function.config = fn
+                function.removed = False
+                self._hand_over(function, function.pool.reconfigure(fn.concurrency, fn.max_queue))
+        for name, function in self.functions.items():
+            function.removed = name not in config.functions
+        self.config = config
+        log.info("config applied", generation=config.generation, functions=list(config.functions))
 
     def _on_snapshot(self, snapshot: cpb.Snapshot) -> None:
+        if snapshot.HasField("config"):
+            self._on_config(snapshot.config)
         self.expected = {w.worker_id: w for w in snapshot.workers}
         for function in self.functions.values():
             for worker in list(function.pool.workers.values()):
@@ -413,7 +487,7 @@ class Router:
         pool = function.pool
         return cpb.Demand(
             function=function.config.name, queue_depth=pool.queue_depth, inflight=pool.inflight,
-            draining=self.draining,
+            draining=self.draining, busy_seconds=function.busy_seconds(time.perf_counter()),
             workers=[cpb.WorkerLoad(worker_id=w.worker_id, inflight=w.inflight, served=w.served)
                      for w in pool.workers.values() if isinstance(w, WorkerLink)])
 
@@ -429,7 +503,8 @@ class Router:
             for function in self.functions.values():
                 pool = function.pool
                 key = (pool.queue_depth, pool.inflight, len(pool.workers))
-                if beat or key != function.demand_sent:
+                # While invocations run, every interval: the control plane's water level.
+                if beat or key != function.demand_sent or function.running:
                     function.demand_sent = key
                     function.demand_at = now
                     self.outbox(cpb.DataPlaneEvent(demand=self.demand(function)))
@@ -493,7 +568,7 @@ class Router:
 
     def ready(self) -> bool:
         return not self.draining and all(
-            f.pool.ready_count() >= f.config.min_warm for f in self.functions.values())
+            f.pool.ready_count() >= f.config.min_warm for f in self.functions.values() if not f.removed)
 
     def pool_views(self) -> Iterator[PoolView]:
         for name, function in self.functions.items():

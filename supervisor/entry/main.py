@@ -31,7 +31,7 @@ from pathlib import Path
 from supervisor.config import Config, ConfigError, check_handlers, load_config
 from supervisor.entry.components import STARTUP_TIMEOUT_S, Component
 from supervisor.logs import configure_logging, get_logger
-from supervisor.runstate import NOTIFY_ENV, AlreadyRunning, RunPaths, hold_lock, write_state
+from supervisor.runstate import NOTIFY_ENV, AlreadyRunning, RunPaths, forget_accepted_config, hold_lock, write_state
 
 PR_SET_CHILD_SUBREAPER = 36
 FORCE_KILL_AFTER_S = 10.0
@@ -168,7 +168,12 @@ class Supervisor:
             if signum in (signal.SIGTERM, signal.SIGINT):
                 self._on_stop_signal(signal.Signals(signum).name)
             elif signum == signal.SIGHUP:
-                log.warning("SIGHUP received; live reload is not available in this version, ignoring")
+                # The control plane owns the config: it reloads, or refuses and says why.
+                if self.control.pid and self.control.state == "running":
+                    log.info("SIGHUP: asking the control plane to reload the config")
+                    self._kill(self.control, signal.SIGHUP)
+                else:
+                    log.warning("SIGHUP while the control plane is not running; nothing reloaded")
             elif signum in (signal.SIGUSR1, signal.SIGUSR2):
                 log.info("signal ignored", signal=signal.Signals(signum).name)
 
@@ -325,6 +330,7 @@ def run(config_path: Path) -> int:
                   run_dir=str(paths.run_dir))
         return 1
     try:
+        forget_accepted_config(paths)  # a reload of an earlier run does not carry over
         become_subreaper()
         return Supervisor(config_path.resolve(), config, paths).run()
     finally:

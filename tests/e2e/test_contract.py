@@ -228,8 +228,8 @@ def test_metrics_have_the_contract_series(sup: Running) -> None:
                    'supervisor_invocations_total{function="hello",outcome="success"}',
                    'supervisor_invocation_duration_seconds_count{function="hello"}',
                    'supervisor_queue_wait_seconds_count{function="hello"}',
-                   'supervisor_worker_starts_total{function="hello",mode="spawn"}',
-                   'supervisor_worker_start_seconds_count{function="hello",mode="spawn"}',
+                   'supervisor_worker_starts_total{function="hello",mode="fork"}',
+                   'supervisor_worker_start_seconds_count{function="hello",mode="fork"}',
                    'supervisor_worker_exits_total{function="short",reason="timeout"}',
                    'supervisor_worker_memory_bytes{function="hello",worker="',
                    'supervisor_component_restarts_total{component="data-plane"}'):

@@ -128,8 +128,8 @@ def test_kill_control_plane_under_load(sup: Running) -> None:
     # The old workers drained and exited (parent-death signal); nothing was orphaned.
     wait_for(lambda: not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
                              for pid in workers_before), 15, "old workers gone")
-    expected = 3 + len(sup.workers("hello"))  # supervisor, two planes, the pool
-    wait_for(lambda: len(tree(sup)) == expected, 10, f"exactly {expected} processes")
+    # The supervisor, two planes, the function's seed and its pool: nothing else.
+    wait_for(lambda: len(tree(sup)) == 4 + len(sup.workers("hello")), 10, "exactly the expected processes")
     wait_for(lambda: no_zombies(sup), 5, "no zombies")
 
 

@@ -1,0 +1,235 @@
+"""The control plane's side of a seed (``worker/seed.py``): start, ask, supervise.
+
+One ``SeedProcess`` per Python function. It is started with ``posix_spawn``
+like a worker, with one end of a ``SOCK_SEQPACKET`` pair on its fd 3, and is
+asked for workers over it; each answer carries the new worker's pid (the
+worker is this process's child: the seed clones with ``CLONE_PARENT``).
+
+Rules:
+- A seed is supervised like any process: an exit nobody asked for is
+  restarted after ``policy.backoff_delay`` (reset once it has served for
+  ``HEALTHY_S``); while it is not running, workers start by spawn, and the
+  ``supervisor_seed_ready`` gauge and a log line say so.
+- A seed that refuses to preload for a reason that will not change (the
+  module starts threads at import) is ``failed`` until the function changes
+  (a reload): workers start by spawn.
+- A request in flight when the seed dies is answered with an error, and the
+  caller starts that worker by spawn: no start is lost.
+- Nothing here blocks: the socket is non-blocking and read on the loop.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import json
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from supervisor.control import launcher, policy
+from supervisor.control.output import WorkerOutput
+from supervisor.logs import get_logger
+
+log = get_logger()
+
+SEED_ARGV = [launcher.WORKER_ARGV[0], "-m", "worker.seed"]
+HEALTHY_S = 30.0
+MAX_PACKET = 1 << 20
+
+# done(pid, error): pid is None when the seed could not fork this worker.
+ForkDone = Callable[[int | None, str], None]
+
+
+class SeedProcess:
+    def __init__(self, function: str, spec: Mapping[str, Any], env: Mapping[str, str], cwd: str,
+                 log_format: str, on_change: Callable[[], None]) -> None:
+        self.function = function
+        self.name = f"seed:{function}"
+        self.spec = dict(spec)
+        self.env = dict(env)
+        self.cwd = cwd
+        self.log_format = log_format
+        self.on_change = on_change
+        self.state = "stopped"  # starting | running | backoff | failed | stopped
+        self.detail = ""
+        self.restarts = 0
+        self.failures = 0
+        self.retry_at = 0.0
+        self.started_at = 0.0
+        self.running_since = 0.0
+        self.load_ms = 0.0
+        self.process: launcher.Process | None = None
+        self.sock: socket.socket | None = None
+        self.output: WorkerOutput | None = None
+        self.pending: dict[str, ForkDone] = {}
+        self.stopping = False
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid if self.process is not None and self.process.exit is None else 0
+
+    @property
+    def running(self) -> bool:
+        return self.state == "running"
+
+    # ---- lifecycle ----------------------------------------------------------
+
+    def start(self) -> None:
+        self.stopping = False
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            ours.setblocking(False)
+            process = launcher.spawn_with_fd(SEED_ARGV, self.env, self.cwd, theirs.fileno())
+        except OSError as exc:
+            ours.close()
+            self._failed_to_run(f"could not start the seed: {exc}")
+            return
+        finally:
+            theirs.close()
+        self.process = process
+        self.sock = ours
+        self.state = "starting"
+        self.detail = ""
+        self.started_at = time.monotonic()
+        self.output = WorkerOutput(process.stdout_fd, process.stderr_fd, function=self.function,
+                                   worker="seed", fmt=self.log_format)
+        try:
+            ours.send(json.dumps(self.spec).encode())
+        except OSError:
+            pass  # it died already: its exit is observed below
+        loop = asyncio.get_running_loop()
+        loop.add_reader(ours.fileno(), self._readable)
+        launcher.watch_exit(process, self._on_exit)
+        log.info("seed starting", function=self.function, pid=process.pid)
+
+    def stop(self) -> None:
+        """Ends the seed (no restart); its workers are not affected."""
+        self.stopping = True
+        self._close_socket()
+        if self.process is not None and self.process.exit is None:
+            try:
+                os.kill(self.process.pid, signal.SIGKILL)  # it holds nothing worth a drain
+            except ProcessLookupError:
+                pass
+        if self.state in ("backoff", "failed", "starting", "running"):
+            self.state = "stopped"
+
+    def tick(self, now: float) -> None:
+        """Restarts a seed whose backoff is over (called by the reconcile loop)."""
+        if self.state == "backoff" and now >= self.retry_at and not self.stopping:
+            self.restarts += 1
+            self.start()
+
+    # ---- forking --------------------------------------------------------------
+
+    def fork(self, spec: Mapping[str, Any], stdout_w: int, stderr_w: int, done: ForkDone) -> bool:
+        """Asks for a worker; False when the seed cannot take the request now."""
+        if self.state != "running" or self.sock is None:
+            return False
+        message = json.dumps({"spec": dict(spec)}).encode()
+        fds = array.array("i", [stdout_w, stderr_w])
+        try:
+            self.sock.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+        except OSError as exc:  # full (it is stuck) or gone: spawn instead
+            log.warning("seed did not take a request; starting by spawn", function=self.function, error=str(exc))
+            return False
+        self.pending[str(spec["worker_id"])] = done
+        return True
+
+    def _readable(self) -> None:
+        sock = self.sock
+        if sock is None:
+            return
+        while True:
+            try:
+                data = sock.recv(MAX_PACKET)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._close_socket()  # EOF: the exit is reported by the pidfd watch
+                return
+            try:
+                reply = json.loads(data)
+            except ValueError:
+                log.error("seed sent an undecodable reply", function=self.function)
+                continue
+            self._on_reply(reply)
+
+    def _on_reply(self, reply: dict[str, Any]) -> None:
+        worker_id = reply.get("worker_id")
+        if worker_id is not None:
+            done = self.pending.pop(str(worker_id), None)
+            if done is not None:
+                pid = reply.get("pid")
+                done(int(pid) if isinstance(pid, int) else None, str(reply.get("error", "")))
+            return
+        if reply.get("ready"):
+            self.state = "running"
+            self.running_since = time.monotonic()
+            self.load_ms = float(reply.get("load_ms") or 0.0)
+            log.info("seed ready", function=self.function, pid=self.pid, preload_ms=self.load_ms,
+                     tid_fixup=bool(reply.get("tid_fixup")))
+            self.on_change()
+        elif "error" in reply:
+            self.detail = str(reply["error"])
+            permanent = "threads" in self.detail
+            log.error("seed could not preload the function; workers start by spawn", function=self.function,
+                      error=self.detail, retry=not permanent)
+            if permanent:
+                self.stopping = True  # no restart: the same import would start threads again
+                self.state = "failed"
+
+    def _on_exit(self, process: launcher.Process) -> None:
+        self._close_socket()
+        if self.output is not None:
+            self.output.close_when_drained()
+        for done in list(self.pending.values()):
+            done(None, "the seed exited")
+        self.pending.clear()
+        if process is not self.process:
+            return
+        status = process.exit.describe() if process.exit is not None else "exited"
+        if self.stopping:
+            if self.state != "failed":
+                self.state = "stopped"
+            self.on_change()
+            return
+        healthy = self.state == "running" and time.monotonic() - self.running_since >= HEALTHY_S
+        self.failures = 1 if healthy else self.failures + 1
+        self.detail = self.detail or f"the seed {status}"
+        self.state = "backoff"
+        delay = policy.backoff_delay(self.failures)
+        self.retry_at = time.monotonic() + delay
+        log.warning("seed exited; workers start by spawn until it is back", function=self.function,
+                    status=status, restart_in_s=round(delay, 2))
+        self.on_change()
+
+    def _failed_to_run(self, detail: str) -> None:
+        self.detail = detail
+        self.failures += 1
+        self.state = "backoff"
+        self.retry_at = time.monotonic() + policy.backoff_delay(self.failures)
+        log.error("seed could not start; workers start by spawn", function=self.function, error=detail)
+
+    def _close_socket(self) -> None:
+        if self.sock is not None:
+            try:
+                asyncio.get_running_loop().remove_reader(self.sock.fileno())
+            except (RuntimeError, ValueError):
+                pass
+            self.sock.close()
+            self.sock = None
+        if self.state in ("running", "starting") and self.stopping:
+            self.state = "stopped"
+        for done in list(self.pending.values()):
+            done(None, "the seed went away")
+        self.pending.clear()
+
+    def uptime(self) -> float:
+        return round(time.monotonic() - self.started_at, 3) if self.state in ("starting", "running") else 0.0
