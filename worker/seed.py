@@ -10,7 +10,8 @@ Protocol on fd 3 (one JSON object per packet):
 - control plane -> seed, first packet: the function's spec (``function``,
   ``code_dir``, ``handler``, the hooks, ``parent_pid``);
 - seed -> control plane: ``{"ready": true, "pid": P, "load_ms": T}``, or
-  ``{"error": "..."}`` (then it exits: workers start by spawn);
+  ``{"error": "...", "permanent": bool}`` (then it exits: workers start by
+  spawn; a permanent error is not retried until the function changes);
 - control plane -> seed: ``{"spec": WORKER_SPEC}`` with the worker's stdout
   and stderr pipe ends as SCM_RIGHTS;
 - seed -> control plane: ``{"worker_id": ID, "pid": P}`` or
@@ -71,6 +72,10 @@ _pythonapi = ctypes.pythonapi
 for _name in ("PyOS_BeforeFork", "PyOS_AfterFork_Parent", "PyOS_AfterFork_Child"):
     getattr(_pythonapi, _name).restype = None
     getattr(_pythonapi, _name).argtypes = []
+
+
+class ThreadedModule(Exception):
+    """The function's import started threads: it cannot be a seed, now or after a restart."""
 
 
 class CloneArgs(ctypes.Structure):
@@ -139,8 +144,9 @@ class Seed:
         threads = threading.active_count()
         tasks = len(os.listdir("/proc/self/task"))
         if threads > 1 or tasks > 1:
-            raise RuntimeError(f"importing the function started threads ({max(threads, tasks) - 1} besides the "
-                               "main one); a threaded process cannot be forked safely, so its workers start by spawn")
+            raise ThreadedModule(f"importing the function started threads ({max(threads, tasks) - 1} besides the "
+                                 "main one); a threaded process cannot be forked safely, so its workers start by "
+                                 "spawn (set seed = false for this function to say so in the config)")
         return (time.perf_counter() - started) * 1000
 
     def send(self, message: dict[str, Any]) -> None:
@@ -250,6 +256,9 @@ def main() -> None:
     seed = Seed(sock, spec)
     try:
         load_ms = seed.preload()
+    except ThreadedModule as exc:
+        seed.send({"error": str(exc), "permanent": True})
+        return
     except BaseException as exc:  # the import failed: spawned workers will report it in detail
         seed.send({"error": f"{type(exc).__name__}: {exc}"})
         return

@@ -137,7 +137,9 @@ class PoolRecord:
             min_warm=self.min_warm, max_workers=self.max_workers,
             concurrency=self.config.concurrency, live=len(live),
             starting=sum(1 for w in live if w.state == "starting"),
-            inflight=self.inflight, queued=self.queued, failures=self.failures,
+            # A disposable pool's in-flight invocations are all on spent workers:
+            # only the queue needs new ones.
+            inflight=0 if self.config.disposable else self.inflight, queued=self.queued, failures=self.failures,
             backing_off=now < self.retry_at, stopped=self.stopped, load=self.load_now,
             peak_load=self.peak_load, expand_ready=now - self.last_expand_at >= policy.EXPAND_COOLDOWN_S)
 
@@ -382,6 +384,11 @@ class PoolManager:
                     self.retire(record, "shutdown")
         if not pool.workers:
             del self.pools[name]
+            try:
+                self.metrics.seed_ready.remove(name)
+            except KeyError:
+                pass
+            self._seed_changed()
             log.info("function removed", function=name)
 
     def _reap_strays(self) -> None:

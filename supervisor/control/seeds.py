@@ -178,7 +178,7 @@ class SeedProcess:
             self.on_change()
         elif "error" in reply:
             self.detail = str(reply["error"])
-            permanent = "threads" in self.detail
+            permanent = bool(reply.get("permanent"))
             log.error("seed could not preload the function; workers start by spawn", function=self.function,
                       error=self.detail, retry=not permanent)
             if permanent:

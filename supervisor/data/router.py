@@ -500,8 +500,11 @@ class Router:
             beat = now - heartbeat_at >= DEMAND_HEARTBEAT_S
             if beat:
                 heartbeat_at = now
-            for function in self.functions.values():
+            for name, function in list(self.functions.items()):
                 pool = function.pool
+                if function.removed and not pool.workers and not pool.queue_depth and not function.running:
+                    del self.functions[name]  # removed by a reload, and now finished
+                    continue
                 key = (pool.queue_depth, pool.inflight, len(pool.workers))
                 # While invocations run, every interval: the control plane's water level.
                 if beat or key != function.demand_sent or function.running:
