@@ -129,7 +129,9 @@ def workers_to_retire(facts: PoolFacts, workers: Sequence[WorkerFacts], idle_ttl
     """Ids of the ready workers to retire now (gracefully), in order.
 
     ``workers`` are the pool's ready workers that are not already draining
-    or due; the pool above its floor gives up idle ones only.
+    or due; the pool above its floor gives up idle ones only. Starting
+    workers count as live here, so the caller does not shrink while any is
+    starting (else ready ones could go before their successors are ready).
     """
     if facts.stopped:
         return []  # stopping is not shrinking: the caller stops them all
