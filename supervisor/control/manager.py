@@ -29,7 +29,8 @@ Rules:
 - Python workers are forked by the function's seed when it runs, else
   spawned; both are children of this process.
 - Every deadline (start, idle) is in freeze-safe awake time
-  (``supervisor.clock``): a thaw does not look like a hang or an idle pool.
+  (``supervisor.clock``): a thaw does not look like a hang, and it restarts
+  every worker's idle time (FC thaws a container to send it a request).
 """
 
 from __future__ import annotations
@@ -174,6 +175,7 @@ class PoolManager:
         self._reload_lock = asyncio.Lock()
         self._strays: set[int] = set()
         self._seed_restarts: dict[str, int] = {}
+        self._frozen_seen = 0.0
         for fn in config.functions.values():
             self._add_pool(fn)
 
@@ -218,6 +220,13 @@ class PoolManager:
     def reconcile(self) -> None:
         now = time.monotonic()
         awake = self.clock.note(now)
+        if self.clock.frozen_total != self._frozen_seen:
+            # A thaw: FC wakes a container for a request. Idle time restarts
+            # now, so a long freeze never empties the pool on the way back.
+            self._frozen_seen = self.clock.frozen_total
+            for record in self.by_id.values():
+                record.idle_since = awake
+            log.info("thawed; idle times restart", frozen_s=round(self.clock.frozen_total, 1))
         for name, pool in list(self.pools.items()):
             if pool.seed is not None:
                 pool.seed.tick(now)
