@@ -977,17 +977,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 NOTES_START, NOTES_END = "<!-- notes:start -->", "<!-- notes:end -->"
+POOLS_START, POOLS_END = "<!-- pools:start -->", "<!-- pools:end -->"
 
 
 def write_report(report: str) -> None:
-    """Write RESULTS.md, carrying over the hand-written notes block of the previous one."""
+    """Write RESULTS.md, carrying over the hand-written notes and bench/pools.py's section."""
     path = BENCH / "RESULTS.md"
     notes = f"{NOTES_START}\n_(Hand-written notes go here; bench/run.py keeps this block when it rewrites the file.)_\n{NOTES_END}"
+    pools = ""
     if path.exists():
         old = path.read_text()
         if NOTES_START in old and NOTES_END in old:
             notes = old[old.index(NOTES_START):old.index(NOTES_END) + len(NOTES_END)]
-    path.write_text(report.rstrip("\n") + "\n\n## Notes\n\n" + notes + "\n")
+        if POOLS_START in old and POOLS_END in old:  # bench/pools.py's section
+            pools = "\n\n" + old[old.index(POOLS_START):old.index(POOLS_END) + len(POOLS_END)]
+    path.write_text(report.rstrip("\n") + pools + "\n\n## Notes\n\n" + notes + "\n")
 
 
 def _f(x: float, digits: int = 3) -> str:

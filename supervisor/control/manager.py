@@ -546,6 +546,10 @@ class PoolManager:
         if record.output is not None:
             record.output.close_when_drained()
         reason = record.end_reason or "crashed"
+        if reason == "crashed" and record.disposable and record.ready_at is not None and process.exit.code == 0:
+            reason = "disposable"  # drained after its invocation before the data plane's notice arrived
+        if reason == "disposable":
+            record.served = max(record.served, 1)
         if reason in GRACEFUL_REASONS and process.exit.code != 0:
             reason = "crashed"  # it was meant to finish cleanly and did not
         was_starting = record.ready_at is None
