@@ -115,6 +115,7 @@ class PoolRecord:
     stopped: bool = False
     sequence: int = 0
     removed: bool = False  # by a reload: drains its queue, then its workers go
+    removed_at: float = 0.0
     min_warm_override: int | None = None  # `supervisor scale`
     max_workers_override: int | None = None
     seed: SeedProcess | None = None
@@ -386,11 +387,18 @@ class PoolManager:
             self.retire(record, "idle")
 
     def _wind_down(self, name: str, pool: PoolRecord) -> None:
-        """A function removed by a reload: its queue drains onto its workers, then they go."""
-        if pool.queued == 0:
-            for record in list(pool.workers.values()):
-                if record.end_reason is None:
-                    self.retire(record, "shutdown")
+        """A function removed by a reload: its queue drains onto its workers, then they go.
+
+        The data plane drains them (only it knows when its queue is empty); the
+        control plane steps in when no data plane is attached, or after the
+        drain budget (``grace_period`` + the function's timeout).
+        """
+        overdue = time.monotonic() - pool.removed_at > self.config.supervisor.grace_period + pool.config.timeout
+        for record in list(pool.workers.values()):
+            if record.end_reason is None:
+                record.end_reason = "shutdown"  # expected to go: a clean exit is not a crash
+            if record.state != "draining" and (overdue or not self.data_plane_attached):
+                self.retire(record, "shutdown")
         if not pool.workers:
             del self.pools[name]
             try:
@@ -546,11 +554,13 @@ class PoolManager:
         if record.output is not None:
             record.output.close_when_drained()
         reason = record.end_reason or "crashed"
-        if reason == "crashed" and record.disposable and record.ready_at is not None and process.exit.code == 0:
-            reason = "disposable"  # drained after its invocation before the data plane's notice arrived
+        if reason == "crashed" and record.disposable and process.exit.code == 0:
+            # A worker exits 0 only once drained: this one served its invocation
+            # before the data plane's notices (ready, due) reached us.
+            reason = "disposable"
         if reason == "disposable":
             record.served = max(record.served, 1)
-        if reason in GRACEFUL_REASONS and process.exit.code != 0:
+        if reason in GRACEFUL_REASONS and process.exit.code != 0 and record.ready_at is not None:
             reason = "crashed"  # it was meant to finish cleanly and did not
         was_starting = record.ready_at is None
         died_early = (reason == "crashed" and record.ready_at is not None
@@ -594,7 +604,11 @@ class PoolManager:
     async def reload(self) -> cpb.ReloadReply:
         """Applies the config file again; refuses it whole when anything is wrong."""
         async with self._reload_lock:
-            return await self._reload()
+            reply = await self._reload()
+        if not reply.ok:  # also when nobody waits for the answer (SIGHUP)
+            log.warning("reload refused; the running config stays", generation=reply.generation,
+                        problems=[f"{p.path}: {p.message}" if p.path else p.message for p in reply.problems])
+        return reply
 
     async def _reload(self) -> cpb.ReloadReply:
         old = self.config
@@ -626,8 +640,6 @@ class PoolManager:
         if to_check and not problems:
             problems += await asyncio.to_thread(check_handlers, new.model_copy(update={"functions": to_check}))
         if problems:
-            log.warning("reload refused; the running config stays", problems=[f"{p.path}: {p.message}"
-                                                                               for p in problems])
             return _refused(problems, old.generation)
 
         self.config = new
@@ -637,6 +649,7 @@ class PoolManager:
         for name in removed:
             pool = self.pools[name]
             pool.removed = pool.stopped = True
+            pool.removed_at = time.monotonic()
             if pool.seed is not None:
                 pool.seed.stop()
         for name in changed:

@@ -196,6 +196,13 @@ class Router:
         elif worker.max_requests and worker.served >= worker.max_requests:
             self._due(worker, "max_requests")
 
+    def _drain_idle(self, function: FunctionState) -> None:
+        """A removed function whose queue is empty: its idle workers go (busy ones when done)."""
+        for worker in function.pool.iter_workers():
+            if isinstance(worker, WorkerLink) and worker.state == WorkerState.READY and not worker.inflight:
+                function.pool.drain(worker)
+                worker.send(wire.Kind.DRAIN, 0)
+
     def _due(self, worker: Slotted, reason: str) -> None:
         if isinstance(worker, WorkerLink) and not worker.due_sent:
             worker.due_sent = True
@@ -502,9 +509,11 @@ class Router:
                 heartbeat_at = now
             for name, function in list(self.functions.items()):
                 pool = function.pool
-                if function.removed and not pool.workers and not pool.queue_depth and not function.running:
-                    del self.functions[name]  # removed by a reload, and now finished
-                    continue
+                if function.removed and not pool.queue_depth:
+                    if not pool.workers and not function.running:
+                        del self.functions[name]  # removed by a reload, and now finished
+                        continue
+                    self._drain_idle(function)
                 key = (pool.queue_depth, pool.inflight, len(pool.workers))
                 # While invocations run, every interval: the control plane's water level.
                 if beat or key != function.demand_sent or function.running:
