@@ -233,29 +233,27 @@ def notify_ready() -> None:
         pass
 
 
-def load_plane_config(config_path: Path, plane: str) -> Config | None:
+def load_plane_config(config_path: Path, plane: str, run_dir: Path | None = None) -> Config | None:
     """A plane's config, or None (reported on stderr) when it is refused.
 
-    When a reload has accepted a config during this run, that one wins over
-    the file: a plane restarted later runs what its sibling runs, even if the
-    file was edited (or broken) since.
+    When a reload has accepted a config during this run (it is kept in
+    ``run_dir``), that one wins over the file: a plane restarted later runs
+    what its sibling runs, even if the file was edited (or broken) since.
     """
     from supervisor.config import ConfigError, load_config, parse_config_text
 
+    accepted = read_accepted_config(RunPaths(run_dir)) if run_dir is not None else None
+    if accepted is not None:
+        try:
+            return parse_config_text(accepted["toml"], Path(accepted["base_dir"]), Path(accepted["path"]),
+                                     generation=int(accepted["generation"]))
+        except (ConfigError, KeyError, ValueError, TypeError) as exc:
+            print(f"{plane}: ignoring the reloaded config in {ACCEPTED_CONFIG_NAME}: {exc}", file=sys.stderr)
     try:
-        config = load_config(config_path)
+        return load_config(config_path)
     except ConfigError as exc:
         print(f"{plane}: invalid configuration: {exc}", file=sys.stderr)
         return None
-    accepted = read_accepted_config(RunPaths(config.supervisor.run_dir))
-    if accepted is None:
-        return config
-    try:
-        return parse_config_text(accepted["toml"], Path(accepted["base_dir"]), Path(accepted["path"]),
-                                 generation=int(accepted["generation"]))
-    except (ConfigError, KeyError, ValueError, TypeError) as exc:
-        print(f"{plane}: ignoring the reloaded config in {ACCEPTED_CONFIG_NAME}: {exc}", file=sys.stderr)
-        return config
 
 
 def write_accepted_config(paths: RunPaths, toml: str, base_dir: Path, path: Path, generation: int) -> None:

@@ -32,8 +32,8 @@ from supervisor.runstate import EXIT_BOOT_ERROR, RunPaths, hide_notify_fd, load_
 log = get_logger()
 
 
-async def amain(config_path: Path) -> int:
-    config = load_plane_config(config_path, "control plane")
+async def amain(config_path: Path, run_dir: Path | None = None) -> int:
+    config = load_plane_config(config_path, "control plane", run_dir)
     if config is None:
         return EXIT_BOOT_ERROR
     configure_logging("control-plane", config.supervisor.log_format, sink=shared_sink("control-plane"))
@@ -110,7 +110,7 @@ def main() -> None:
     import uvloop
 
     hide_notify_fd()
-    code = uvloop.run(amain(Path(sys.argv[1])))
+    code = uvloop.run(amain(Path(sys.argv[1]), Path(sys.argv[2]) if len(sys.argv) > 2 else None))
     flush_shared(2.0)
     sys.stdout.flush()
     sys.exit(code)

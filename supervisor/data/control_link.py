@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 from collections.abc import AsyncIterator, Callable
 
 import grpc
@@ -60,11 +61,29 @@ class ControlLink:
         while True:
             yield await outbox.get()
 
+    async def _wait_listening(self) -> None:
+        """Returns once the control plane accepts connections on its socket.
+
+        Both planes start at once: polling the socket (cheap, local) attaches
+        within milliseconds of the control plane listening, where gRPC's own
+        reconnect backoff would add up to its current delay.
+        """
+        path = self.target.removeprefix("unix:")
+        interval = 0.002
+        while True:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                probe.setblocking(False)
+                if probe.connect_ex(path) == 0:
+                    return
+            await asyncio.sleep(interval)
+            interval = min(interval * 1.5, 0.1)
+
     async def run(self) -> None:
         delay = RECONNECT_MIN_S
         while True:
+            await self._wait_listening()
             outbox: asyncio.Queue[cpb.DataPlaneEvent] = asyncio.Queue(OUTBOX_LIMIT)
-            call = self.stub.Attach(self._events(outbox))
+            call = self.stub.Attach(self._events(outbox), wait_for_ready=True)
             try:
                 first = True
                 async for event in call:

@@ -218,8 +218,8 @@ async def listen(server: HttpServer, key: str) -> None:
             await asyncio.sleep(0.2)
 
 
-async def amain(config_path: Path) -> int:
-    config = load_plane_config(config_path, "data plane")
+async def amain(config_path: Path, run_dir: Path | None = None) -> int:
+    config = load_plane_config(config_path, "data plane", run_dir)
     if config is None:
         return EXIT_BOOT_ERROR
     configure_logging("data-plane", config.supervisor.log_format, sink=shared_sink("data-plane"))
@@ -254,7 +254,7 @@ def main() -> None:
     import uvloop
 
     hide_notify_fd()
-    code = uvloop.run(amain(Path(sys.argv[1])))
+    code = uvloop.run(amain(Path(sys.argv[1]), Path(sys.argv[2]) if len(sys.argv) > 2 else None))
     flush_stdio()
     sys.exit(code)
 

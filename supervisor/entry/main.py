@@ -47,8 +47,11 @@ class Supervisor:
         self.config_path = config_path
         self.paths = paths
         python = sys.executable
-        self.control = Component("control-plane", [python, "-m", "supervisor.control.main", str(config_path)])
-        self.data = Component("data-plane", [python, "-m", "supervisor.data.main", str(config_path)])
+        # The run_dir too: a plane restarted after a reload runs the accepted
+        # config found there, even when the file has been broken since.
+        run_dir = str(paths.run_dir)
+        self.control = Component("control-plane", [python, "-m", "supervisor.control.main", str(config_path), run_dir])
+        self.data = Component("data-plane", [python, "-m", "supervisor.data.main", str(config_path), run_dir])
         self.components = [self.control, self.data]
         self.selector = selectors.DefaultSelector()
         self.notify: dict[int, Component] = {}  # read end of a READY pipe -> component

@@ -305,6 +305,58 @@ def test_a_killed_seed_is_restarted_and_its_workers_serve_on(tmp_path: Path) -> 
         assert not bad_exits(sup, "hello"), (exit_reasons(sup, "hello"), str(sup.log_path))
 
 
+def test_a_module_that_starts_threads_at_import_is_spawned_not_forked(tmp_path: Path) -> None:
+    fn = function("threaded:handler", code_dir=str(FUNCTIONS_DIR / "threaded"), min_warm=1, max_workers=2)
+    with started(tmp_path, {"t": fn}) as sup:
+        seed = wait_for(lambda: (s := seed_of(sup, "t")) and s["state"] == "failed" and s, 10, "the seed refusing")
+        assert seed["pid"] is None
+        status = ctl(sup, "status")
+        assert status.returncode == 3, status.stdout  # a component is not running, and status says why
+        assert b"started threads" in status.stdout and b"seed = false" in status.stdout, status.stdout
+        answer = sup.invoke({}, "t")
+        # The module was imported in the worker itself: its thread runs there.
+        assert answer.status_code == 200 and "import-time-thread" in answer.json()["threads"], answer.text
+        assert [w["mode"] for w in ctl_status_workers(sup, "t")] == ["spawn"]
+        assert metric(sup, "supervisor_seed_ready", function="t") == 0
+        assert metric(sup, "supervisor_worker_starts_total", function="t", mode="spawn") >= 1
+        assert metric(sup, "supervisor_worker_starts_total", function="t", mode="fork") == 0
+        # Not retried in a loop: it would start the same thread again.
+        again = seed_of(sup, "t")
+        assert again is not None and (again["state"], again["restarts"]) == ("failed", 0), again
+
+
+def ctl_status_workers(sup: Running, fn: str) -> list[dict[str, Any]]:
+    """The workers of ``fn`` as the control plane reports them, with their start mode."""
+    from supervisor.cli import fetch_status
+    from supervisor.runstate import RunPaths
+
+    reply = fetch_status(RunPaths(sup.run_dir))
+    for function_status in reply.functions:
+        if function_status.name == fn:
+            return [{"pid": w.pid, "mode": w.mode} for w in function_status.workers]
+    raise KeyError(fn)
+
+
+def test_a_restarted_data_plane_runs_the_reloaded_config(tmp_path: Path) -> None:
+    with started(tmp_path, {"a": pool_fn(min_warm=1, max_workers=2)}) as sup:
+        def edit(settings: dict[str, Any], fns: dict[str, Any]) -> None:
+            fns["c"] = pool_fn(min_warm=1, max_workers=1, env={"VERSION": "three"})
+
+        edit_config(sup, edit)
+        assert ctl(sup, "reload").returncode == 0
+        wait_for(lambda: sup.invoke({"op": "env", "name": "VERSION"}, "c").status_code == 200, 10, "c serving")
+        # The file is broken afterwards: a restarted plane must run what was accepted, not the file.
+        sup.config_path.write_text(sup.config_path.read_text() + "\nbroken = [\n")
+        old = sup.component_pid("data-plane")
+        os.kill(old, signal.SIGKILL)
+        wait_for(lambda: any(c["name"] == "data-plane" and c["pid"] not in (None, old) and c["state"] == "running"
+                             for c in sup.status()["components"]), 15, "the data plane restarted")
+        answer = wait_for(lambda: (r := sup.invoke({"op": "env", "name": "VERSION"}, "c")).status_code == 200 and r,
+                          15, "c served by the restarted data plane")
+        assert answer.json()["value"] == "three"
+        assert sup.invoke({"op": "pid"}, "a").status_code == 200
+
+
 # ---- recycling ----------------------------------------------------------------------
 
 
