@@ -374,6 +374,20 @@ def test_max_requests_recycles_workers(tmp_path: Path) -> None:
         assert not bad_exits(sup, "hello"), (exit_reasons(sup, "hello"), str(sup.log_path))
 
 
+def test_a_worker_past_its_memory_high_water_mark_is_replaced(tmp_path: Path) -> None:
+    fn = pool_fn(min_warm=1, max_workers=2, recycle_memory_share=0.5, limits={"memory": "128MiB"})
+    with started(tmp_path, {"hello": fn}) as sup:
+        first = sup.invoke({"op": "hog", "mib": 80})  # 80 MiB > 0.5 x 128 MiB
+        assert first.status_code == 200, first.text
+        hog = first.json()["pid"]
+        wait_for_exits(sup, "hello", "recycled", 1)
+        assert not alive(hog)
+        # Its replacement was ready before it stopped taking work: nothing failed, and it serves.
+        answer = sup.invoke({"op": "pid"})
+        assert answer.status_code == 200 and answer.json()["pid"] != hog, answer.text
+        assert not bad_exits(sup, "hello"), (exit_reasons(sup, "hello"), str(sup.log_path))
+
+
 def test_disposable_workers_serve_one_invocation_each(tmp_path: Path) -> None:
     with started(tmp_path, {"hello": pool_fn(min_warm=1, max_workers=2, disposable=True)}) as sup:
         served = []

@@ -26,6 +26,9 @@ if _import_log:
         _f.write(json.dumps({"pid": os.getpid(), "ppid": os.getppid(), "argv": sys.argv}) + "\n")
 
 
+_hog: list[bytearray] = []
+
+
 def handler(event: bytes, context: Any) -> Any:
     """Event JSON {"op": ...} picks the behaviour; every answer carries the worker's pid."""
     req = json.loads(event) if event else {}
@@ -40,6 +43,8 @@ def handler(event: bytes, context: Any) -> Any:
         out["r"] = random.random()
     elif op == "version":
         out["version"] = VERSION
+    elif op == "hog":  # keeps this many MiB resident in this worker until it goes
+        _hog.append(bytearray(b"\x01") * (int(req["mib"]) << 20))
     elif op == "env":
         out["value"] = os.environ.get(req.get("name", "VERSION"))
     return out
