@@ -153,7 +153,7 @@ class PoolRecord:
         return cpb.PoolHealth(
             function=self.config.name, init_failed=self.failures > 0 and error is not None,
             error_type=error.error_type if error else "", error_message=error.error_message if error else "",
-            warm=self.ready_count() >= self.min_warm)
+            warm=self.ready_count() >= self.min_warm, min_warm=self.min_warm)
 
 
 class PoolManager:
@@ -707,6 +707,7 @@ class PoolManager:
                                   min_warm=pool.min_warm, max_workers=pool.max_workers)
         pool.min_warm_override, pool.max_workers_override = min_warm, max_workers
         log.info("pool scaled", function=request.function, min_warm=min_warm, max_workers=max_workers)
+        self.sink(cpb.ControlEvent(health=pool.health()))  # the data plane's readiness follows min_warm
         self._shed_above_max(pool)
         self.changed.set()
         return cpb.ScaleReply(ok=True, min_warm=min_warm, max_workers=max_workers)

@@ -83,6 +83,10 @@ class FunctionState:
         self.busy_started = 0.0
         self.busy_done = 0.0
 
+    def min_warm(self) -> int:
+        """The control plane's (``supervisor scale``), else the config's."""
+        return self.health.min_warm if self.health.HasField("min_warm") else self.config.min_warm
+
     def busy_seconds(self, now: float) -> float:
         """In-flight invocations integrated over time (perf_counter seconds)."""
         return self.busy_done + self.running * now - self.busy_started
@@ -580,7 +584,7 @@ class Router:
 
     def ready(self) -> bool:
         return not self.draining and all(
-            f.pool.ready_count() >= f.config.min_warm for f in self.functions.values() if not f.removed)
+            f.pool.ready_count() >= f.min_warm() for f in self.functions.values() if not f.removed)
 
     def pool_views(self) -> Iterator[PoolView]:
         for name, function in self.functions.items():

@@ -169,18 +169,20 @@ class DrainWorker(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ...) -> None: ...
 
 class PoolHealth(_message.Message):
-    __slots__ = ("function", "init_failed", "error_type", "error_message", "warm")
+    __slots__ = ("function", "init_failed", "error_type", "error_message", "warm", "min_warm")
     FUNCTION_FIELD_NUMBER: _ClassVar[int]
     INIT_FAILED_FIELD_NUMBER: _ClassVar[int]
     ERROR_TYPE_FIELD_NUMBER: _ClassVar[int]
     ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     WARM_FIELD_NUMBER: _ClassVar[int]
+    MIN_WARM_FIELD_NUMBER: _ClassVar[int]
     function: str
     init_failed: bool
     error_type: str
     error_message: str
     warm: bool
-    def __init__(self, function: _Optional[str] = ..., init_failed: _Optional[bool] = ..., error_type: _Optional[str] = ..., error_message: _Optional[str] = ..., warm: _Optional[bool] = ...) -> None: ...
+    min_warm: int
+    def __init__(self, function: _Optional[str] = ..., init_failed: _Optional[bool] = ..., error_type: _Optional[str] = ..., error_message: _Optional[str] = ..., warm: _Optional[bool] = ..., min_warm: _Optional[int] = ...) -> None: ...
 
 class Snapshot(_message.Message):
     __slots__ = ("workers", "health", "config")
