@@ -43,39 +43,31 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import atexit
 import datetime
 import http.client
 import json
 import os
-import platform
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import common
 import psutil
+from common import BENCH, BODY, ROOT, CpuWatch, Managed, free_port, pct, say, tail, verdict, wait_for_quiet
 
-BENCH = Path(__file__).resolve().parent
-ROOT = BENCH.parent
 HANDLERS = BENCH / "handlers"
 PYTHON = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv" / "bin" / "python").exists() else sys.executable
 RESULTS = BENCH / "RESULTS.md"
-START_MARK, END_MARK = "<!-- pools:start -->", "<!-- pools:end -->"
-TAG_VAR = "CA_SUPERVISOR_BENCH_TAG"
-TAG = uuid.uuid4().hex
-NCPU = os.cpu_count() or 1
+START_MARK, END_MARK = common.POOLS_START, common.POOLS_END
 MIB = 1 << 20
-BODY = b'{"name":"bench","n":42}'
 
 GOALS = {"fork_p50_ms": 10.0, "planes_mib": 80.0, "fork_worker_mib": 5.0}
 HANDLER_SPECS = {
@@ -90,22 +82,7 @@ BURST_SLEEP_S = 0.1  # what bench/handlers/sleep100.py awaits
 BURST_LOWER_S = -(-BURST["requests"] // (BURST["max_workers"] * BURST["concurrency"])) * BURST_SLEEP_S
 
 
-def say(*parts: Any) -> None:
-    print(*parts, file=sys.stderr, flush=True)
-
-
-def pct(sorted_values: list[float], q: float) -> float:
-    """Nearest-rank percentile of an already sorted list (as bench/run.py)."""
-    if not sorted_values:
-        return float("nan")
-    rank = max(1, min(len(sorted_values), int(-(-q * len(sorted_values) // 100))))
-    return sorted_values[rank - 1]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+common.say_to(sys.stderr)  # stdout is for the Markdown section
 
 
 class Deadline(Exception):
@@ -146,7 +123,7 @@ def toml_value(value: Any) -> str:
 def function_spec(handler: str, seed: bool, **overrides: Any) -> dict[str, Any]:
     spec: dict[str, Any] = {"runtime": "python", "handler": handler, "interface": "event",
                             "code_dir": str(HANDLERS), "timeout": "10s", "seed": seed,
-                            "env": {TAG_VAR: TAG}}
+                            "env": {common.TAG_VAR: common.TAG}}
     spec.update(overrides)
     return spec
 
@@ -185,12 +162,12 @@ class LogTail:
         return new
 
 
-RUNNING: list[Supervisor] = []
+class Supervisor(Managed):
+    """A ``supervisor run`` of its own config; SIGTERM goes to it alone, it stops its planes and workers."""
 
+    stop_grace, cleanup_grace, term_group = 20.0, 10.0, False
 
-class Supervisor:
     def __init__(self, name: str, workdir: Path, functions: dict[str, dict[str, Any]]) -> None:
-        self.name = name
         self.dir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.run_dir = workdir / "run"
@@ -207,19 +184,12 @@ class Supervisor:
         self.env = {k: v for k, v in os.environ.items()
                     if k not in ("FC_SERVER_PORT", "FC_CUSTOM_LISTEN_PORT", "CA_PORT", "SUPERVISOR_RUN_DIR",
                                  "SUPERVISOR_CONFIG")}
-        self.env[TAG_VAR] = TAG
+        self.env[common.TAG_VAR] = common.TAG
         self.log_path = workdir / "stdout.jsonl"
         self.err_path = workdir / "stderr.log"
-        self.known: dict[int, psutil.Process] = {}
-        self.exit_code: int | None = None
-        self.killed = False
-        self.leftovers: list[int] = []
         with open(self.log_path, "wb") as out, open(self.err_path, "wb") as err:
-            self.popen = subprocess.Popen([PYTHON, "-m", "supervisor.cli", "run", "--config", str(self.config)],
-                                          stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=self.env,
-                                          cwd=str(ROOT), start_new_session=True)
-        self.pid = self.popen.pid
-        RUNNING.append(self)
+            super().__init__(name, [PYTHON, "-m", "supervisor.cli", "run", "--config", str(self.config)],
+                             stdout=out, stderr=err, env=self.env, cwd=str(ROOT))
         self.log = LogTail(self.log_path)
 
     # -- talking to it -----------------------------------------------------------
@@ -289,70 +259,6 @@ class Supervisor:
                 out[labels.get("mode", "?")] += int(float(line.rsplit(" ", 1)[1]))
         return out
 
-    # -- processes -----------------------------------------------------------------
-
-    def snapshot(self) -> list[psutil.Process]:
-        """Remembers (and returns) the live processes of the tree; workers may be in other sessions."""
-        try:
-            root = psutil.Process(self.pid)
-            procs = [root, *root.children(recursive=True)]
-        except psutil.Error:
-            return []
-        for proc in procs:
-            self.known.setdefault(proc.pid, proc)
-        return procs
-
-    def _alive_known(self) -> list[psutil.Process]:
-        out = []
-        for pid, proc in self.known.items():
-            if pid == self.pid:
-                continue
-            try:
-                if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
-                    out.append(proc)
-            except psutil.Error:
-                pass
-        return out
-
-    def stop(self, grace: float = 20.0) -> int | None:
-        """SIGTERM, wait up to `grace`; then SIGKILL the group and every descendant seen."""
-        if self.exit_code is not None or self not in RUNNING:
-            return self.exit_code
-        self.snapshot()
-        try:
-            os.kill(self.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        deadline = time.monotonic() + grace
-        try:
-            self.popen.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            pass
-        left = self._alive_known()
-        if left:
-            _, left = psutil.wait_procs(left, timeout=max(0.5, deadline - time.monotonic()))
-        if self.popen.poll() is None or left:
-            self.killed = True
-            say(f"  [{self.name}] did not stop within {grace:.0f}s: SIGKILL to its group and {len(left)} descendant(s)")
-            try:
-                os.killpg(self.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            for proc in left:
-                try:
-                    proc.kill()  # psutil checks that the pid was not reused
-                except psutil.Error:
-                    pass
-        self.leftovers = [p.pid for p in left]
-        try:
-            self.popen.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            say(f"  [{self.name}] pid {self.pid} still not reaped")
-        self.exit_code = self.popen.returncode
-        if self in RUNNING:
-            RUNNING.remove(self)
-        return self.exit_code
-
     def log_problems(self) -> dict[str, Any]:
         """Warning/error lines of its log (by event, with one example) and its stderr."""
         self.log.read()
@@ -365,119 +271,6 @@ class Supervisor:
                 seen[key][0] += 1
         stderr = self.err_path.read_text(errors="replace") if self.err_path.exists() else ""
         return {"lines": {k: v for k, v in seen.items()}, "stderr_tail": stderr[-800:]}
-
-
-def tail(path: Path, lines: int = 15) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
-
-
-def sweep_tagged() -> int:
-    """Last resort: kill any process still carrying this run's tag in its environment."""
-    me, killed = os.getpid(), 0
-    for proc in psutil.process_iter(["pid"]):
-        if proc.pid == me:
-            continue
-        try:
-            if proc.environ().get(TAG_VAR) == TAG:
-                say(f"  cleanup: pid {proc.pid} still alive: {' '.join(proc.cmdline())[:120]}")
-                proc.kill()
-                killed += 1
-        except psutil.Error:
-            pass
-    return killed
-
-
-def cleanup_all() -> None:
-    previous = {}
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        try:
-            previous[sig] = signal.signal(sig, signal.SIG_IGN)  # a second Ctrl-C must not stop the clean-up
-        except ValueError:
-            pass
-    try:
-        for sup in reversed(list(RUNNING)):
-            try:
-                sup.stop(grace=10.0)
-            except Exception as exc:
-                say(f"  cleanup of {sup.name} failed: {exc!r}")
-        killed = sweep_tagged()
-        if killed:
-            say(f"  cleanup: killed {killed} stray process(es) tagged by this run")
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def _on_signal(signum: int, _frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
-
-
-# ---------------------------------------------------------------------------
-# CPU used by others while we measure (approximate, from /proc/stat)
-# ---------------------------------------------------------------------------
-
-
-def _busy_seconds() -> float:
-    with open("/proc/stat") as fh:
-        fields = [int(x) for x in fh.readline().split()[1:]]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def _tree_cpu(sups: list[Supervisor]) -> dict[int, float]:
-    """CPU seconds per live process of the trees, with what each has reaped (spent workers)."""
-    out: dict[int, float] = {}
-    for sup in sups:
-        for proc in sup.snapshot():
-            try:
-                t = proc.cpu_times()
-                out[proc.pid] = t.user + t.system + t.children_user + t.children_system
-            except psutil.Error:
-                pass
-    return out
-
-
-class CpuWatch:
-    """Machine CPU during a test: the supervisor's tree, this client (and its CLI children), the rest."""
-
-    def __init__(self, sups: list[Supervisor]) -> None:
-        self.sups = sups
-        self.result: dict[str, float] = {}
-
-    def __enter__(self) -> CpuWatch:
-        self.load = os.getloadavg()[0]
-        self.t0 = time.monotonic()
-        self.busy0 = _busy_seconds()
-        self.me0 = sum(os.times()[:4])
-        self.tree0 = _tree_cpu(self.sups)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        elapsed = max(1e-6, time.monotonic() - self.t0)
-        busy = _busy_seconds() - self.busy0
-        tree1 = _tree_cpu(self.sups)
-        # a process alive at the start and gone at the end is in its reaper's children times now
-        target = sum(tree1.values()) - sum(self.tree0.values())
-        me = sum(os.times()[:4]) - self.me0
-        other = max(0.0, busy - max(0.0, target) - me)
-        self.result = {"elapsed_s": round(elapsed, 2), "loadavg1_before": round(self.load, 2),
-                       "target_cores": round(target / elapsed, 2), "client_cores": round(me / elapsed, 2),
-                       "other_cores": round(other / elapsed, 2), "other_pct": round(100 * other / elapsed / NCPU, 1)}
-
-
-def wait_for_quiet(sups: list[Supervisor], max_wait: float, threshold_cores: float = 0.25) -> dict[str, Any]:
-    """Waits (up to max_wait s) for a 1-second window in which other processes use < threshold cores."""
-    t0 = time.monotonic()
-    while True:
-        with CpuWatch(sups) as watch:
-            time.sleep(1.0 if max_wait > 0 else 0.2)
-        other = watch.result["other_cores"]
-        waited = time.monotonic() - t0
-        if other < threshold_cores or waited >= max_wait:
-            return {"waited_s": round(waited, 1), "other_cores": other, "quiet": other < threshold_cores}
 
 
 # ---------------------------------------------------------------------------
@@ -547,9 +340,9 @@ def measure_start(workdir: Path, n: int, warmup: int, gap_s: float, quiet_wait: 
                                               "request_to_ready_ms": [],
                                               "error_example": "", "missing": 0, "extra_ready": 0}
                                           for f in functions}
-        out["quiet"] = wait_for_quiet([sup], quiet_wait)
+        out["quiet"] = wait_for_quiet([sup], quiet_wait, reaped=True)
         window = 0
-        with CpuWatch([sup]) as watch:
+        with CpuWatch([sup], reaped=True) as watch:
             for i in range(warmup + n):
                 if i == warmup:
                     sup.log.read()
@@ -692,10 +485,10 @@ def measure_burst(workdir: Path, rounds: int, quiet_wait: float) -> dict[str, An
                                for f in functions)
 
                 wait_until(settled, 60, "both pools back at min_warm = 1, idle", interval=0.25)
-                quiet = wait_for_quiet([sup], quiet_wait)
+                quiet = wait_for_quiet([sup], quiet_wait, reaped=True)
                 before = sup.starts(fname)
                 sup.log.read()
-                with CpuWatch([sup]) as watch:
+                with CpuWatch([sup], reaped=True) as watch:
                     res = asyncio.run(_burst(sup.ca_port, fname, BURST["requests"], 30.0))
                 ready_in = [ln for ln in sup.log.read() if ln.get("event") == "worker ready" and ln.get("function") == fname]
                 after = sup.starts(fname)
@@ -781,39 +574,9 @@ def measure_memory(workdir: Path, handler: str, mode: str, ks: list[int], settle
 # ---------------------------------------------------------------------------
 
 
-def run_text(argv: list[str]) -> str:
-    try:
-        return subprocess.run(argv, capture_output=True, text=True, timeout=15, stdin=subprocess.DEVNULL).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
-
-
-def machine() -> dict[str, Any]:
-    model, mem = "?", "?"
-    try:
-        model = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                     if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    try:
-        kib = next(int(ln.split()[1]) for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemTotal"))
-        mem = f"{kib / 2**20:.1f} GiB"
-    except (OSError, StopIteration):
-        pass
-    versions = {}
-    for pkg in ("ca-supervisor", "pydantic", "orjson", "psutil"):
-        try:
-            from importlib.metadata import version
-            versions[pkg] = version(pkg)
-        except Exception:
-            versions[pkg] = "-"
-    commit = run_text(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
-    dirty = run_text(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"])
-    python = run_text([PYTHON, "-c", "import platform; print(platform.python_version())"]) or platform.python_version()
-    return {"nproc": NCPU, "affinity": len(os.sched_getaffinity(0)), "cpu_model": model, "memory": mem,
-            "kernel": platform.release(), "python": python, "versions": versions,
-            "git": (commit or "?") + (" (uncommitted changes in the work tree)" if dirty else ""),
-            "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+def describe_machine() -> dict[str, Any]:
+    return common.machine(("ca-supervisor", "pydantic", "orjson", "psutil"),
+                          python=common.run_text([PYTHON, "-c", "import platform; print(platform.python_version())"]))
 
 
 def import_cost_ms(handler: str, runs: int = 3) -> float:
@@ -836,10 +599,6 @@ def f1(x: float, digits: int = 1) -> str:
 
 def mib(b: float) -> str:
     return f"{b / MIB:.1f}"
-
-
-def verdict(ok: bool) -> str:
-    return "met" if ok else "**missed**"
 
 
 def render(r: dict[str, Any]) -> str:
@@ -1100,12 +859,10 @@ def main(argv: list[str] | None = None) -> int:
     if len(ks) < 2 or ks[0] < 1:
         ap.error("--ks needs at least two pool sizes >= 1")
 
-    atexit.register(cleanup_all)
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _on_signal)
+    common.clean_up_on_exit((signal.SIGTERM, signal.SIGHUP))
 
     t0 = time.monotonic()
-    r: dict[str, Any] = {"machine": machine(), "failures": [], "quiet": [],
+    r: dict[str, Any] = {"machine": describe_machine(), "failures": [], "quiet": [],
                          "options": {"quick": quick, "n": n, "warmup": warmup, "rounds": rounds, "handlers": handlers,
                                      "ks": ks, "gap_s": args.gap, "quiet_wait": quiet_wait, "settle_s": settle}}
     r["import_ms"] = {h: import_cost_ms(h) for h in handlers}
@@ -1150,10 +907,10 @@ def main(argv: list[str] | None = None) -> int:
                         say(f"  memory {h} {mode} failed: {exc}")
     except KeyboardInterrupt:
         say("interrupted: stopping everything")
-        cleanup_all()
+        common.cleanup_all()
         return 130
     finally:
-        cleanup_all()
+        common.cleanup_all()
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
         else:

@@ -28,47 +28,35 @@ processes outside the benchmark during each test is sampled and reported.
 
 Every process started here lives in its own session and is stopped (SIGTERM to
 its group, then SIGKILL with a deadline, then its remembered descendants) on
-exit, on error and on Ctrl-C/SIGTERM.
+exit, on error and on Ctrl-C/SIGTERM (bench/common.py, shared with bench/pools.py).
 """
 
 from __future__ import annotations
 
 import abc
 import argparse
-import atexit
 import gc
 import http.client
 import json
 import os
-import platform
 import re
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-try:
-    import psutil
-except ImportError:  # pragma: no cover - psutil is a dependency of the project
-    psutil = None  # type: ignore[assignment]
+import common
+from common import BENCH, BODY, ROOT, CpuWatch, Managed, free_port, pct, say, tail, verdict, wait_for_quiet
 
-BENCH = Path(__file__).resolve().parent
-ROOT = BENCH.parent
 BIN = Path(sys.executable).parent if (Path(sys.executable).parent / "supervisor").exists() else ROOT / ".venv" / "bin"
 PYTHON = str(BIN / "python") if (BIN / "python").exists() else sys.executable
-BODY = b'{"name":"bench","n":42}'
 HEADERS = {"Content-Type": "application/json"}
-TAG_VAR = "CA_SUPERVISOR_BENCH_TAG"
-TAG = uuid.uuid4().hex
-NCPU = os.cpu_count() or 1
 
 GOALS = {
     "added_p50_ms": 0.5,
@@ -79,165 +67,9 @@ GOALS = {
 }
 
 
-def say(*parts: Any) -> None:
-    print(*parts, flush=True)
-
-
-# ---------------------------------------------------------------------------
-# processes: every one in its own session, all stopped on the way out
-# ---------------------------------------------------------------------------
-
-
-class Managed:
-    """A started process tree: the child, its process group, and every descendant seen."""
-
-    def __init__(self, name: str, argv: list[str], *, stdout: Any = subprocess.DEVNULL,
-                 stderr: Any = subprocess.STDOUT, env: dict[str, str] | None = None,
-                 cwd: str | Path | None = None) -> None:
-        self.name = name
-        env = dict(os.environ if env is None else env)
-        env[TAG_VAR] = TAG
-        self.started = time.perf_counter()
-        self.started_wall = time.time()
-        self.popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
-                                      env=env, cwd=cwd, start_new_session=True)
-        self.pid = self.popen.pid
-        self.known: dict[int, Any] = {}
-        self.stopped = False
-        RUNNING.append(self)
-
-    def snapshot(self) -> None:
-        """Remember the current descendants (they may live in other sessions)."""
-        if psutil is None:
-            return
-        try:
-            root = psutil.Process(self.pid)
-            for proc in [root, *root.children(recursive=True)]:
-                self.known.setdefault(proc.pid, proc)
-        except psutil.Error:
-            pass
-
-    def tree(self) -> list[Any]:
-        """Live processes of the tree (for CPU accounting)."""
-        self.snapshot()
-        alive = []
-        for proc in self.known.values():
-            try:
-                if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
-                    alive.append(proc)
-            except psutil.Error:
-                pass
-        return alive
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def stop(self, grace: float = 10.0) -> int | None:
-        if self.stopped:
-            return self.popen.returncode
-        self.stopped = True
-        self.snapshot()
-        deadline = time.monotonic() + grace
-        try:
-            os.killpg(self.pid, signal.SIGTERM)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            self.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            pass
-        leftovers = self._leftovers()
-        if psutil is not None and leftovers:
-            _, leftovers = psutil.wait_procs(leftovers, timeout=max(0.1, deadline - time.monotonic()))
-        if self.popen.poll() is None or leftovers:
-            say(f"  [{self.name}] did not stop within {grace:.0f}s: SIGKILL")
-            try:
-                os.killpg(self.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            for proc in leftovers:
-                try:
-                    proc.kill()  # psutil checks the pid was not reused
-                except psutil.Error:
-                    pass
-        try:
-            self.popen.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            say(f"  [{self.name}] pid {self.pid} still not reaped")
-        if self in RUNNING:
-            RUNNING.remove(self)
-        return self.popen.returncode
-
-    def _leftovers(self) -> list[Any]:
-        out = []
-        for pid, proc in self.known.items():
-            if pid == self.pid:
-                continue
-            try:
-                if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
-                    out.append(proc)
-            except psutil.Error:
-                pass
-        return out
-
-
-RUNNING: list[Managed] = []
-
-
-def sweep_tagged() -> int:
-    """Last resort: kill any process still carrying this run's tag in its environment."""
-    if psutil is None:
-        return 0
-    me, killed = os.getpid(), 0
-    needle = f"{TAG}"
-    for proc in psutil.process_iter(["pid"]):
-        if proc.pid == me:
-            continue
-        try:
-            if proc.environ().get(TAG_VAR) == needle:
-                say(f"  cleanup: pid {proc.pid} still alive: {' '.join(proc.cmdline())[:120]}")
-                proc.kill()
-                killed += 1
-        except psutil.Error:
-            pass
-    return killed
-
-
-def cleanup_all() -> None:
-    # A second Ctrl-C must not abandon the clean-up half way; every step has a deadline.
-    previous = {}
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        try:
-            previous[sig] = signal.signal(sig, signal.SIG_IGN)
-        except ValueError:  # not the main thread
-            pass
-    try:
-        for managed in reversed(list(RUNNING)):
-            try:
-                managed.stop(grace=8.0)
-            except Exception as exc:  # keep cleaning up the others
-                say(f"  cleanup of {managed.name} failed: {exc!r}")
-        killed = sweep_tagged()
-        if killed:
-            say(f"  cleanup: killed {killed} stray process(es) tagged by this run")
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def _on_signal(signum: int, _frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
-
-
 # ---------------------------------------------------------------------------
 # small helpers
 # ---------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def post(port: int, path: str, body: bytes = b"", timeout: float = 5.0) -> tuple[int, bytes]:
@@ -279,123 +111,12 @@ def wait_status(proc: Managed, port: int, path: str, deadline_s: float, body: by
                        + (f"; log tail:\n{tail(log)}" if log else ""))
 
 
-def tail(path: Path | None, lines: int = 15) -> str:
-    if path is None or not path.exists():
-        return ""
-    with open(path, "rb") as fh:
-        fh.seek(max(0, path.stat().st_size - 8192))
-        return b"\n".join(fh.read().splitlines()[-lines:]).decode(errors="replace")
-
-
-def pct(sorted_values: list[float], q: float) -> float:
-    """Nearest-rank percentile of an already sorted list."""
-    if not sorted_values:
-        return float("nan")
-    rank = max(1, min(len(sorted_values), int(-(-q * len(sorted_values) // 100))))
-    return sorted_values[rank - 1]
-
-
 def run_quiet(argv: list[str], timeout: float = 600) -> tuple[int, str]:
     try:
         done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
         return done.returncode, done.stdout + done.stderr
     except (OSError, subprocess.TimeoutExpired) as exc:
         return -1, repr(exc)
-
-
-# ---------------------------------------------------------------------------
-# CPU accounting: how busy was the machine with things that are not this benchmark
-# ---------------------------------------------------------------------------
-
-
-def _proc_stat_busy() -> tuple[float, float]:
-    """(busy seconds, total seconds) summed over all CPUs, from /proc/stat."""
-    with open("/proc/stat") as fh:
-        fields = [int(x) for x in fh.readline().split()[1:]]
-    hz = os.sysconf("SC_CLK_TCK")
-    user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
-    busy = user + nice + system + irq + softirq + steal
-    return busy / hz, (busy + idle + iowait) / hz
-
-
-def _label(proc: Any) -> str:
-    """A short name for a process of a target: `-m module`, the script, or the executable."""
-    try:
-        argv = proc.cmdline()
-    except psutil.Error:
-        return "?"
-    if "-m" in argv[:-1]:
-        return argv[argv.index("-m") + 1]
-    for arg in argv[1:3]:
-        if arg and not arg.startswith("-"):
-            name = os.path.basename(arg)
-            return f"{name} {argv[argv.index(arg) + 1]}" if name == "supervisor" and len(argv) > 2 else name
-    return os.path.basename(argv[0]) if argv else "?"
-
-
-def _tree_cpu(trees: list[Managed]) -> dict[int, tuple[str, float]]:
-    out: dict[int, tuple[str, float]] = {}
-    for managed in trees:
-        for proc in managed.tree():
-            try:
-                t = proc.cpu_times()
-                out[proc.pid] = (_label(proc), t.user + t.system)
-            except psutil.Error:
-                pass
-    return out
-
-
-def wait_for_quiet(trees: list[Managed], max_wait: float, threshold_cores: float = 0.25) -> dict[str, float]:
-    """Wait (up to max_wait s) for a 1-second window in which other processes use < threshold cores."""
-    waited, other = 0.0, float("nan")
-    t0 = time.monotonic()
-    while True:
-        with CpuWatch(trees) as watch:
-            time.sleep(1.0)
-        other = watch.result["other_cores"]
-        waited = time.monotonic() - t0
-        if other < threshold_cores or waited >= max_wait:
-            return {"waited_s": round(waited, 1), "other_cores": other, "quiet": other < threshold_cores}
-
-
-class CpuWatch:
-    """CPU used during a test by the targets, by wrk and by everything else (approximate)."""
-
-    def __init__(self, trees: list[Managed]) -> None:
-        self.trees = trees
-        self.result: dict[str, float] = {}
-
-    def __enter__(self) -> CpuWatch:
-        self.load = os.getloadavg()[0]
-        self.t0 = time.monotonic()
-        self.busy0, _ = _proc_stat_busy()
-        self.self0 = sum(os.times()[:2])
-        self.kids0 = sum(os.times()[2:4])
-        self.tree0 = _tree_cpu(self.trees) if psutil else {}
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        elapsed = max(1e-6, time.monotonic() - self.t0)
-        busy1, _ = _proc_stat_busy()
-        tree1 = _tree_cpu(self.trees) if psutil else {}
-        per: Counter[str] = Counter()
-        for pid, (label, v) in tree1.items():
-            per[label] += v - self.tree0.get(pid, (label, 0.0))[1]
-        target = sum(per.values())
-        me = sum(os.times()[:2]) - self.self0
-        kids = sum(os.times()[2:4]) - self.kids0  # wrk, reaped during the test
-        total = busy1 - self.busy0
-        other = max(0.0, total - target - me - kids)
-        self.result = {
-            "elapsed_s": round(elapsed, 3),
-            "loadavg1_before": round(self.load, 2),
-            "machine_busy_cores": round(total / elapsed, 2),
-            "target_cores": round(target / elapsed, 2),
-            "client_cores": round((me + kids) / elapsed, 2),
-            "other_cores": round(other / elapsed, 2),
-            "other_pct": round(100 * other / elapsed / NCPU, 1),
-            "target_processes": {k: round(v / elapsed, 2) for k, v in per.most_common()},
-        }
 
 
 # ---------------------------------------------------------------------------
@@ -480,7 +201,7 @@ timeout = "10s"
 concurrency = {concurrency}
 min_warm = {warm}
 max_workers = {warm}
-env = {{ {TAG_VAR} = "{TAG}" }}
+env = {{ {common.TAG_VAR} = "{common.TAG}" }}
 """
     path = workdir / "supervisor.toml"
     path.write_text(text)
@@ -765,46 +486,14 @@ def ensure_gunicorn() -> bool:
 # ---------------------------------------------------------------------------
 
 
-def machine() -> dict[str, Any]:
-    model = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = "?"
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                mem = f"{int(line.split()[1]) / 2**20:.1f} GiB"
-    except OSError:
-        pass
-    versions = {}
-    for pkg in ("uvicorn", "gunicorn", "uvloop", "httptools", "ca-supervisor"):
-        try:
-            from importlib.metadata import version
-            versions[pkg] = version(pkg)
-        except Exception:
-            versions[pkg] = "-"
+def describe_machine() -> dict[str, Any]:
+    m = common.machine(("uvicorn", "gunicorn", "uvloop", "httptools", "ca-supervisor"),
+                       dirty_note=" (work tree has uncommitted changes)")
     wrk = shutil.which("wrk")
     if wrk:
         _, out = run_quiet([wrk, "-v"], timeout=10)
-        versions["wrk"] = out.split()[1] if len(out.split()) > 1 else out.strip()
-    _, commit = run_quiet(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], timeout=10)
-    _, dirty = run_quiet(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"], timeout=10)
-    return {
-        "nproc": NCPU,
-        "affinity": len(os.sched_getaffinity(0)),
-        "cpu_model": model,
-        "memory": mem,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "versions": versions,
-        "git": commit.strip() + (" (work tree has uncommitted changes)" if dirty.strip() else ""),
-        "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-    }
+        m["versions"]["wrk"] = out.split()[1] if len(out.split()) > 1 else out.strip()
+    return m
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -848,10 +537,7 @@ def main(argv: list[str] | None = None) -> int:
     full = only >= {"A", "B", "C"} and not args.quick and not (args.latency_n or args.duration or args.start_runs)
     write = not args.no_write and (full or args.write)
 
-    signal.signal(signal.SIGINT, _on_signal)  # also when started with SIGINT ignored (a background job)
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGHUP, _on_signal)
-    atexit.register(cleanup_all)
+    common.clean_up_on_exit()  # SIGINT too, also when started with SIGINT ignored (a background job)
 
     workdir = Path(tempfile.mkdtemp(prefix="ca-bench-"))
     say(f"work dir: {workdir}")
@@ -864,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
         wrk = ensure_wrk()
         if wrk is None:
             results["skipped"].append("throughput: wrk could not be installed")
-        results["machine"] = machine()
+        results["machine"] = describe_machine()
         targets: list[Target] = []
         if "A" in only:
             targets.append(Uvicorn(workdir))
@@ -947,10 +633,10 @@ def main(argv: list[str] | None = None) -> int:
             results["observations"]["start"] = start_obs
     except KeyboardInterrupt as exc:
         say(f"\ninterrupted ({exc or 'Ctrl-C'}): cleaning up")
-        cleanup_all()
+        common.cleanup_all()
         return 130
     finally:
-        cleanup_all()
+        common.cleanup_all()
 
     report = render(results)
     say("\n" + report)
@@ -977,7 +663,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 NOTES_START, NOTES_END = "<!-- notes:start -->", "<!-- notes:end -->"
-POOLS_START, POOLS_END = "<!-- pools:start -->", "<!-- pools:end -->"
+POOLS_START, POOLS_END = common.POOLS_START, common.POOLS_END  # bench/pools.py's section
 
 
 def write_report(report: str) -> None:
@@ -996,10 +682,6 @@ def write_report(report: str) -> None:
 
 def _f(x: float, digits: int = 3) -> str:
     return "-" if x != x else f"{x:.{digits}f}"
-
-
-def _verdict(ok: bool) -> str:
-    return "met" if ok else "**missed**"
 
 
 def render(r: dict[str, Any]) -> str:
@@ -1076,7 +758,7 @@ def render(r: dict[str, Any]) -> str:
     if totals:
         w("Target CPU per invocation under load (all its processes, microseconds): "
           + "; ".join(f"{k} " + " / ".join(f"{v:.0f}" for v in vs) for k, vs in totals.items())
-          + f" (rounds). The machine has {NCPU} x 1,000,000 us of CPU per second, shared with wrk.\n")
+          + f" (rounds). The machine has {common.NCPU} x 1,000,000 us of CPU per second, shared with wrk.\n")
     if thr:
         w("Where the target's CPU went during each wrk run (cores, by process kind; "
           "`worker.main` and `gunicorn` sum over their processes):\n")
@@ -1132,9 +814,9 @@ def render(r: dict[str, Any]) -> str:
             a50 = [c["p50_ms"] - a["p50_ms"] for a, c in pairs]
             a99 = [c["p99_ms"] - a["p99_ms"] for a, c in pairs]
             w(f"| added p50 latency, {ck} - A | <= {GOALS['added_p50_ms']} ms | "
-              + " / ".join(f"{x:.3f}" for x in a50) + f" ms (rounds) | {_verdict(max(a50) <= GOALS['added_p50_ms'])} |")
+              + " / ".join(f"{x:.3f}" for x in a50) + f" ms (rounds) | {verdict(max(a50) <= GOALS['added_p50_ms'])} |")
             w(f"| added p99 latency, {ck} - A | <= {GOALS['added_p99_ms']} ms | "
-              + " / ".join(f"{x:.3f}" for x in a99) + f" ms (rounds) | {_verdict(max(a99) <= GOALS['added_p99_ms'])} |")
+              + " / ".join(f"{x:.3f}" for x in a99) + f" ms (rounds) | {verdict(max(a99) <= GOALS['added_p99_ms'])} |")
     for ck, label in (("C2", "C2 (sync, concurrency 1)"), ("C3", "C3 (async, concurrency 32)")):
         if ck not in thr:
             continue
@@ -1143,18 +825,18 @@ def render(r: dict[str, Any]) -> str:
         errs = [x["non_2xx"] + x["socket_errors_total"] for x in c]
         w(f"| throughput {label}, c=64 | >= {GOALS['rps_min']:,} req/s (10 x Noslate) with 0 errors | "
           + " / ".join(f"{x:,.0f}" for x in rps) + " req/s, errors " + " / ".join(map(str, errs))
-          + f" | {_verdict(min(rps) >= GOALS['rps_min'] and max(errs) == 0)} |")
+          + f" | {verdict(min(rps) >= GOALS['rps_min'] and max(errs) == 0)} |")
         if "B" in thr:
             shares = [cx["rps"] / bx["rps"] for cx, bx in zip(c, thr["B"]) if bx["rps"]]
             w(f"| throughput {ck} / B (aim) | >= {GOALS['gunicorn_share']} x gunicorn | "
-              + " / ".join(f"{x:.2f}" for x in shares) + f" | {_verdict(bool(shares) and min(shares) >= GOALS['gunicorn_share'])} |")
+              + " / ".join(f"{x:.2f}" for x in shares) + f" | {verdict(bool(shares) and min(shares) >= GOALS['gunicorn_share'])} |")
         if "A" in thr:
             shares = [cx["rps"] / ax["rps"] for cx, ax in zip(c, thr["A"]) if ax["rps"]]
             w(f"| throughput {ck} / A (for reference) | - | " + " / ".join(f"{x:.2f}" for x in shares) + " | - |")
     if r.get("start"):
         p50 = r["start"]["p50_s"]
         w(f"| start to /initialize 200, 1 warm worker | <= {GOALS['start_s']} s | {p50:.3f} s (p50) "
-          f"| {_verdict(p50 <= GOALS['start_s'])} |")
+          f"| {verdict(p50 <= GOALS['start_s'])} |")
     w("")
 
     # what the supervisor's log said

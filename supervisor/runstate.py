@@ -96,21 +96,30 @@ class RunPaths:
 
 def write_state(paths: RunPaths, data: dict[str, Any]) -> None:
     """Replace supervisor.json with `data`, atomically (readers never see a partial file)."""
+    _write_json(paths.state, data, STATE_MODE)
+
+
+def read_state(paths: RunPaths) -> dict[str, Any] | None:
+    """supervisor.json as a dict; None when it is missing, unreadable or not a JSON object."""
+    return _read_json(paths.state)
+
+
+def _write_json(target: Path, data: Any, mode: int) -> None:
     payload = (json.dumps(data, separators=(",", ":")) + "\n").encode()
     # Same directory as the target, so os.replace is a rename within one file
     # system (atomic); a unique name, so concurrent writers never share a file.
-    fd, tmp = tempfile.mkstemp(prefix=f".{STATE_NAME}.", suffix=".tmp", dir=paths.run_dir)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         # mkstemp creates 0600; fchmod states the mode outright, whatever the umask.
-        os.fchmod(fd, STATE_MODE)
+        os.fchmod(fd, mode)
         view = memoryview(payload)
         while view:
             view = view[os.write(fd, view):]
-        # No fsync: the file describes a live process; after a power loss
-        # there is no process left for it to describe.
+        # No fsync: these files describe a live run; after a power loss there
+        # is no run left for them to describe.
         os.close(fd)
         fd = -1
-        os.replace(tmp, paths.state)
+        os.replace(tmp, target)
     except BaseException:
         if fd >= 0:
             os.close(fd)
@@ -121,13 +130,12 @@ def write_state(paths: RunPaths, data: dict[str, Any]) -> None:
         raise
 
 
-def read_state(paths: RunPaths) -> dict[str, Any] | None:
-    """supervisor.json as a dict; None when it is missing, unreadable or not a JSON object."""
+def _read_json(source: Path) -> dict[str, Any] | None:
     try:
-        data = json.loads(paths.state.read_bytes())
+        data = json.loads(source.read_bytes())
     except (OSError, ValueError):
         # ValueError covers bad JSON and bad UTF-8: a file we cannot read is
-        # no evidence of a running supervisor.
+        # no evidence of anything.
         return None
     return data if isinstance(data, dict) else None
 
@@ -257,36 +265,23 @@ def load_plane_config(config_path: Path, plane: str, run_dir: Path | None = None
 
 
 def write_accepted_config(paths: RunPaths, toml: str, base_dir: Path, path: Path, generation: int) -> None:
-    """Atomically records the config a reload accepted."""
-    document = {"toml": toml, "base_dir": str(base_dir), "path": str(path), "generation": generation}
-    tmp = paths.accepted_config.with_suffix(".tmp")
-    tmp.write_text(json.dumps(document))
-    os.replace(tmp, paths.accepted_config)
+    """Atomically records the config a reload accepted (0600: its env may hold secrets)."""
+    _write_json(paths.accepted_config, {"toml": toml, "base_dir": str(base_dir), "path": str(path),
+                                        "generation": generation}, 0o600)
 
 
 def read_accepted_config(paths: RunPaths) -> dict[str, Any] | None:
-    try:
-        document = json.loads(paths.accepted_config.read_text())
-    except (OSError, ValueError):
-        return None
-    return document if isinstance(document, dict) else None
+    return _read_json(paths.accepted_config)
 
 
 def write_seed_restarts(paths: RunPaths, restarts: dict[str, int]) -> None:
     """The seeds' restart counts (component name -> count), for the data plane's metrics."""
-    tmp = paths.run_dir / (SEEDS_NAME + ".tmp")
-    tmp.write_text(json.dumps(restarts))
-    os.replace(tmp, paths.run_dir / SEEDS_NAME)
+    _write_json(paths.run_dir / SEEDS_NAME, restarts, STATE_MODE)
 
 
 def read_seed_restarts(paths: RunPaths) -> dict[str, int]:
-    try:
-        document = json.loads((paths.run_dir / SEEDS_NAME).read_text())
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(document, dict):
-        return {}
-    return {str(k): int(v) for k, v in document.items() if isinstance(v, int)}
+    document = _read_json(paths.run_dir / SEEDS_NAME) or {}
+    return {str(k): v for k, v in document.items() if isinstance(v, int)}
 
 
 def forget_accepted_config(paths: RunPaths) -> None:
