@@ -345,6 +345,7 @@ def emit_worker_line(
     request_id: str | None,
     truncated: int = 0,
     fmt: str | None = None,
+    component: str = "worker",
 ) -> None:
     """Re-emit one line a worker printed, as one log line into ``sink``.
 
@@ -363,18 +364,19 @@ def emit_worker_line(
         if truncated:
             extra += f" truncated_bytes={truncated}"
         sink.write_line(
-            f"{timestamp} [{level:<9}] {event}  component=worker function={function}"
-            f" worker={worker}{extra} stream={stream}\n".encode("utf-8", "replace")
+            (f"{timestamp} [{level:<9}] {event}  component={component} function={function}"
+             + (f" worker={worker}" if worker else "") + f"{extra} stream={stream}\n").encode("utf-8", "replace")
         )
         return
     line: dict[str, object] = {
         "timestamp": timestamp,
         "level": level,
         "event": event,
-        "component": "worker",
+        "component": component,
         "function": function,
-        "worker": worker,
     }
+    if worker:
+        line["worker"] = worker
     if request_id is not None:
         line["request_id"] = request_id
     line["stream"] = stream

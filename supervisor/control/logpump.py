@@ -195,6 +195,7 @@ async def pump(
     fmt: str,
     max_line: int = DEFAULT_MAX_LINE,
     attributor: Attributor | None = None,
+    component: str = "worker",
 ) -> None:
     """Re-emit every line read from ``fd`` until EOF (or cancellation).
 
@@ -227,6 +228,7 @@ async def pump(
                 request_id=request_id,
                 truncated=truncated,
                 fmt=fmt,
+                component=component,
             )
 
     def resume() -> None:

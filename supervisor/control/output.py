@@ -18,12 +18,13 @@ from supervisor.output import shared_sink
 DRAIN_GRACE_S = 1.0
 
 class WorkerOutput:
-    def __init__(self, stdout_fd: int, stderr_fd: int, *, function: str, worker: str, fmt: str) -> None:
+    def __init__(self, stdout_fd: int, stderr_fd: int, *, function: str, worker: str, fmt: str,
+                 component: str = "worker") -> None:
         attributor = Attributor()
         sink = shared_sink("control-plane")
         self.tasks = [
             asyncio.ensure_future(pump(fd, function=function, worker=worker, stream=stream, sink=sink, fmt=fmt,
-                                       attributor=attributor))
+                                       attributor=attributor, component=component))
             for fd, stream in ((stdout_fd, "stdout"), (stderr_fd, "stderr"))
         ]
 

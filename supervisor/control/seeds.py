@@ -95,8 +95,9 @@ class SeedProcess:
         self.state = "starting"
         self.detail = ""
         self.started_at = time.monotonic()
+        # What the module prints at import: logged as the seed's, component "seed:<function>".
         self.output = WorkerOutput(process.stdout_fd, process.stderr_fd, function=self.function,
-                                   worker="seed", fmt=self.log_format)
+                                   worker="", fmt=self.log_format, component=self.name)
         try:
             ours.send(json.dumps(self.spec).encode())
         except OSError:

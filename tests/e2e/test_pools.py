@@ -212,7 +212,8 @@ def test_workers_are_forked_from_a_seed_that_imported_the_module_once(tmp_path: 
     code.mkdir()
     shutil.copy(POOLS_DIR / "pooled.py", code / "pooled.py")
     imports = tmp_path / "imports"
-    fn = pool_fn(code_dir=str(code), min_warm=1, max_workers=4, env={"IMPORT_LOG": str(imports)})
+    fn = pool_fn(code_dir=str(code), min_warm=1, max_workers=4,
+                 env={"IMPORT_LOG": str(imports), "PRINT_AT_IMPORT": "module body ran"})
     with started(tmp_path, {"hello": fn}) as sup:
         seed = wait_for(lambda: running_seed(sup, "hello"), 10, "the seed running")
         scaled = ctl(sup, "scale", "hello", "--min-warm", "3")
@@ -226,6 +227,9 @@ def test_workers_are_forked_from_a_seed_that_imported_the_module_once(tmp_path: 
         loaded = worker_imports(imports)
         assert [line["pid"] for line in loaded] == [seed["pid"]], loaded
         assert seed_of(sup, "hello")["pid"] == seed["pid"]  # type: ignore[index]
+        # What the module printed at import is the seed's output, logged as the seed's.
+        printed = [line for line in sup.logs() if line.get("event") == "module body ran"]
+        assert [(p["component"], p["function"], p.get("worker")) for p in printed] == [("seed:hello", "hello", None)]
 
         # Two forked workers do not share the seed's random state.
         with ThreadPoolExecutor(2) as pool:

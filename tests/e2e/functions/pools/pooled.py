@@ -20,6 +20,9 @@ from typing import Any
 
 VERSION = "v1"
 
+if os.environ.get("PRINT_AT_IMPORT"):
+    print(os.environ["PRINT_AT_IMPORT"], flush=True)
+
 _import_log = os.environ.get("IMPORT_LOG")
 if _import_log:
     with open(_import_log, "a") as _f:
