@@ -74,13 +74,29 @@ for _name in ("PyOS_BeforeFork", "PyOS_AfterFork_Parent", "PyOS_AfterFork_Child"
     getattr(_pythonapi, _name).argtypes = []
 
 
-class ThreadedModule(Exception):
-    """The function's import started threads: it cannot be a seed, now or after a restart."""
+class Unforkable(Exception):
+    """This function cannot be a seed, now or after a restart (threads or descriptors
+    its import left behind, or a C library whose fork state cannot be fixed up)."""
 
 
 class CloneArgs(ctypes.Structure):
     _fields_ = [(name, ctypes.c_uint64) for name in (
         "flags", "pidfd", "child_tid", "parent_tid", "exit_signal", "stack", "stack_size", "tls")]
+
+
+def _still_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False  # the listing's own descriptor, gone already
+    return True
+
+
+def _describe_fd(fd: int) -> str:
+    try:
+        return f"fd {fd} -> {os.readlink(f'/proc/self/fd/{fd}')}"
+    except OSError:
+        return f"fd {fd}"
 
 
 def _tid_address() -> int:
@@ -144,9 +160,18 @@ class Seed:
         threads = threading.active_count()
         tasks = len(os.listdir("/proc/self/task"))
         if threads > 1 or tasks > 1:
-            raise ThreadedModule(f"importing the function started threads ({max(threads, tasks) - 1} besides the "
-                                 "main one); a threaded process cannot be forked safely, so its workers start by "
-                                 "spawn (set seed = false for this function to say so in the config)")
+            raise Unforkable(f"importing the function started threads ({max(threads, tasks) - 1} besides the "
+                             "main one); a threaded process cannot be forked safely, so its workers start by "
+                             "spawn (set seed = false for this function to say so in the config)")
+        # A file or socket opened at import would be shared by every worker, and
+        # closed under its Python object when the worker closes inherited fds.
+        opened = sorted(int(fd) for fd in os.listdir("/proc/self/fd") if int(fd) > CONTROL_FD)
+        opened = [fd for fd in opened if _still_open(fd)]
+        if opened:
+            targets = ", ".join(_describe_fd(fd) for fd in opened[:3])
+            raise Unforkable(f"importing the function left {len(opened)} file descriptor(s) open ({targets}); "
+                             "every forked worker would share them, so its workers start by spawn (open them "
+                             "in the initializer instead, or set seed = false for this function)")
         return (time.perf_counter() - started) * 1000
 
     def send(self, message: dict[str, Any]) -> None:
@@ -255,8 +280,11 @@ def main() -> None:
     os.closerange(CONTROL_FD + 1, os.sysconf("SC_OPEN_MAX"))
     seed = Seed(sock, spec)
     try:
+        if not seed.tid_address:
+            raise Unforkable(f"this C library's thread descriptor ({platform.machine()}) is not one the seed can "
+                             "fix up after a clone; its workers start by spawn")
         load_ms = seed.preload()
-    except ThreadedModule as exc:
+    except Unforkable as exc:
         seed.send({"error": str(exc), "permanent": True})
         return
     except BaseException as exc:  # the import failed: spawned workers will report it in detail

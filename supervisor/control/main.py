@@ -90,7 +90,8 @@ async def amain(config_path: Path, run_dir: Path | None = None) -> int:
         code = 1
     manager.draining = True
     # A second signal during the stop means: now.
-    loop.remove_signal_handler(signal.SIGHUP)
+    # Removing the handler would restore SIGHUP's default (terminate) mid-stop.
+    loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP while stopping: no reload"))
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: [t.cancel() for t in asyncio.all_tasks()])
     try:

@@ -64,10 +64,12 @@ MEMORY_POLL_S = 2.0
 RECONCILE_S = 0.5
 INIT_DETAIL_WAIT_S = 0.5
 EARLY_CRASH_S = 1.0
-SEED_WAIT_S = 3.0  # how long a pool waits for its starting seed before it spawns instead
+SEED_WAIT_S = 3.0
+STRAY_S = 2.0  # how long a pool waits for its starting seed before it spawns instead
 GRACEFUL_REASONS = ("idle", "recycled", "disposable")
 # [supervisor] keys a reload can apply; the others need a new container.
-LIVE_SETTINGS = ("grace_period", "default_function")
+LIVE_SETTINGS = ("default_function",)
+SURGE_SHARE = 0.25  # replacements of due workers may exceed max_workers by this share (at least 1)
 FINGERPRINT_MAX_FILES = 20000
 
 
@@ -92,6 +94,7 @@ class WorkerRecord:
     idle_since: float = 0.0  # awake time it last had work
     max_requests: int = 0  # jittered; 0: never
     disposable: bool = False
+    draining_since: float | None = None  # awake time a graceful stop was asked
 
     @property
     def pid(self) -> int:
@@ -174,7 +177,8 @@ class PoolManager:
         self.recently_exited: dict[str, str] = {}  # worker id -> function, for late reports
         self.pools: dict[str, PoolRecord] = {}
         self._reload_lock = asyncio.Lock()
-        self._strays: set[int] = set()
+        self._strays: dict[int, float] = {}  # unknown exited child -> when first seen
+        self._retired_seeds: list[SeedProcess] = []
         self._seed_restarts: dict[str, int] = {}
         self._frozen_seen = 0.0
         for fn in config.functions.values():
@@ -198,6 +202,14 @@ class PoolManager:
                                 str(fn.code_dir), self.config.supervisor.log_format, self._seed_changed)
         pool.seed.start()
         self.metrics.seed_ready.labels(fn.name).set(0)
+
+    def _retire_seed(self, pool: PoolRecord) -> None:
+        """Stops the pool's seed; its pid stays known until its exit is observed."""
+        if pool.seed is not None:
+            pool.seed.stop()
+            if pool.seed.pid:
+                self._retired_seeds.append(pool.seed)
+            pool.seed = None
 
     def _seed_changed(self) -> None:
         restarts = {}
@@ -233,6 +245,7 @@ class PoolManager:
                 pool.seed.tick(now)
             pool.load_now, pool.peak_load = pool.load.note(awake, max(pool.config.idle_ttl, policy.LOAD_WINDOW_S))
             if pool.removed:
+                self._enforce_deadlines(pool, awake)
                 self._wind_down(name, pool)
                 continue
             facts = pool.facts(now)
@@ -245,11 +258,16 @@ class PoolManager:
             seed = pool.seed
             if count and seed is not None and seed.state == "starting" and now - seed.started_at < SEED_WAIT_S:
                 count = 0  # it is about to fork them in milliseconds: wait for it rather than spawn
+            if count:
+                # Replacements of due workers may surge past max_workers, but only so far.
+                alive = sum(1 for w in pool.workers.values() if w.state != "draining")
+                surge = max(1, int(pool.max_workers * SURGE_SHARE + 0.999))
+                count = min(count, max(0, pool.max_workers + surge - alive))
             for _ in range(count):
                 self._start(pool)
             self._replace_due(pool, facts)
             self._retire_idle(pool, facts, awake)
-            self._enforce_start_deadlines(pool, awake)
+            self._enforce_deadlines(pool, awake)
         self._reap_strays()
 
     async def run(self) -> None:
@@ -346,16 +364,31 @@ class PoolManager:
         self.sink(cpb.ControlEvent(added=record.added()))
         log.info("worker starting", function=fn.name, worker=record.worker_id, pid=record.pid, mode=record.mode)
 
-    def _enforce_start_deadlines(self, pool: PoolRecord, awake: float) -> None:
-        limit = max(pool.config.startup_timeout, pool.config.timeout) + 5.0
+    def _enforce_deadlines(self, pool: PoolRecord, awake: float) -> None:
+        """Start deadlines for every worker not yet ready (also one already asked to
+        stop: a stuck initializer never sees the SIGTERM), and a kill for a graceful
+        stop that takes longer than grace_period + timeout."""
+        fn = pool.config
+        start_limit = max(fn.startup_timeout, fn.timeout) + 5.0
+        drain_limit = self.config.supervisor.grace_period + fn.timeout
         for record in list(pool.workers.values()):
-            if record.state == "starting" and record.end_reason is None and awake - record.decided_awake > limit:
-                log.error("worker did not become ready in time; killing it", function=record.function,
-                          worker=record.worker_id, limit_s=limit)
-                pool.last_error = cpb.WorkerInitFailed(
-                    worker_id=record.worker_id, error_type="InitializationTimeout",
-                    error_message=f"the worker was not ready within {limit:g}s")
-                self.kill(record, "init_failed")
+            if record.process is None or record.process.exit is not None:
+                continue
+            if record.ready_at is None and awake - record.decided_awake > start_limit:
+                if record.end_reason is None:
+                    log.error("worker did not become ready in time; killing it", function=record.function,
+                              worker=record.worker_id, limit_s=start_limit)
+                    pool.last_error = cpb.WorkerInitFailed(
+                        worker_id=record.worker_id, error_type="InitializationTimeout",
+                        error_message=f"the worker was not ready within {start_limit:g}s")
+                    self.kill(record, "init_failed")
+                elif record.state == "draining" or record.end_reason is not None:
+                    self.kill(record, record.end_reason)
+            elif (record.draining_since is not None and awake - record.draining_since > drain_limit
+                  and record.end_reason not in ("timeout", "oom")):
+                log.warning("worker did not finish draining in time; killing it", function=record.function,
+                            worker=record.worker_id, limit_s=drain_limit)
+                self.kill(record, record.end_reason or "shutdown")
 
     def _replace_due(self, pool: PoolRecord, facts: policy.PoolFacts) -> None:
         """Stops due workers once what remains covers the pool's target without them."""
@@ -395,8 +428,7 @@ class PoolManager:
         """
         overdue = time.monotonic() - pool.removed_at > self.config.supervisor.grace_period + pool.config.timeout
         for record in list(pool.workers.values()):
-            if record.end_reason is None:
-                record.end_reason = "shutdown"  # expected to go: a clean exit is not a crash
+            record.due = record.due or "removed"  # expected to go: a clean exit is a shutdown
             if record.state != "draining" and (overdue or not self.data_plane_attached):
                 self.retire(record, "shutdown")
         if not pool.workers:
@@ -409,8 +441,12 @@ class PoolManager:
             log.info("function removed", function=name)
 
     def _reap_strays(self) -> None:
-        """Reaps children nobody watches (a worker cloned as its seed died before answering)."""
-        known = {w.pid for w in self.by_id.values()} | {s.pid for s in self.seeds()}
+        """Reaps children nobody watches: a worker cloned by a seed that died (or was
+        stopped) before its answer arrived. Such a worker is refused by the data
+        plane and exits; it is reaped here once it has been unknown for STRAY_S."""
+        self._retired_seeds = [seed for seed in self._retired_seeds if seed.pid]
+        known = ({w.pid for w in self.by_id.values()} | {s.pid for s in self.seeds()}
+                 | {s.pid for s in self._retired_seeds})
         try:
             info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
         except ChildProcessError:
@@ -418,15 +454,15 @@ class PoolManager:
         if info is None or info.si_pid in known:
             self._strays.clear()
             return
-        if info.si_pid in self._strays:  # unknown on two passes: not a start in progress
-            self._strays.discard(info.si_pid)
+        now = time.monotonic()
+        first_seen = self._strays.setdefault(info.si_pid, now)
+        if now - first_seen >= STRAY_S:
+            del self._strays[info.si_pid]
             try:
                 os.waitpid(info.si_pid, os.WNOHANG)
             except ChildProcessError:
                 pass
             log.warning("reaped a worker nobody owned", pid=info.si_pid)
-        else:
-            self._strays.add(info.si_pid)
 
     # ---- events from the data plane -----------------------------------------
 
@@ -508,6 +544,9 @@ class PoolManager:
         function = record.function if record is not None else self.recently_exited.get(failure.worker_id)
         if function is None or function not in self.pools:
             return
+        if record is not None and record.due in ("reload", "removed"):
+            record.end_reason = record.end_reason or "recycled"  # old config: its failure says nothing now
+            return
         self.pools[function].last_error = failure
         if record is not None:
             record.end_reason = "init_failed"  # the worker exits by itself after reporting
@@ -533,6 +572,8 @@ class PoolManager:
         if record.end_reason is None:
             record.end_reason = reason
         record.state = "draining"
+        if record.draining_since is None:
+            record.draining_since = self.clock.awake()
         if record.process is not None and record.process.exit is None:
             launcher.signal_group(record.pid, signal.SIGTERM)
 
@@ -546,7 +587,9 @@ class PoolManager:
         assert process is not None and process.exit is not None
         pool = self.pools.get(record.function)
         self.by_id.pop(record.worker_id, None)
-        self.recently_exited[record.worker_id] = record.function
+        stale = record.due in ("reload", "removed")  # started under a config that is gone
+        if not stale:
+            self.recently_exited[record.worker_id] = record.function
         if len(self.recently_exited) > 256:
             del self.recently_exited[next(iter(self.recently_exited))]
         if pool is not None:
@@ -554,6 +597,8 @@ class PoolManager:
         if record.output is not None:
             record.output.close_when_drained()
         reason = record.end_reason or "crashed"
+        if reason == "crashed" and record.due == "removed" and process.exit.code == 0:
+            reason = "shutdown"  # its function was removed; the data plane drained it
         if reason == "crashed" and record.disposable and process.exit.code == 0:
             # A worker exits 0 only once drained: this one served its invocation
             # before the data plane's notices (ready, due) reached us.
@@ -578,7 +623,9 @@ class PoolManager:
         self.sink(cpb.ControlEvent(removed=cpb.WorkerRemoved(
             worker_id=record.worker_id, reason=f"{reason}: {process.exit.describe()}",
             crashed=reason in ("crashed", "oom"), oom=reason == "oom")))
-        if pool is not None and was_starting and reason == "init_failed" and not pool.stopped:
+        if stale:
+            pass  # a failure under the old config neither backs off nor reports on the new one
+        elif pool is not None and was_starting and reason == "init_failed" and not pool.stopped:
             generic = cpb.WorkerInitFailed(worker_id=record.worker_id, error_type="WorkerExited",
                                            error_message=f"the worker {process.exit.describe()} before it was ready")
             if pool.last_error is not None and pool.last_error.worker_id == record.worker_id:
@@ -612,6 +659,9 @@ class PoolManager:
 
     async def _reload(self) -> cpb.ReloadReply:
         old = self.config
+        if self.draining:
+            return _refused([Problem("", "the supervisor is draining (pre-stop or shutdown); nothing reloaded")],
+                            old.generation)
         path = old.path
         if path is None:
             return _refused([Problem("", "this supervisor was not started from a config file")], old.generation)
@@ -642,16 +692,36 @@ class PoolManager:
         if problems:
             return _refused(problems, old.generation)
 
-        self.config = new
         assert new.text is not None
-        write_accepted_config(self.paths, new.text, path.parent, path, new.generation)
+        try:  # first: a plane restarted from now on must run what is about to run
+            await asyncio.to_thread(write_accepted_config, self.paths, new.text, path.parent, path,
+                                    new.generation)
+        except OSError as exc:
+            return _refused([Problem(str(self.paths.accepted_config),
+                                     f"cannot record the new config for the planes: {exc}")], old.generation)
+        if self.draining:  # checked again: the checks above awaited
+            return _refused([Problem("", "the supervisor is draining (pre-stop or shutdown); nothing reloaded")],
+                            old.generation)
+        self.config = new
+        # A changed concurrency or max_body must not reach old workers (their slots
+        # and frame limits are their own): those are drained before the data plane
+        # applies the new table. Other changes keep old workers serving until the
+        # new ones are ready.
+        for name in changed:
+            pool, fn = self.pools[name], new.functions[name]
+            limits_changed = (fn.concurrency, fn.max_body) != (pool.config.concurrency, pool.config.max_body)
+            for record in list(pool.workers.values()):
+                if record.state == "draining":
+                    continue
+                record.due = record.due or "reload"
+                if record.state == "starting" or limits_changed:
+                    self.retire(record, "recycled")
         self.sink(cpb.ControlEvent(config=self.config_update()))
         for name in removed:
             pool = self.pools[name]
             pool.removed = pool.stopped = True
             pool.removed_at = time.monotonic()
-            if pool.seed is not None:
-                pool.seed.stop()
+            self._retire_seed(pool)
         for name in changed:
             pool = self.pools[name]
             fn = new.functions[name]
@@ -660,19 +730,17 @@ class PoolManager:
             pool.config = fn
             pool.fingerprint = fingerprints[name]
             pool.failures, pool.retry_at, pool.last_error = 0, 0.0, None
-            for record in pool.workers.values():
-                if record.state != "draining" and not record.due:
-                    record.due = "reload"
-                    if record.state == "starting":
-                        self.stop(record, "recycled")  # old code: no use finishing its start
-            if pool.seed is not None:
-                pool.seed.stop()
-                pool.seed = None
+            self._retire_seed(pool)
             self._start_seed(pool)
         for name in added:
             stale = self.pools.pop(name, None)
             pool = self._add_pool(new.functions[name])
-            if stale is not None:  # removed earlier and not gone yet: its workers finish under the new record
+            if stale is not None:
+                # Removed earlier and not gone yet: its workers run the old config,
+                # so they are replaced like a changed function's.
+                for record in stale.workers.values():
+                    if record.state != "draining":
+                        record.due = "reload"
                 pool.workers.update(stale.workers)
         for name in unchanged:
             self.pools[name].config = new.functions[name]
@@ -726,8 +794,7 @@ class PoolManager:
         """Stops every worker gracefully (SIGKILL after ``grace_s``); no replacements."""
         for pool in self.pools.values():
             pool.stopped = True
-            if pool.seed is not None:
-                pool.seed.stop()
+            self._retire_seed(pool)
         records = list(self.by_id.values())
         for record in records:
             self.stop(record, reason)
@@ -796,9 +863,15 @@ class PoolManager:
         if pool is None or record.due or record.state != "ready":
             return
         limit, share = pool.config.limits.memory, pool.config.recycle_memory_share
-        if limit and share and record.rss > share * limit:
+        if not (limit and share) or record.rss <= share * limit:
+            return
+        # RSS counts the pages a forked worker shares with its seed; what it holds
+        # alone (USS) is what it would give back by being replaced.
+        own = _uss(record.pid)
+        if own > share * limit:
             log.warning("worker passed its memory high-water mark; recycling it", function=record.function,
-                        worker=record.worker_id, rss_bytes=record.rss, high_water_bytes=int(share * limit))
+                        worker=record.worker_id, uss_bytes=own, rss_bytes=record.rss,
+                        high_water_bytes=int(share * limit))
             record.due = "memory"
             self.changed.set()
 
@@ -853,6 +926,15 @@ def code_fingerprint(code_dir: Path) -> str:
             if count >= FINGERPRINT_MAX_FILES:
                 return digest.hexdigest()
     return digest.hexdigest()
+
+
+def _uss(pid: int) -> int:
+    if pid <= 0:
+        return 0
+    try:
+        return int(psutil.Process(pid).memory_full_info().uss)
+    except (psutil.Error, ValueError):
+        return 0
 
 
 def _rss(pid: int) -> int:

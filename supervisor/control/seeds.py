@@ -38,6 +38,7 @@ log = get_logger()
 
 SEED_ARGV = [launcher.WORKER_ARGV[0], "-m", "worker.seed"]
 HEALTHY_S = 30.0
+FORK_TIMEOUT_S = 5.0  # a seed that does not answer a fork request in this long is killed (and restarted)
 MAX_PACKET = 1 << 20
 
 # done(pid, error): pid is None when the seed could not fork this worker.
@@ -65,7 +66,7 @@ class SeedProcess:
         self.process: launcher.Process | None = None
         self.sock: socket.socket | None = None
         self.output: WorkerOutput | None = None
-        self.pending: dict[str, ForkDone] = {}
+        self.pending: dict[str, tuple[ForkDone, float]] = {}
         self.stopping = False
 
     @property
@@ -110,20 +111,30 @@ class SeedProcess:
     def stop(self) -> None:
         """Ends the seed (no restart); its workers are not affected."""
         self.stopping = True
-        self._close_socket()
         if self.process is not None and self.process.exit is None:
             try:
                 os.kill(self.process.pid, signal.SIGKILL)  # it holds nothing worth a drain
             except ProcessLookupError:
                 pass
+        # Killed first, so it clones nothing more; then the answers it sent are
+        # read, so every worker it did clone is owned (and watched) by its record.
+        self._readable()
+        self._close_socket()
         if self.state in ("backoff", "failed", "starting", "running"):
             self.state = "stopped"
 
     def tick(self, now: float) -> None:
-        """Restarts a seed whose backoff is over (called by the reconcile loop)."""
+        """Restarts a seed whose backoff is over, kills one that stopped answering
+        (called by the reconcile loop)."""
         if self.state == "backoff" and now >= self.retry_at and not self.stopping:
             self.restarts += 1
             self.start()
+        elif self.pending and self.process is not None and self.process.exit is None and min(
+                sent for _, sent in self.pending.values()) < now - FORK_TIMEOUT_S:
+            log.error("seed did not answer a fork request; killing it (its workers start by spawn)",
+                      function=self.function, pid=self.process.pid, timeout_s=FORK_TIMEOUT_S)
+            self.detail = f"did not answer a fork request within {FORK_TIMEOUT_S:g}s"
+            os.kill(self.process.pid, signal.SIGKILL)  # its exit fails the requests: they spawn
 
     # ---- forking --------------------------------------------------------------
 
@@ -138,7 +149,7 @@ class SeedProcess:
         except OSError as exc:  # full (it is stuck) or gone: spawn instead
             log.warning("seed did not take a request; starting by spawn", function=self.function, error=str(exc))
             return False
-        self.pending[str(spec["worker_id"])] = done
+        self.pending[str(spec["worker_id"])] = (done, time.monotonic())
         return True
 
     def _readable(self) -> None:
@@ -165,10 +176,10 @@ class SeedProcess:
     def _on_reply(self, reply: dict[str, Any]) -> None:
         worker_id = reply.get("worker_id")
         if worker_id is not None:
-            done = self.pending.pop(str(worker_id), None)
-            if done is not None:
+            entry = self.pending.pop(str(worker_id), None)
+            if entry is not None:
                 pid = reply.get("pid")
-                done(int(pid) if isinstance(pid, int) else None, str(reply.get("error", "")))
+                entry[0](int(pid) if isinstance(pid, int) else None, str(reply.get("error", "")))
             return
         if reply.get("ready"):
             self.state = "running"
@@ -190,9 +201,7 @@ class SeedProcess:
         self._close_socket()
         if self.output is not None:
             self.output.close_when_drained()
-        for done in list(self.pending.values()):
-            done(None, "the seed exited")
-        self.pending.clear()
+        self._fail_pending("the seed exited")
         if process is not self.process:
             return
         status = process.exit.describe() if process.exit is not None else "exited"
@@ -228,9 +237,12 @@ class SeedProcess:
             self.sock = None
         if self.state in ("running", "starting") and self.stopping:
             self.state = "stopped"
-        for done in list(self.pending.values()):
-            done(None, "the seed went away")
-        self.pending.clear()
+        self._fail_pending("the seed went away")
+
+    def _fail_pending(self, why: str) -> None:
+        pending, self.pending = self.pending, {}
+        for done, _ in pending.values():
+            done(None, why)
 
     def uptime(self) -> float:
         return round(time.monotonic() - self.started_at, 3) if self.state in ("starting", "running") else 0.0

@@ -172,11 +172,12 @@ class Supervisor:
                 self._on_stop_signal(signal.Signals(signum).name)
             elif signum == signal.SIGHUP:
                 # The control plane owns the config: it reloads, or refuses and says why.
-                if self.control.pid and self.control.state == "running":
+                if self.state == "running" and self.control.pid and self.control.state == "running":
                     log.info("SIGHUP: asking the control plane to reload the config")
                     self._kill(self.control, signal.SIGHUP)
                 else:
-                    log.warning("SIGHUP while the control plane is not running; nothing reloaded")
+                    log.warning("SIGHUP while the supervisor or its control plane is not running; nothing reloaded",
+                                state=self.state)
             elif signum in (signal.SIGUSR1, signal.SIGUSR2):
                 log.info("signal ignored", signal=signal.Signals(signum).name)
 

@@ -534,27 +534,32 @@ def test_scale_overrides_min_warm_and_max_workers(tmp_path: Path) -> None:
 
 
 def test_a_freeze_longer_than_idle_ttl_retires_nothing(tmp_path: Path) -> None:
-    # idle_ttl is 4 s, the freeze 8 s. The awake clock charges a freeze at most
-    # 2 s (supervisor.clock max_gap), so the awake idle time at the thaw is that
-    # plus the time between the burst and the freeze: well under 4 s.
-    with started(tmp_path, {"hello": pool_fn(min_warm=1, max_workers=4, idle_ttl="4s")}) as sup:
+    # idle_ttl is 3 s. The workers idle 2 s, then the tree is frozen for 6 s. The
+    # awake clock charges a freeze up to 2 s (supervisor.clock max_gap), so an idle
+    # time that simply kept counting would pass idle_ttl at the thaw; the thaw
+    # must restart it instead (FC thaws a container to send it a request).
+    with started(tmp_path, {"hello": pool_fn(min_warm=1, max_workers=4, idle_ttl="3s")}) as sup:
         with ThreadPoolExecutor(4) as pool:
             burst = list(pool.map(lambda _: sup.invoke({"op": "sleep", "s": 1}), range(4)))
         assert [r.status_code for r in burst] == [200] * 4
         warm = pids(sup.ready_workers("hello"))
         assert len(warm) >= 3, warm
+        time.sleep(2.0)  # idle time before the freeze: the passage of time is the point
         with sup.client() as client:
             assert client.get("/pre-freeze").status_code == 200
         frozen = tree(sup)
         for process in frozen:
             process.suspend()
         try:
-            deadline = time.monotonic() + 8.0
+            deadline = time.monotonic() + 6.0
             while time.monotonic() < deadline:  # the freeze itself: the passage of time is the point
                 time.sleep(deadline - time.monotonic())
         finally:
             for process in frozen:
                 process.resume()
+        # The control plane's first look after the thaw is where it would retire them.
+        wait_for(lambda: any(line.get("event") == "thawed; idle times restart" for line in sup.logs()), 10,
+                 "the control plane noticing the thaw")
         assert warm <= pids(sup.ready_workers("hello")), "workers retired because wall time passed while frozen"
         answer = sup.invoke({"op": "pid"})
         assert answer.status_code == 200 and answer.json()["pid"] in warm
