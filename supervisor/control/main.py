@@ -107,14 +107,27 @@ async def amain(config_path: Path, run_dir: Path | None = None) -> int:
     return code
 
 
-def main() -> None:
+def run_plane(config_path: Path, run_dir: Path | None) -> int:
+    """The control plane, to its exit code (forked by the supervisor, or from ``main``)."""
     import uvloop
 
     hide_notify_fd()
-    code = uvloop.run(amain(Path(sys.argv[1]), Path(sys.argv[2]) if len(sys.argv) > 2 else None))
+    code = uvloop.run(amain(config_path, run_dir))
     flush_shared(2.0)
     sys.stdout.flush()
-    sys.exit(code)
+    return code
+
+
+def preload() -> None:
+    """Imports what this plane uses later (gRPC is imported lazily in ``amain``)."""
+    import grpc  # noqa: F401
+    import uvloop  # noqa: F401
+
+    import supervisor.control.service  # noqa: F401
+
+
+def main() -> None:
+    sys.exit(run_plane(Path(sys.argv[1]), Path(sys.argv[2]) if len(sys.argv) > 2 else None))
 
 
 if __name__ == "__main__":

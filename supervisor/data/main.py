@@ -250,13 +250,22 @@ async def amain(config_path: Path, run_dir: Path | None = None) -> int:
     return 0
 
 
-def main() -> None:
+def run_plane(config_path: Path, run_dir: Path | None) -> int:
+    """The data plane, to its exit code (forked by the supervisor, or from ``main``)."""
     import uvloop
 
     hide_notify_fd()
-    code = uvloop.run(amain(Path(sys.argv[1]), Path(sys.argv[2]) if len(sys.argv) > 2 else None))
+    code = uvloop.run(amain(config_path, run_dir))
     flush_stdio()
-    sys.exit(code)
+    return code
+
+
+def preload() -> None:
+    import uvloop  # noqa: F401
+
+
+def main() -> None:
+    sys.exit(run_plane(Path(sys.argv[1]), Path(sys.argv[2]) if len(sys.argv) > 2 else None))
 
 
 if __name__ == "__main__":

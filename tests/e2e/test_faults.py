@@ -212,3 +212,16 @@ def test_workers_inherit_no_file_descriptors(tmp_path: Path) -> None:
     finally:
         os.close(read_end)
         os.close(write_end)
+
+
+def test_planes_are_forked_from_the_preloaded_supervisor(sup: Running) -> None:
+    # Forked, not spawned: named after their component (the supervisor's argv is
+    # theirs too) and children of the supervisor; a restarted plane likewise.
+    for name in ("control-plane", "data-plane"):
+        plane = psutil.Process(sup.component_pid(name))
+        assert (plane.name(), plane.ppid()) == (name, sup.proc.pid)
+    old = sup.component_pid("data-plane")
+    os.kill(old, signal.SIGKILL)
+    restarted = wait_for(lambda: (pid := sup.component_pid("data-plane")) != old and pid, 15, "a new data plane")
+    assert psutil.Process(restarted).name() == "data-plane"
+    wait_for(lambda: sup.invoke({}).status_code == 200, 15, "invocations served again")
