@@ -65,6 +65,7 @@ SYS_GETTID = {"x86_64": 186, "aarch64": 178}
 TID_OFFSETS = {"x86_64": (0x2D0,), "aarch64": (0xD0,)}
 RESET_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGCHLD)
 PR_SET_PDEATHSIG = 1
+PR_SET_NAME = 15
 
 _libc = ctypes.PyDLL(None, use_errno=True)  # PyDLL: the GIL stays held across the call, as in os.fork
 _libc.syscall.restype = ctypes.c_long
@@ -82,6 +83,10 @@ class Unforkable(Exception):
 class CloneArgs(ctypes.Structure):
     _fields_ = [(name, ctypes.c_uint64) for name in (
         "flags", "pidfd", "child_tid", "parent_tid", "exit_signal", "stack", "stack_size", "tls")]
+
+
+def _set_name(name: str) -> None:
+    _libc.prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
 
 
 def _still_open(fd: int) -> bool:
@@ -244,6 +249,7 @@ class Seed:
 def become_worker(spec: dict[str, Any], stdout_fd: int, stderr_fd: int, seed_sock: socket.socket) -> None:
     """In the freshly cloned child: the state of a newly spawned worker, then run it."""
     os.setsid()  # its own session and process group: a kill reaches all it starts
+    _set_name(f"worker:{spec.get('function', '')}")  # its argv stays the seed's; ps shows this
     for sig in RESET_SIGNALS:
         signal.signal(sig, signal.SIG_DFL)
     # As Python sets it at start-up: a write to a closed pipe (its control plane
@@ -275,6 +281,7 @@ def main() -> None:
     if not first:
         return
     spec = json.loads(first)
+    _set_name(f"seed:{spec.get('function', '')}")
     if os.getppid() != int(spec.get("parent_pid", os.getppid())):
         return  # the control plane died before the parent-death signal was armed
     os.closerange(CONTROL_FD + 1, os.sysconf("SC_OPEN_MAX"))

@@ -222,6 +222,9 @@ def test_workers_are_forked_from_a_seed_that_imported_the_module_once(tmp_path: 
 
         control = sup.component_pid("control-plane")
         assert {psutil.Process(pid).ppid() for pid in pids(workers)} == {control}
+        # Their argv is the seed's; what ps shows says what they are.
+        assert {psutil.Process(pid).name() for pid in pids(workers)} == {"worker:hello"}
+        assert psutil.Process(seed["pid"]).name() == "seed:hello"
         assert sup.invoke({"op": "pid"}).json()["ppid"] == control
         # One import, in the seed; the workers inherited the module.
         loaded = worker_imports(imports)
