@@ -37,6 +37,7 @@ import json
 import os
 import sys
 import tempfile
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -227,6 +228,23 @@ def hide_notify_fd() -> None:
             os.set_inheritable(int(fd), False)
         except (OSError, ValueError):
             pass
+
+
+def run_plane(amain: Callable[[Path, Path | None], Coroutine[Any, Any, int]], config_path: Path, run_dir: Path | None,
+              flush: Callable[[], None]) -> int:
+    """One plane's life on uvloop, to its exit code: forked by the supervisor
+    (``entry.main``) or started as ``python -m supervisor.<plane>.main CONFIG [RUN_DIR]``."""
+    import uvloop
+
+    hide_notify_fd()
+    code: int = uvloop.run(amain(config_path, run_dir))
+    flush()
+    return code
+
+
+def plane_argv(argv: list[str]) -> tuple[Path, Path | None]:
+    """CONFIG [RUN_DIR] of a spawned plane."""
+    return Path(argv[1]), Path(argv[2]) if len(argv) > 2 else None
 
 
 def notify_ready() -> None:

@@ -23,11 +23,12 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
+from supervisor import runstate
 from supervisor.control.manager import PoolManager
 from supervisor.logs import configure_logging, get_logger
 from supervisor.metrics import ControlPlaneMetrics
 from supervisor.output import flush_shared, shared_sink
-from supervisor.runstate import EXIT_BOOT_ERROR, RunPaths, hide_notify_fd, load_plane_config, notify_ready
+from supervisor.runstate import EXIT_BOOT_ERROR, RunPaths, load_plane_config, notify_ready
 
 log = get_logger()
 
@@ -108,15 +109,12 @@ async def amain(config_path: Path, run_dir: Path | None = None) -> int:
 
 
 def run_plane(config_path: Path, run_dir: Path | None) -> int:
-    """The control plane, to its exit code (forked by the supervisor, or from ``main``)."""
-    import uvloop
+    return runstate.run_plane(amain, config_path, run_dir, _flush)
 
-    hide_notify_fd()
-    code = uvloop.run(amain(config_path, run_dir))
+
+def _flush() -> None:
     flush_shared(2.0)
     sys.stdout.flush()
-    return code
-
 
 def preload() -> None:
     """Imports what this plane uses later (gRPC is imported lazily in ``amain``)."""
@@ -127,7 +125,7 @@ def preload() -> None:
 
 
 def main() -> None:
-    sys.exit(run_plane(Path(sys.argv[1]), Path(sys.argv[2]) if len(sys.argv) > 2 else None))
+    sys.exit(run_plane(*runstate.plane_argv(sys.argv)))
 
 
 if __name__ == "__main__":

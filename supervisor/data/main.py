@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS_CONTENT_TYPE
 
+from supervisor import runstate
 from supervisor.clock import AwakeClock
 from supervisor.config import Config
 from supervisor.data.control_link import ControlLink
@@ -39,7 +40,6 @@ from supervisor.output import shared_sink
 from supervisor.runstate import (
     EXIT_BOOT_ERROR,
     RunPaths,
-    hide_notify_fd,
     load_plane_config,
     notify_ready,
     read_seed_restarts,
@@ -251,13 +251,7 @@ async def amain(config_path: Path, run_dir: Path | None = None) -> int:
 
 
 def run_plane(config_path: Path, run_dir: Path | None) -> int:
-    """The data plane, to its exit code (forked by the supervisor, or from ``main``)."""
-    import uvloop
-
-    hide_notify_fd()
-    code = uvloop.run(amain(config_path, run_dir))
-    flush_stdio()
-    return code
+    return runstate.run_plane(amain, config_path, run_dir, flush_stdio)
 
 
 def preload() -> None:
@@ -265,7 +259,7 @@ def preload() -> None:
 
 
 def main() -> None:
-    sys.exit(run_plane(Path(sys.argv[1]), Path(sys.argv[2]) if len(sys.argv) > 2 else None))
+    sys.exit(run_plane(*runstate.plane_argv(sys.argv)))
 
 
 if __name__ == "__main__":
