@@ -29,6 +29,7 @@ import difflib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -160,6 +161,8 @@ EnvName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
 _ENTRY_RE = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")
 _NAME_RE = re.compile(r"[A-Za-z0-9_-]+")
 _PORT_ENV = ("FC_SERVER_PORT", "FC_CUSTOM_LISTEN_PORT", "CA_PORT")  # highest precedence first
+# Runtimes whose command pulls events from a runtime API (no HTTP server of their own).
+PULL_RUNTIMES = frozenset({"lambda", "scf"})
 
 # --- the models -------------------------------------------------------------------
 
@@ -211,9 +214,25 @@ class FunctionConfig(BaseModel):
     startup_timeout: PositiveDuration = 15.0
     hooks: tuple[Literal["initialize", "pre-freeze", "pre-stop"], ...] = Field((), strict=False)
 
+    @property
+    def serves_http(self) -> bool:
+        """Whether HTTP-trigger requests reach this function (an HTTP app or server)."""
+        return self.runtime == "custom" or (self.runtime == "python" and self.interface != "event")
+
+    def has_hook(self, kind: str) -> bool:
+        """Whether lifecycle ``kind`` ("initialize", "pre_freeze", "pre_stop") runs in its workers."""
+        if self.runtime == "python":
+            return bool(getattr(self, "initializer" if kind == "initialize" else kind, None))
+        return kind.replace("_", "-") in self.hooks
+
     @field_validator("handler", "initializer", "pre_freeze", "pre_stop")
     @classmethod
-    def _entry_point(cls, value: str | None) -> str | None:
+    def _entry_point(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if info.field_name == "handler" and info.data.get("runtime") in PULL_RUNTIMES:
+            # The runtime's own handler name (Lambda's _HANDLER, e.g. "app.handler"), passed as it is.
+            if value is not None and not value.strip():
+                raise ValueError("must not be an empty string")
+            return value
         if value is not None and not _ENTRY_RE.fullmatch(value):
             raise ValueError(f"expected \"module:callable\" (e.g. \"hello:handler\" or \"pkg.app:main\"), got {value!r}")
         return value
@@ -352,6 +371,10 @@ def _function_checks(prefix: str, raw: Mapping[str, Any], failed: set[str]) -> l
 
     runtime, problems = values["runtime"], []
     if ok("runtime") and runtime == "python":
+        for key in ("hooks", "ready", "startup_timeout"):
+            if ok(key) and key in raw and raw[key] != []:
+                problems.append(Problem(f"{prefix}.{key}", f"only custom, lambda and scf functions take {key}; a python function uses initializer, pre_freeze and pre_stop"
+                                        if key == "hooks" else f"only custom, lambda and scf functions take {key}; a python function is ready when its initializer has run"))
         if ok("handler") and values["handler"] is None:
             problems.append(Problem(f"{prefix}.handler", 'missing: a python function needs handler = "module:callable", e.g. "hello:handler"'))
         if ok("command") and "command" in raw:
@@ -359,8 +382,12 @@ def _function_checks(prefix: str, raw: Mapping[str, Any], failed: set[str]) -> l
     elif ok("runtime"):
         if ok("command") and values["command"] is None:
             problems.append(Problem(f"{prefix}.command", f'missing: a {runtime} function needs the command that starts it, e.g. command = ["./bootstrap"]'))
-        if ok("handler") and "handler" in raw:
-            problems.append(Problem(f"{prefix}.handler", f"only python functions take a handler; a {runtime} function runs its command"))
+        if ok("handler") and raw.get("handler") is not None and runtime not in PULL_RUNTIMES:
+            problems.append(Problem(f"{prefix}.handler", f"only python, lambda and scf functions take a handler; a {runtime} function runs its command"))
+        if ok("ready") and "ready" in raw and runtime != "custom":
+            problems.append(Problem(f"{prefix}.ready", f"only custom functions take ready (a {runtime} function is ready when it asks for its first event)"))
+        if ok("hooks") and raw.get("hooks") and runtime != "custom":
+            problems.append(Problem(f"{prefix}.hooks", f"only custom functions take hooks (their server answers the lifecycle calls); a {runtime} function has none"))
         for key in _HOOK_FIELDS:
             if ok(key) and key in raw:
                 problems.append(Problem(f"{prefix}.{key}", f'only python functions take {key}; a {runtime} function gets lifecycle calls through hooks = ["initialize", ...]'))
@@ -536,25 +563,30 @@ def _check_function(function: FunctionConfig, timeout_s: float) -> list[Problem]
     return [Problem(prefix, f"checking the handlers crashed Python (exit code {process.returncode})" + (f": {' | '.join(tail)}" if tail else ""))]
 
 
-# Runtimes the worker can host in this version; the others are valid config
-# (the contract names them) but refused by `run` and `validate` until they
-# exist, rather than started as something they are not.
-AVAILABLE_RUNTIMES = frozenset({"python"})
+def _check_command(function: FunctionConfig) -> list[Problem]:
+    """The command's program exists and can be executed (as the worker will run it)."""
+    program = (function.command or ("",))[0]
+    path = os.environ.get("PATH", os.defpath)
+    if "/" in program:
+        found = (function.code_dir / program).resolve()
+        if not found.is_file():
+            return [Problem(f"functions.{function.name}.command", f"{program!r} does not exist (relative to code_dir {str(function.code_dir)!r})")]
+        if not os.access(found, os.X_OK):
+            return [Problem(f"functions.{function.name}.command", f"{program!r} is not executable (chmod +x it)")]
+        return []
+    if shutil.which(program, path=function.env.get("PATH", path)) is None:
+        return [Problem(f"functions.{function.name}.command", f"{program!r} is not found on PATH")]
+    return []
 
 
 def check_handlers(config: Config, timeout_s: float = 20.0) -> list[Problem]:
-    """Import every python function's handler and hooks in a subprocess; [] when all resolve.
-
-    Also reports functions whose runtime this version cannot run yet.
-    """
-    unavailable = [Problem(f"functions.{f.name}.runtime",
-                           f"runtime {f.runtime!r} is not available in this version of ca-supervisor "
-                           f"(available: {', '.join(sorted(AVAILABLE_RUNTIMES))})")
-                   for f in config.functions.values() if f.runtime not in AVAILABLE_RUNTIMES]
+    """Import every python function's handler and hooks in a subprocess, and find
+    every other function's command; [] when all resolve."""
+    problems = [problem for f in config.functions.values() if f.runtime != "python" for problem in _check_command(f)]
     functions = [f for f in config.functions.values() if f.runtime == "python"]
     if not functions:
-        return unavailable
+        return problems
     # Threads, not asyncio: callers may already be inside an event loop.
     with ThreadPoolExecutor(max_workers=len(functions)) as pool:
         results = list(pool.map(lambda f: _check_function(f, timeout_s), functions))
-    return unavailable + [problem for problems in results for problem in problems]
+    return problems + [problem for found in results for problem in found]

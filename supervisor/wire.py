@@ -15,6 +15,17 @@ Rules:
   hold more than the function's ``max_body`` for it.
 - Decoding does no I/O and knows nothing of sockets; the transports feed it.
 
+Streams (HTTP-trigger requests): ``HTTP_REQUEST`` opens stream ``s`` with
+the first body chunk; ``REQUEST_BODY``... ``REQUEST_END`` follow when the body
+has more. The worker answers ``RESPONSE_START``, ``RESPONSE_BODY``... and
+ends the stream with ``RESULT`` (``ok=false`` before ``RESPONSE_START`` is an
+error answer; after it, an aborted response). Body chunks are at most
+``MAX_CHUNK`` bytes. Flow control is per stream and per direction: a sender
+has at most ``STREAM_WINDOW`` bytes of body that the receiver has not yet
+consumed and acknowledged with ``WINDOW``, so neither side buffers more than
+that for a stream, and a slow client holds back only its own stream. A peer
+that overruns the window breaks the protocol.
+
 Why not gRPC for this link: it is the request path, and a frame here costs
 one protobuf encode and one ``write`` (see bench/RESULTS.md).
 """
@@ -31,6 +42,11 @@ HEADER = struct.Struct(">IBI")
 HEADER_SIZE = HEADER.size
 # Slack over the body limit for the message fields around the body.
 FRAME_OVERHEAD = 64 * 1024
+# Streams: the largest body chunk in one frame, and the unacknowledged bytes
+# a sender may have outstanding on one stream.
+MAX_CHUNK = 64 * 1024
+STREAM_WINDOW = 256 * 1024
+WINDOW_ACK = struct.Struct(">I")
 
 
 class Kind(enum.IntEnum):
@@ -43,6 +59,14 @@ class Kind(enum.IntEnum):
     RESULT = 7  # worker -> data plane: Result
     DRAIN = 8  # data plane -> worker: finish in-flight work, then exit
     DRAINING = 9  # worker -> data plane: send me no more work
+    # HTTP-trigger exchanges, streamed both ways (see "Streams" above).
+    HTTP_REQUEST = 10  # data plane -> worker: HttpRequest (with the first body chunk)
+    REQUEST_BODY = 11  # data plane -> worker: raw bytes of the request body
+    REQUEST_END = 12  # data plane -> worker: the request body is complete
+    RESPONSE_START = 13  # worker -> data plane: HttpResponseStart
+    RESPONSE_BODY = 14  # worker -> data plane: raw bytes of the response body
+    WINDOW = 15  # either way: uint32, bytes of body the sender of this frame has consumed
+    CANCEL = 16  # data plane -> worker: the client is gone; stop, then still send RESULT
 
 
 class ProtocolError(Exception):

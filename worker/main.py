@@ -38,13 +38,26 @@ from typing import Any
 from supervisor import wire
 from supervisor.v1 import worker_pb2 as wpb
 from worker import output
+from worker.host import ClientDisconnected, Host, HttpExchange, StartupError
 
 EXIT_REJECTED = 77
 EXIT_INIT_FAILED = 78
 EXIT_LOST_DATA_PLANE = 75
+EXIT_RUNTIME_EXITED = 70
+STREAM_FRAMES = frozenset({wire.Kind.REQUEST_BODY, wire.Kind.REQUEST_END, wire.Kind.WINDOW, wire.Kind.CANCEL})
 ORPHAN_LINGER_S = 5.0
 ORPHAN_POLL_S = 0.5
 PR_SET_PDEATHSIG = 1
+
+
+def describe_status(status: int) -> str:
+    """A ``waitpid``-style exit code (negative: killed by that signal) in words."""
+    if status < 0:
+        try:
+            return f"killed by {signal.Signals(-status).name}"
+        except ValueError:
+            return f"killed by signal {-status}"
+    return f"exit code {status}"
 
 
 def read_spec(fd: int = 3) -> dict[str, Any]:
@@ -126,12 +139,32 @@ class Link(asyncio.Protocol):
         self.writer.send(kind, stream, payload)
 
 
+def make_host(spec: dict[str, Any]) -> Host:
+    """The host for the function's runtime (and, for Python, its interface)."""
+    runtime = spec.get("runtime", "python")
+    if runtime == "custom":
+        from worker.runtimes.custom import CustomHost
+
+        return CustomHost(spec)
+    if runtime in ("lambda", "scf"):
+        from worker.runtimes.pull import PullHost
+
+        return PullHost(spec)
+    if spec.get("interface", "event") != "event":
+        from worker.python.http import HttpAppHost
+
+        return HttpAppHost(spec)
+    from worker.python.host import PythonHost
+
+    return PythonHost(spec)
+
+
 class Worker:
     def __init__(self, spec: dict[str, Any]) -> None:
-        from worker.python.host import PythonHost
-
         self.spec = spec
-        self.host = PythonHost(spec)
+        self.host = make_host(spec)
+        # HTTP-trigger streams in flight on the current connection.
+        self.exchanges: dict[int, HttpExchange] = {}
         self.token = bytes.fromhex(spec["token"])
         self.inflight: set[asyncio.Task[None]] = set()
         self.draining = False
@@ -173,7 +206,7 @@ class Worker:
 
     async def initialize(self, link: Link) -> None:
         try:
-            self.host.load()
+            await self.host.start()
             if self.host.has("initialize"):
                 rid = f"init-{self.spec['worker_id']}"
                 result = await self._run("initialize", rid, {}, self.host.timeout_s, b"")
@@ -181,6 +214,9 @@ class Worker:
                     await self.report_init_error(link, result.error)
         except SystemExit:
             raise
+        except StartupError as exc:  # the function's own process did not come up
+            sys.stderr.write(f"{exc.info.error_type}: {exc.info.error_message}\n")
+            await self.report_init_error(link, exc.info)
         except BaseException as exc:  # import errors, SyntaxError, anything the user's module raises
             from worker.python.host import error_result
 
@@ -197,6 +233,7 @@ class Worker:
             await asyncio.wait_for(asyncio.shield(link.closed), 2.0)
         except TimeoutError:
             pass
+        await self.host.close()
         raise SystemExit(EXIT_INIT_FAILED)
 
     async def serve(self) -> int:
@@ -220,7 +257,19 @@ class Worker:
                 await self.initialize(link)
                 initialized = True
             link.send(wire.Kind.DRAINING if self.draining else wire.Kind.READY)
-            done, _ = await asyncio.wait([link.closed, self.drained], return_when=asyncio.FIRST_COMPLETED)
+            waits: list[asyncio.Future[Any]] = [link.closed, self.drained]
+            host_exit = self.host.exited()
+            if host_exit is not None:
+                waits.append(host_exit)
+            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            for exchange in self.exchanges.values():  # their streams died with the connection
+                exchange.on_cancel()
+            self.exchanges.clear()
+            if host_exit is not None and host_exit in done:
+                # The function's process ended on its own: so does this worker, at
+                # once, so that its invocations fail as a crash and it is replaced.
+                output.log_error(f"the function's process exited ({describe_status(host_exit.result())})")
+                return EXIT_RUNTIME_EXITED
             if self.drained in done or self.draining:
                 link.writer.flush()  # the last results go out before the close
                 if link.transport is not None:
@@ -242,6 +291,28 @@ class Worker:
                 task = asyncio.ensure_future(self._invoke(link, stream, msg, headers, timeout_s))
                 self.inflight.add(task)
                 task.add_done_callback(self._done)
+        elif kind == wire.Kind.HTTP_REQUEST:
+            exchange = HttpExchange(link.send, stream, wpb.HttpRequest.FromString(payload))
+            if not self.host.serves_http():
+                exchange.finish(wpb.ErrorInfo(error_type="FunctionNotFoundError",
+                                              error_message="this function does not serve HTTP requests"))
+                return
+            self.exchanges[stream] = exchange
+            task = asyncio.ensure_future(self._http(link, exchange))
+            self.inflight.add(task)
+            task.add_done_callback(self._done)
+        elif kind in STREAM_FRAMES:
+            current = self.exchanges.get(stream)
+            if current is None:
+                return  # the exchange has ended; a late frame for it means nothing
+            if kind == wire.Kind.REQUEST_BODY:
+                current.on_body(payload)
+            elif kind == wire.Kind.REQUEST_END:
+                current.on_end()
+            elif kind == wire.Kind.WINDOW:
+                current.on_window(payload)
+            else:
+                current.on_cancel()
         elif kind == wire.Kind.DRAIN:
             self.drain_acked = True
             self.drain()
@@ -259,6 +330,24 @@ class Worker:
         # stream ids mean nothing, and the new data plane has no such stream.
         if self.link is link:
             link.send(wire.Kind.RESULT, stream, result.SerializeToString())
+
+    async def _http(self, link: Link, exchange: HttpExchange) -> None:
+        try:
+            await self.host.http(exchange)
+        except Exception as exc:  # the application's failure is the exchange's result
+            from worker.python.host import error_result
+
+            if not exchange.finished and link is self.link:
+                info = error_result(exc).error
+                if not isinstance(exc, ClientDisconnected):
+                    sys.stderr.write(info.stack_trace)
+                exchange.finish(info)
+        finally:
+            if not exchange.finished and link is self.link:
+                exchange.finish(wpb.ErrorInfo(error_type="IncompleteResponseError",
+                                              error_message="the application returned without a complete response"))
+            if self.exchanges.get(exchange.stream) is exchange:
+                del self.exchanges[exchange.stream]
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self.inflight.discard(task)
@@ -289,7 +378,10 @@ async def amain(spec: dict[str, Any]) -> int:
     worker = Worker(spec)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.drain)
-    return await worker.serve()
+    try:
+        return await worker.serve()
+    finally:
+        await worker.host.close()
 
 
 def main() -> None:

@@ -159,6 +159,9 @@ class Seed:
         import worker.main  # noqa: F401
         from worker.python import host
 
+        if self.spec.get("interface", "event") != "event":
+            import worker.python.http  # noqa: F401  # the ASGI/WSGI host, and a2wsgi with it
+
         for key in ("handler", "initializer", "pre_freeze", "pre_stop"):
             if self.spec.get(key):
                 host.resolve(self.spec[key])

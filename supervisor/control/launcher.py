@@ -5,7 +5,9 @@ Rules:
   control plane runs gRPC threads, and forking a threaded process without
   exec is never safe. Only the seed forks; this process never does.
 - Each worker is its own session and process group, so a kill reaches
-  everything it started. Its spec, with the one-time credential, travels on
+  everything it started; when the worker ends, what is left of its group is
+  killed before the worker is reaped (its zombie pins the group id, so the
+  kill cannot reach a stranger). Its spec, with the one-time credential, travels on
   fd 3 (a pipe), never in argv or the environment.
 - The environment is built, not inherited: the function's ``env``, FC's
   documented variables and the few the runtime needs. Nothing else of the
@@ -130,8 +132,13 @@ def spawn_with_fd(argv: list[str], env: Mapping[str, str], cwd: str, fd3: int) -
     return Process(pid=pid, stdout_fd=out_r, stderr_fd=err_r)
 
 
-def watch_exit(process: Process, on_exit: Callable[[Process], None]) -> None:
-    """Calls ``on_exit`` (on the loop) once the process has ended and is reaped."""
+def watch_exit(process: Process, on_exit: Callable[[Process], None], kill_group: bool = False) -> None:
+    """Calls ``on_exit`` (on the loop) once the process has ended and is reaped.
+
+    With ``kill_group`` (a worker, which leads its own process group), what
+    is left of its group is killed before it is reaped: a worker and the
+    processes it started are one unit.
+    """
     loop = asyncio.get_running_loop()
     try:
         pidfd = os.pidfd_open(process.pid)
@@ -143,6 +150,10 @@ def watch_exit(process: Process, on_exit: Callable[[Process], None]) -> None:
     def readable() -> None:
         loop.remove_reader(pidfd)
         os.close(pidfd)
+        if kill_group:
+            # Still a zombie, it keeps its pid and group id from being reused:
+            # whatever it started and left behind in its group dies with it.
+            _kill_group(process.pid)
         process.exit = _reap(process.pid)
         on_exit(process)
 
@@ -157,6 +168,13 @@ def _reap(pid: int) -> ExitStatus:
     if os.WIFSIGNALED(status):
         return ExitStatus(None, os.WTERMSIG(status))
     return ExitStatus(os.waitstatus_to_exitcode(status), None)
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def signal_group(pid: int, sig: int) -> None:

@@ -197,7 +197,7 @@ class PoolManager:
             return
         spec = {"function": fn.name, "code_dir": str(fn.code_dir), "handler": fn.handler,
                 "initializer": fn.initializer, "pre_freeze": fn.pre_freeze, "pre_stop": fn.pre_stop,
-                "parent_pid": os.getpid()}
+                "interface": fn.interface, "parent_pid": os.getpid()}
         pool.seed = SeedProcess(fn.name, spec, launcher.worker_env(fn, self.instance_id, self.base_env),
                                 str(fn.code_dir), self.config.supervisor.log_format, self._seed_changed)
         pool.seed.start()
@@ -298,6 +298,8 @@ class PoolManager:
             "pre_stop": fn.pre_stop, "timeout_s": fn.timeout, "concurrency": fn.concurrency,
             "memory_limit_mb": (fn.limits.memory or 0) // (1024 * 1024),
             "max_frame": fn.max_body + 64 * 1024, "max_body": fn.max_body, "parent_pid": os.getpid(),
+            "command": list(fn.command or ()), "ready": fn.ready, "startup_timeout_s": fn.startup_timeout,
+            "hooks": list(fn.hooks), "ca_port": self.config.supervisor.ca_port,
         }
         pool.workers[worker_id] = record
         self.by_id[worker_id] = record
@@ -357,7 +359,7 @@ class PoolManager:
         self.metrics.starts.labels(fn.name, record.mode).inc()
         record.output = WorkerOutput(process.stdout_fd, process.stderr_fd, function=fn.name,
                                      worker=record.worker_id, fmt=self.config.supervisor.log_format)
-        launcher.watch_exit(process, lambda _process: self._on_exit(record))
+        launcher.watch_exit(process, lambda _process: self._on_exit(record), kill_group=True)
         if self.by_id.get(record.worker_id) is not record or record.end_reason is not None:
             self.kill(record, record.end_reason or "shutdown")  # ended while its start was on the way
             return
@@ -369,7 +371,9 @@ class PoolManager:
         stop: a stuck initializer never sees the SIGTERM), and a kill for a graceful
         stop that takes longer than grace_period + timeout."""
         fn = pool.config
-        start_limit = max(fn.startup_timeout, fn.timeout) + 5.0
+        # A process of its own gets startup_timeout to listen, then its initialize hook runs.
+        start_limit = (max(fn.startup_timeout, fn.timeout) if fn.runtime == "python"
+                       else fn.startup_timeout + fn.timeout) + 5.0
         drain_limit = self.config.supervisor.grace_period + fn.timeout
         for record in list(pool.workers.values()):
             if record.process is None or record.process.exit is not None:
@@ -848,10 +852,33 @@ class PoolManager:
         return cpb.Snapshot(workers=[r.added() for r in self.by_id.values() if r.process is not None],
                             health=[p.health() for p in self.pools.values()], config=self.config_update())
 
+    def _tree_pids(self) -> dict[int, list[int]] | None:
+        """Children by parent pid, when a worker runs processes of its own (custom,
+        lambda, scf: the server or runtime it starts); None when none does."""
+        if all(pool.config.runtime == "python" for pool in self.pools.values()):
+            return None
+        children: dict[int, list[int]] = {}
+        for process in psutil.process_iter(["ppid"]):
+            children.setdefault(process.info["ppid"] or 0, []).append(process.pid)
+        return children
+
+    def _rss_of(self, record: WorkerRecord, children: dict[int, list[int]] | None) -> int:
+        """The worker's RSS, with its descendants' when it runs processes of its own."""
+        pool = self.pools.get(record.function)
+        if children is None or pool is None or pool.config.runtime == "python":
+            return _rss(record.pid)
+        total, stack = 0, [record.pid]
+        while stack:
+            pid = stack.pop()
+            total += _rss(pid)
+            stack.extend(children.get(pid, ()))
+        return total
+
     async def poll_memory(self) -> None:
         while True:
+            children = self._tree_pids()
             for record in list(self.by_id.values()):
-                rss = _rss(record.pid)
+                rss = self._rss_of(record, children)
                 if rss:
                     record.rss = rss
                     self.metrics.memory.labels(record.function, record.worker_id).set(rss)
@@ -866,8 +893,9 @@ class PoolManager:
         if not (limit and share) or record.rss <= share * limit:
             return
         # RSS counts the pages a forked worker shares with its seed; what it holds
-        # alone (USS) is what it would give back by being replaced.
-        own = _uss(record.pid)
+        # alone (USS) is what it would give back by being replaced. A worker
+        # running its own server has no seed: its tree's RSS is what it holds.
+        own = _uss(record.pid) if pool.config.runtime == "python" else record.rss
         if own > share * limit:
             log.warning("worker passed its memory high-water mark; recycling it", function=record.function,
                         worker=record.worker_id, uss_bytes=own, rss_bytes=record.rss,
@@ -878,11 +906,12 @@ class PoolManager:
     def status(self) -> cpb.StatusReply:
         now = time.monotonic()
         functions = []
+        children = self._tree_pids()
         for pool in self.pools.values():
             fn = pool.config
             workers = []
             for record in pool.workers.values():
-                record.rss = _rss(record.pid) or record.rss
+                record.rss = self._rss_of(record, children) or record.rss
                 if record.state == "ready":
                     state = "busy" if record.inflight else "idle"
                 else:

@@ -3,7 +3,8 @@
 Served by uvicorn's httptools protocol (no web framework on the hot path).
 Routes: ``/invoke`` (event invocation), ``/initialize``, ``/pre-freeze``,
 ``/pre-stop`` (lifecycle hooks, GET or POST), anything else an HTTP-trigger
-request (served by functions that speak HTTP; otherwise 404).
+request for the function named by ``x-fc-function-name`` (else the default
+one), streamed to it when it serves HTTP (``exchange.py``); otherwise 404.
 
 Rules:
 - Every answer carries ``x-fc-request-id``: the caller's when it is 1-127
@@ -30,6 +31,7 @@ import orjson
 
 from supervisor.data import errors
 from supervisor.data.errors import InvocationError
+from supervisor.data.exchange import ClientGone, TriggerExchange
 from supervisor.data.router import Router
 from supervisor.logs import get_logger
 from supervisor.output import flush_shared
@@ -44,10 +46,6 @@ log = get_logger()
 SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,127}")
 HOOK_PATHS = {"/initialize": "initialize", "/pre-freeze": "pre_freeze", "/pre-stop": "pre_stop"}
 EMPTY_START_HEADERS: list[tuple[bytes, bytes]] = []
-
-
-class ClientGone(Exception):
-    pass
 
 
 class Lifecycle(Protocol):
@@ -101,9 +99,7 @@ class Front:
             elif path in HOOK_PATHS:
                 await self._hook(HOOK_PATHS[path], request_id, rid, send)
             else:
-                raise errors.not_found(
-                    f"no function serves HTTP requests here ({scope['method']} {path}): "
-                    "event functions are invoked with POST /invoke")
+                await self._http(scope, function_name, request_id, rid, fc_headers, content_length, receive, send)
         except InvocationError as exc:
             await self._send_error(send, exc, rid, request_id, self._resolved(function_name))
         except ClientGone:
@@ -143,6 +139,23 @@ class Front:
             response_headers.append((b"content-type", result.content_type.encode("latin-1")))
         await send({"type": "http.response.start", "status": 200, "headers": response_headers})
         await send({"type": "http.response.body", "body": result.body})
+
+    async def _http(self, scope: Scope, function_name: str | None, request_id: str, rid: bytes,
+                    headers: list[wpb.Header], content_length: int, receive: Receive, send: Send) -> None:
+        """An HTTP-trigger request, streamed both ways through a worker (``exchange.py``)."""
+        config = self.router.config.function_for(function_name)
+        if config is None or not config.serves_http:
+            what = (f"function {config.name!r} is an event function (invoke it with POST /invoke)"
+                    if config is not None else "no function serves HTTP requests here")
+            raise errors.not_found(f"{what}: {scope['method']} {scope['path']}")
+        function = self.router.functions[config.name]
+        try:
+            if content_length > config.max_body:
+                raise errors.payload_too_large(config.name, config.max_body)
+            await TriggerExchange(self.router, function, scope, request_id, rid, headers).run(receive, send)
+        except InvocationError as exc:
+            function.series.outcome[exc.outcome].inc()
+            raise
 
     async def _hook(self, kind: str, request_id: str, rid: bytes, send: Send) -> None:
         if kind == "initialize":

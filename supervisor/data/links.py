@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
+from collections import deque
 from typing import TYPE_CHECKING, NamedTuple
 
 from google.protobuf.message import DecodeError
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from supervisor.data.router import Router
 
 PREAUTH_MAX_FRAME = 64 * 1024
+STREAM_REPLIES = frozenset({wire.Kind.RESPONSE_START, wire.Kind.RESPONSE_BODY, wire.Kind.WINDOW})
 _UCRED = struct.Struct("3i")
 
 
@@ -36,6 +38,107 @@ class Pending(NamedTuple):
     future: asyncio.Future[bytes]
     deadline: float  # awake-clock time
     request_id: str
+
+
+class HttpCall:
+    """The data plane's end of one HTTP-trigger stream (see ``supervisor.wire``).
+
+    Like a ``Pending`` call, ``future`` gets the RESULT payload (or the
+    timeout's or crash's exception) and ends the stream. ``head`` resolves
+    with the response head, or with None when the stream ended without one.
+    Response chunks wait in ``chunks`` until the front has written them to
+    the client and acknowledged them (``ack``): at most ``STREAM_WINDOW``
+    bytes, or the worker broke the protocol. ``credit`` is what the front may
+    still send of the request body before the worker acknowledges it.
+    """
+
+    __slots__ = ("future", "deadline", "request_id", "head", "chunks", "buffered", "credit", "_waiter",
+                 "_credit_waiter", "link", "stream")
+
+    def __init__(self, link: WorkerLink, stream: int, deadline: float, request_id: str,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.link = link
+        self.stream = stream
+        self.future: asyncio.Future[bytes] = loop.create_future()
+        self.deadline = deadline
+        self.request_id = request_id
+        self.head: asyncio.Future[wpb.HttpResponseStart | None] = loop.create_future()
+        self.chunks: deque[bytes] = deque()
+        self.buffered = 0
+        self.credit = wire.STREAM_WINDOW
+        self._waiter: asyncio.Future[None] | None = None
+        self._credit_waiter: asyncio.Future[None] | None = None
+        self.future.add_done_callback(self._ended)
+
+    def _ended(self, future: asyncio.Future[bytes]) -> None:
+        if not self.head.done():
+            self.head.set_result(None)
+        self.wake()
+        _resolve(self._credit_waiter)
+
+    def wake(self) -> None:
+        """Wakes ``wait`` (a response chunk, the head, the end, or the front's own news)."""
+        _resolve(self._waiter)
+
+    async def wait(self) -> None:
+        """Until the response side changes (see ``wake``)."""
+        self._waiter = self.future.get_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    async def wait_credit(self) -> None:
+        """Until the worker acknowledges request body bytes, or the stream ends."""
+        self._credit_waiter = self.future.get_loop().create_future()
+        try:
+            await self._credit_waiter
+        finally:
+            self._credit_waiter = None
+
+    def on_frame(self, kind: int, payload: bytes) -> None:
+        if kind == wire.Kind.RESPONSE_BODY:
+            if not self.head.done() or self.head.result() is None:
+                raise wire.ProtocolError(f"response body before its head on stream {self.stream}")
+            self.buffered += len(payload)
+            if self.buffered > wire.STREAM_WINDOW:
+                raise wire.ProtocolError(f"response body overran the stream window on stream {self.stream}")
+            self.chunks.append(payload)
+            self.wake()
+        elif kind == wire.Kind.RESPONSE_START:
+            if self.head.done():
+                raise wire.ProtocolError(f"a second response head on stream {self.stream}")
+            self.head.set_result(wpb.HttpResponseStart.FromString(payload))
+            self.wake()
+        else:  # WINDOW: the worker has taken request body bytes
+            (consumed,) = wire.WINDOW_ACK.unpack(payload)
+            self.credit += consumed
+            if self.credit > wire.STREAM_WINDOW:
+                raise wire.ProtocolError(f"window update beyond what was sent on stream {self.stream}")
+            _resolve(self._credit_waiter)
+
+    def ack(self, size: int) -> None:
+        """``size`` bytes of response body have been written to the client."""
+        self.buffered -= size
+        self.link.send(wire.Kind.WINDOW, self.stream, wire.WINDOW_ACK.pack(size))
+
+    def send_body(self, chunk: bytes) -> None:
+        """A request body chunk (the caller keeps within ``credit`` and ``MAX_CHUNK``)."""
+        self.credit -= len(chunk)
+        self.link.send(wire.Kind.REQUEST_BODY, self.stream, chunk)
+
+    def end_body(self) -> None:
+        self.link.send(wire.Kind.REQUEST_END, self.stream)
+
+    def cancel(self) -> None:
+        """The client is gone: the worker stops and still ends the stream with RESULT."""
+        if not self.future.done():
+            self.link.send(wire.Kind.CANCEL, self.stream)
+
+
+def _resolve(waiter: asyncio.Future[None] | None) -> None:
+    if waiter is not None and not waiter.done():
+        waiter.set_result(None)
 
 
 class WorkerLink(Slotted, asyncio.Protocol):
@@ -47,7 +150,7 @@ class WorkerLink(Slotted, asyncio.Protocol):
         self.router = router
         self.transport: asyncio.Transport | None = None
         self.decoder = wire.FrameDecoder(PREAUTH_MAX_FRAME)
-        self.pending: dict[int, Pending] = {}
+        self.pending: dict[int, Pending | HttpCall] = {}
         self.next_stream = 1
         self.peer_pid = 0
         self.peer_uid = -1
@@ -79,6 +182,11 @@ class WorkerLink(Slotted, asyncio.Protocol):
                         raise wire.ProtocolError(f"frame kind {kind} before authentication")
                     self.worker_id = "?"  # one HELLO per connection
                     self.router.on_hello(self, wpb.WorkerHello.FromString(payload))
+                elif kind in STREAM_REPLIES:
+                    call = self.pending.get(stream)
+                    if isinstance(call, HttpCall):
+                        call.on_frame(kind, payload)
+                    # else: the stream has ended (timed out, say); its late frames mean nothing
                 elif kind == wire.Kind.READY:
                     self.router.on_ready(self)
                 elif kind == wire.Kind.DRAINING:
@@ -113,14 +221,26 @@ class WorkerLink(Slotted, asyncio.Protocol):
         transport = self.transport
         return self.state != WorkerState.GONE and transport is not None and not transport.is_closing()
 
-    def call(self, message: wpb.Invoke, deadline: float, loop: asyncio.AbstractEventLoop) -> asyncio.Future[bytes]:
-        """Sends an invocation; the future gets the RESULT payload."""
+    def _stream_id(self) -> int:
         stream = self.next_stream
         self.next_stream = stream + 1 if stream < 0xFFFFFFFF else 1
+        return stream
+
+    def call(self, message: wpb.Invoke, deadline: float, loop: asyncio.AbstractEventLoop) -> asyncio.Future[bytes]:
+        """Sends an invocation; the future gets the RESULT payload."""
+        stream = self._stream_id()
         future: asyncio.Future[bytes] = loop.create_future()
         self.pending[stream] = Pending(future, deadline, message.request_id)
         self.send(wire.Kind.INVOKE, stream, message.SerializeToString())
         return future
+
+    def open_stream(self, request: wpb.HttpRequest, deadline: float, loop: asyncio.AbstractEventLoop) -> HttpCall:
+        """Sends an HTTP-trigger request (with its first body chunk)."""
+        call = HttpCall(self, self._stream_id(), deadline, request.request_id, loop)
+        call.credit -= len(request.body)
+        self.pending[call.stream] = call
+        self.send(wire.Kind.HTTP_REQUEST, call.stream, request.SerializeToString())
+        return call
 
     def send(self, kind: wire.Kind, stream: int, payload: bytes = b"") -> None:
         self.writer.send(kind, stream, payload)

@@ -44,7 +44,7 @@ from supervisor.clock import AwakeClock
 from supervisor.config import Config, ConfigError, FunctionConfig, parse_config_text
 from supervisor.data import errors
 from supervisor.data.dispatcher import PoolDispatch, Slotted, Waiter, WorkerState
-from supervisor.data.links import WorkerLink
+from supervisor.data.links import HttpCall, WorkerLink
 from supervisor.logs import get_logger
 from supervisor.metrics import DataPlaneMetrics, FunctionSeries, PoolView
 from supervisor.v1 import control_pb2 as cpb
@@ -112,19 +112,17 @@ class Router:
 
     # ==== the request path ================================================
 
-    async def invoke(self, function: FunctionState, kind: str, request_id: str,
-                     headers: list[wpb.Header], body: bytes) -> wpb.Result:
-        """Runs one invocation on a worker; raises ``InvocationError``."""
+    async def _acquire(self, function: FunctionState) -> WorkerLink:
+        """A slot on a connected worker, now or after queueing; raises ``InvocationError``."""
         if self.draining:
             raise errors.shutting_down()
         pool = function.pool
-        series = function.series
         for _ in range(DISPATCH_ATTEMPTS):
             worker = pool.acquire()
             if worker is None:
                 worker = await self._wait_for_slot(function)
             else:
-                series.queue_wait.observe(0.0)
+                function.series.queue_wait.observe(0.0)
             assert isinstance(worker, WorkerLink)
             if worker.usable():
                 break
@@ -136,29 +134,58 @@ class Router:
             raise errors.worker_crashed(function.config.name, "workers kept disappearing before dispatch")
         if worker.limit and worker.taken >= worker.limit:
             self._due(worker, "disposable")  # its replacement starts now
-        config = function.config
+        return worker
+
+    def _begin(self, function: FunctionState) -> float:
         started = time.perf_counter()
         function.running += 1
         function.busy_started += started
+        return started
+
+    def _end(self, function: FunctionState, worker: WorkerLink, started: float) -> float:
+        elapsed = time.perf_counter() - started
+        function.running -= 1
+        function.busy_started -= started
+        function.busy_done += elapsed
+        self._release(function, worker)
+        function.series.duration.observe(elapsed)
+        return elapsed
+
+    async def invoke(self, function: FunctionState, kind: str, request_id: str,
+                     headers: list[wpb.Header], body: bytes) -> wpb.Result:
+        """Runs one invocation on a worker; raises ``InvocationError``."""
+        worker = await self._acquire(function)
+        config = function.config
+        started = self._begin(function)
         message = wpb.Invoke(request_id=request_id, kind=kind, headers=headers,
                              timeout_ms=int(config.timeout * 1000), body=body)
         future = worker.call(message, self.clock.awake() + config.timeout, self.loop)
         try:
             payload = await future
         finally:
-            elapsed = time.perf_counter() - started
-            function.running -= 1
-            function.busy_started -= started
-            function.busy_done += elapsed
             future.cancel()
-            self._release(function, worker)
-        series.duration.observe(elapsed)
+            self._end(function, worker, started)
         try:
             return wpb.Result.FromString(payload)
         except DecodeError:
             self.on_protocol_error(worker, "undecodable RESULT")
             worker.close()
             raise errors.worker_crashed(function.config.name, "the worker sent an undecodable result") from None
+
+    async def open_http(self, function: FunctionState, request: wpb.HttpRequest) -> HttpCall:
+        """Sends an HTTP-trigger request to a worker; raises ``InvocationError``.
+
+        The worker's slot is held until the stream ends (its RESULT, the
+        timeout, or the worker's death), not until the front returns: a
+        client that leaves early does not free a slot the application still
+        uses.
+        """
+        worker = await self._acquire(function)
+        started = self._begin(function)
+        request.timeout_ms = int(function.config.timeout * 1000)
+        call = worker.open_stream(request, self.clock.awake() + function.config.timeout, self.loop)
+        call.future.add_done_callback(lambda _: self._end(function, worker, started))
+        return call
 
     async def _wait_for_slot(self, function: FunctionState) -> Slotted:
         pool = function.pool
@@ -542,8 +569,7 @@ class Router:
         """Runs ``kind`` (pre_freeze, pre_stop) on every ready worker that has it."""
         calls: list[tuple[str, asyncio.Future[bytes]]] = []
         for function in self.functions.values():
-            hook = getattr(function.config, kind, None)
-            if not hook:
+            if not function.config.has_hook(kind):
                 continue
             for worker in function.pool.iter_workers():
                 if isinstance(worker, WorkerLink) and worker.state in (WorkerState.READY, WorkerState.DRAINING):

@@ -73,3 +73,39 @@ class Result(_message.Message):
     content_type: str
     error: ErrorInfo
     def __init__(self, ok: _Optional[bool] = ..., body: _Optional[bytes] = ..., content_type: _Optional[str] = ..., error: _Optional[_Union[ErrorInfo, _Mapping]] = ...) -> None: ...
+
+class HttpRequest(_message.Message):
+    __slots__ = ("request_id", "method", "raw_path", "query", "headers", "timeout_ms", "body", "more_body", "http_version", "scheme", "client_host", "client_port")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    RAW_PATH_FIELD_NUMBER: _ClassVar[int]
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    HEADERS_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    BODY_FIELD_NUMBER: _ClassVar[int]
+    MORE_BODY_FIELD_NUMBER: _ClassVar[int]
+    HTTP_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SCHEME_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_HOST_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_PORT_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    method: str
+    raw_path: bytes
+    query: bytes
+    headers: _containers.RepeatedCompositeFieldContainer[Header]
+    timeout_ms: int
+    body: bytes
+    more_body: bool
+    http_version: str
+    scheme: str
+    client_host: str
+    client_port: int
+    def __init__(self, request_id: _Optional[str] = ..., method: _Optional[str] = ..., raw_path: _Optional[bytes] = ..., query: _Optional[bytes] = ..., headers: _Optional[_Iterable[_Union[Header, _Mapping]]] = ..., timeout_ms: _Optional[int] = ..., body: _Optional[bytes] = ..., more_body: _Optional[bool] = ..., http_version: _Optional[str] = ..., scheme: _Optional[str] = ..., client_host: _Optional[str] = ..., client_port: _Optional[int] = ...) -> None: ...
+
+class HttpResponseStart(_message.Message):
+    __slots__ = ("status", "headers")
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    HEADERS_FIELD_NUMBER: _ClassVar[int]
+    status: int
+    headers: _containers.RepeatedCompositeFieldContainer[Header]
+    def __init__(self, status: _Optional[int] = ..., headers: _Optional[_Iterable[_Union[Header, _Mapping]]] = ...) -> None: ...

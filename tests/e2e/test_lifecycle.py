@@ -91,8 +91,8 @@ BAD_CONFIGS = {
                          "functions.f.handler"),
     "min over max": ('[functions.f]\nhandler = "fns:handler"\ncode_dir = "{code}"\nmin_warm = 5\nmax_workers = 2\n',
                      "functions.f.min_warm"),
-    "runtime not available yet": ('[functions.f]\nruntime = "custom"\ncommand = ["./bootstrap"]\n'
-                                  'code_dir = "{code}"\n', "functions.f.runtime"),
+    "command not found": ('[functions.f]\nruntime = "custom"\ncommand = ["./no-bootstrap"]\n'
+                          'code_dir = "{code}"\n', "functions.f.command"),
     "bad default": ('[supervisor]\ndefault_function = "g"\n[functions.f]\nhandler = "fns:handler"\n'
                     'code_dir = "{code}"\n', "supervisor.default_function"),
 }

@@ -171,7 +171,7 @@ def test_relative_paths_start_at_the_config_file(tmp_path: Path, monkeypatch: py
 def test_other_runtimes_and_values(tmp_path: Path) -> None:
     data = minimal(interface="asgi", hooks=[], limits={"cpu": 2, "memory": 1024, "network": "none"},
                    timeout="250ms", max_body="512KiB", recycle_memory_share=0)
-    data["functions"]["srv"] = {"runtime": "scf", "command": ["./bootstrap"], "code_dir": ".", "ready": "tcp",
+    data["functions"]["srv"] = {"runtime": "custom", "command": ["./bootstrap"], "code_dir": ".", "ready": "tcp",
                                 "hooks": ["initialize", "pre-freeze", "pre-stop"]}
     data["supervisor"] = {"metrics_port": 0, "log_format": "console", "grace_period": "1.5m"}
     config = parse_config(data, tmp_path, {})
@@ -239,6 +239,16 @@ F = "functions.hello"
         ({"ready": "http"}, f"{F}.ready", 'expected "tcp" or "http:/PATH"'),
         ({"hooks": ["init"]}, f"{F}.hooks[0]", "expected 'initialize', 'pre-freeze' or 'pre-stop', got 'init'"),
         ({"hooks": "initialize"}, f"{F}.hooks", "expected a list"),
+        ({"hooks": ["initialize"]}, f"{F}.hooks", "a python function uses initializer, pre_freeze and pre_stop"),
+        ({"ready": "tcp"}, f"{F}.ready", "a python function is ready when its initializer has run"),
+        ({"runtime": "custom", "command": ["x"], "handler": None, "interface": "asgi"}, f"{F}.interface",
+         "only python functions take interface"),
+        ({"runtime": "custom", "command": ["x"]}, f"{F}.handler", "a custom function runs its command"),
+        ({"runtime": "lambda", "command": ["x"], "hooks": ["pre-stop"], "handler": None}, f"{F}.hooks",
+         "only custom functions take hooks"),
+        ({"runtime": "scf", "command": ["x"], "ready": "tcp", "handler": None}, f"{F}.ready",
+         "only custom functions take ready"),
+        ({"runtime": "lambda", "command": ["x"], "handler": " "}, f"{F}.handler", "must not be an empty string"),
         ({"code_dir": "missing"}, f"{F}.code_dir", "does not exist"),
         ({"code_dir": 3}, f"{F}.code_dir", "expected a directory path as a string, got 3"),
         ({"code_dir": None}, f"{F}.code_dir", "expected a directory path"),
@@ -274,8 +284,10 @@ def test_non_python_runtimes(tmp_path: Path, runtime: str) -> None:
     assert problems_of(data, tmp_path) == [Problem("functions.web.command", "must not be empty")]
     data["functions"]["web"].update(command=["./bootstrap"], interface="wsgi", handler="a:b", initializer="a:c",
                                     pre_freeze="a:d", pre_stop="a:e")
+    # lambda and scf take their runtime's handler name (Lambda's _HANDLER) as it is.
+    handler = ["functions.web.handler"] if runtime == "custom" else []
     assert paths_of(problems_of(data, tmp_path)) == [
-        "functions.web.handler", "functions.web.initializer", "functions.web.pre_freeze",
+        *handler, "functions.web.initializer", "functions.web.pre_freeze",
         "functions.web.pre_stop", "functions.web.interface"]
 
 
@@ -568,11 +580,10 @@ def test_check_handlers(tmp_path: Path) -> None:
         noattr={"handler": "app:handler", "initializer": "app:init", "pre_freeze": "app:value"},
         boom={"handler": "boom:handler"},
         exits={"handler": "bye:handler"},
-        web={"runtime": "custom", "command": ["./never-checked"]},
+        web={"runtime": "custom", "command": ["./not-there"], "code_dir": "good"},
     )
     assert check_handlers(config) == [
-        Problem("functions.web.runtime",
-                "runtime 'custom' is not available in this version of ca-supervisor (available: python)"),
+        Problem("functions.web.command", f"'./not-there' does not exist (relative to code_dir {str(tmp_path / 'good')!r})"),
         Problem("functions.missing.handler", "cannot import 'hello:handler': ModuleNotFoundError: No module named 'hello'"),
         Problem("functions.noattr.initializer", "cannot import 'app:init': module 'app' has no attribute 'init'"),
         Problem("functions.noattr.pre_freeze", "'app:value' is not callable (it is 'int')"),
@@ -598,10 +609,20 @@ def test_check_handlers_times_out_each_function(tmp_path: Path) -> None:
     assert all("did not finish within 1s" in p.message and "'slow:handler'" in p.message for p in problems)
 
 
-def test_check_handlers_refuses_runtimes_this_version_cannot_run(tmp_path: Path) -> None:
-    problems = check_handlers(config_with(tmp_path, web={"runtime": "custom", "command": ["x"]}))
-    assert paths_of(problems) == ["functions.web.runtime"]
-    assert "not available in this version" in problems[0].message
+def test_check_handlers_finds_each_command(tmp_path: Path) -> None:
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "bootstrap").write_text("#!/bin/sh\n")
+    (code / "runnable").write_text("#!/bin/sh\n")
+    (code / "runnable").chmod(0o755)
+    config = config_with(tmp_path, plain={"runtime": "custom", "command": ["./bootstrap"], "code_dir": "code"},
+                         ok={"runtime": "custom", "command": ["./runnable"], "code_dir": "code"},
+                         onpath={"runtime": "lambda", "command": ["sh", "-c", "true"], "code_dir": "code"},
+                         nowhere={"runtime": "scf", "command": ["no-such-program-here"], "code_dir": "code"})
+    assert check_handlers(config) == [
+        Problem("functions.plain.command", "'./bootstrap' is not executable (chmod +x it)"),
+        Problem("functions.nowhere.command", "'no-such-program-here' is not found on PATH"),
+    ]
 
 
 def test_function_config_is_a_model() -> None:

@@ -28,6 +28,7 @@ from typing import Any
 import orjson
 
 from supervisor.v1 import worker_pb2 as wpb
+from worker.host import HttpExchange
 from worker.output import current_request_id, marker
 from worker.python.context import Context, FunctionMeta
 
@@ -106,6 +107,22 @@ class PythonHost:
         self.concurrency = int(spec.get("concurrency", 1))
         self.callables: dict[str, Callable[..., Any]] = {}
         self._executor: ThreadPoolExecutor | None = None
+
+    async def start(self) -> None:
+        self.load()
+
+    def serves_http(self) -> bool:
+        return False
+
+    async def http(self, exchange: HttpExchange) -> None:
+        raise RuntimeError("an event function does not serve HTTP requests")
+
+    def exited(self) -> asyncio.Future[int] | None:
+        return None
+
+    async def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
 
     def load(self) -> None:
         """Imports the handler and the hooks (raises on any failure)."""
