@@ -50,16 +50,6 @@ ORPHAN_POLL_S = 0.5
 PR_SET_PDEATHSIG = 1
 
 
-def describe_status(status: int) -> str:
-    """A ``waitpid``-style exit code (negative: killed by that signal) in words."""
-    if status < 0:
-        try:
-            return f"killed by {signal.Signals(-status).name}"
-        except ValueError:
-            return f"killed by signal {-status}"
-    return f"exit code {status}"
-
-
 def read_spec(fd: int = 3) -> dict[str, Any]:
     chunks = []
     while chunk := os.read(fd, 65536):
@@ -96,7 +86,8 @@ def watch_for_orphaning(parent_pid: int, limit_s: float) -> None:
                 continue
             orphaned_at = orphaned_at or time.monotonic()
             if time.monotonic() - orphaned_at > limit_s:
-                os.kill(os.getpid(), signal.SIGKILL)
+                # The whole group: a custom runtime's server goes with its worker.
+                os.killpg(0, signal.SIGKILL)
 
     threading.Thread(target=watch, name="orphan-watchdog", daemon=True).start()
 
@@ -262,14 +253,19 @@ class Worker:
             if host_exit is not None:
                 waits.append(host_exit)
             done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            if host_exit is not None and host_exit in done:
+                # The function's process ended on its own: so does this worker, at
+                # once and without another frame, so that the data plane fails its
+                # invocations as a crash (not with whatever the host answers now).
+                if link.transport is not None:
+                    link.transport.abort()
+                from worker.runtimes.child import describe_exit
+
+                output.log_error(f"the function's process exited ({describe_exit(host_exit.result())})")
+                return EXIT_RUNTIME_EXITED
             for exchange in self.exchanges.values():  # their streams died with the connection
                 exchange.on_cancel()
             self.exchanges.clear()
-            if host_exit is not None and host_exit in done:
-                # The function's process ended on its own: so does this worker, at
-                # once, so that its invocations fail as a crash and it is replaced.
-                output.log_error(f"the function's process exited ({describe_status(host_exit.result())})")
-                return EXIT_RUNTIME_EXITED
             if self.drained in done or self.draining:
                 link.writer.flush()  # the last results go out before the close
                 if link.transport is not None:

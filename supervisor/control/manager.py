@@ -572,14 +572,22 @@ class PoolManager:
             launcher.signal_group(record.pid, signal.SIGKILL)
 
     def stop(self, record: WorkerRecord, reason: str) -> None:
-        """Graceful: the worker finishes what it has, then exits."""
+        """Graceful: the worker finishes what it has, then exits.
+
+        Only the worker is signalled, not its group: a custom runtime's server
+        must keep serving the worker's last invocations; the worker stops it
+        once they are done (and its group is killed when the worker is reaped).
+        """
         if record.end_reason is None:
             record.end_reason = reason
         record.state = "draining"
         if record.draining_since is None:
             record.draining_since = self.clock.awake()
         if record.process is not None and record.process.exit is None:
-            launcher.signal_group(record.pid, signal.SIGTERM)
+            try:
+                os.kill(record.pid, signal.SIGTERM)
+            except (ProcessLookupError, PermissionError):
+                pass
 
     def retire(self, record: WorkerRecord, reason: str) -> None:
         """Graceful, and the data plane stops giving it work at once."""
