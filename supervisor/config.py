@@ -371,10 +371,11 @@ def _function_checks(prefix: str, raw: Mapping[str, Any], failed: set[str]) -> l
 
     runtime, problems = values["runtime"], []
     if ok("runtime") and runtime == "python":
-        for key in ("hooks", "ready", "startup_timeout"):
-            if ok(key) and key in raw and raw[key] != []:
-                problems.append(Problem(f"{prefix}.{key}", f"only custom, lambda and scf functions take {key}; a python function uses initializer, pre_freeze and pre_stop"
-                                        if key == "hooks" else f"only custom, lambda and scf functions take {key}; a python function is ready when its initializer has run"))
+        # startup_timeout applies to every runtime: the worker's start deadline.
+        if ok("hooks") and raw.get("hooks"):
+            problems.append(Problem(f"{prefix}.hooks", "only custom functions take hooks; a python function uses initializer, pre_freeze and pre_stop"))
+        if ok("ready") and "ready" in raw:
+            problems.append(Problem(f"{prefix}.ready", "only custom functions take ready; a python function is ready when its initializer has run"))
         if ok("handler") and values["handler"] is None:
             problems.append(Problem(f"{prefix}.handler", 'missing: a python function needs handler = "module:callable", e.g. "hello:handler"'))
         if ok("command") and "command" in raw:
