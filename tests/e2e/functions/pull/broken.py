@@ -1,0 +1,5 @@
+raise RuntimeError("broken at import")
+
+
+def handler(event, context):
+    return None
