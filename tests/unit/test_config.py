@@ -629,3 +629,14 @@ def test_function_config_is_a_model() -> None:
     # Other modules build these directly in their tests: durations may be numbers of seconds there.
     f = FunctionConfig(name="x", handler="a:b", code_dir=Path("/"), timeout=2, idle_ttl=0.5)
     assert (f.code_dir, f.timeout, f.idle_ttl, f.limits) == (Path("/"), 2.0, 0.5, Limits())
+
+
+EXAMPLES = sorted((Path(__file__).parents[2] / "examples").glob("*/supervisor.toml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.parent.name for p in EXAMPLES])
+def test_every_example_config_is_valid(path: Path) -> None:
+    # What the README tells people to run must at least pass `supervisor validate`.
+    config = load_config(path, env={})
+    assert check_handlers(config) == []
+    assert len(EXAMPLES) >= 7
