@@ -180,6 +180,27 @@ def test_concurrency_limits_hold_for_a_custom_runtime(tmp_path: Path) -> None:
         assert len(sup.workers("web")) == 1
 
 
+def test_a_custom_worker_past_its_memory_high_water_mark_is_replaced(tmp_path: Path) -> None:
+    # The worker's memory is its whole tree's: the adapter's and its server's.
+    fn = http_fn("custom", tmp_path, recycle_memory_share=0.5, limits={"memory": "128MiB"})
+    with started(tmp_path, {"web": fn}) as sup, sup.client() as client:
+        hog = int(client.get("/hog", params={"mib": "80"}).text)
+        wait_for(lambda: exits(sup, "web", "recycled") == 1, 20, "the worker recycled")
+        wait_for(lambda: not alive(hog), 10, "its server gone with it")
+        assert int(client.get("/pid").text) != hog
+        assert metric(sup, "supervisor_worker_exits_total", function="web", reason="crashed") == 0
+
+
+def test_disposable_custom_workers_serve_one_request_each(tmp_path: Path) -> None:
+    fn = http_fn("custom", tmp_path, disposable=True, min_warm=1, max_workers=2)
+    with started(tmp_path, {"web": fn}) as sup, sup.client() as client:
+        pids = [int(client.get("/pid").text) for _ in range(5)]
+        assert len(set(pids)) == 5
+        wait_for(lambda: exits(sup, "web", "disposable") >= 4, 20, "the used workers gone")
+        assert metric(sup, "supervisor_invocations_total", function="web", outcome="success") == 5
+        assert metric(sup, "supervisor_worker_starts_total", function="web", mode="spawn") >= 5
+
+
 def test_custom_runtime_environment_and_hooks(tmp_path: Path) -> None:
     fn = http_fn("custom", tmp_path, hooks=["initialize", "pre-stop"], env={"MARK_DIR": str(tmp_path), "GREETING": "hi"},
                  limits={"memory": "256MiB"})

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import hashlib
 import inspect
 import json
@@ -31,6 +30,7 @@ from a2wsgi import WSGIMiddleware
 import worker.python.http as http_host
 from supervisor import wire
 from supervisor.v1 import worker_pb2 as wpb
+from tests.unit.exchange_peer import Peer
 from worker.host import ClientDisconnected, HttpExchange, StartupError
 from worker.output import current_request_id
 from worker.python.http import HttpAppHost
@@ -56,88 +56,6 @@ def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any]]:
 
 
 # ---- the data plane's end ---------------------------------------------------------
-
-
-class Peer:
-    """Collects one exchange's frames and plays the data plane's part of flow control."""
-
-    def __init__(self) -> None:
-        self.frames: list[tuple[wire.Kind, bytes]] = []
-        self.changed = asyncio.Event()
-        self.exchange: HttpExchange | None = None
-        self.auto_ack = True  # acknowledge response bytes as a fast client would
-        self.sent_in = 0  # request-body bytes handed to the exchange
-        self.acked_in = 0  # request-body bytes the worker acknowledged (WINDOW)
-        self.max_outstanding = 0
-
-    def send_frame(self, kind: wire.Kind, stream: int, payload: bytes) -> None:
-        self.frames.append((wire.Kind(kind), payload))
-        if kind == wire.Kind.WINDOW:
-            self.acked_in += wire.WINDOW_ACK.unpack(payload)[0]
-        elif kind == wire.Kind.RESPONSE_BODY and self.auto_ack:
-            # Later, as the link would: never from inside the exchange's own send.
-            asyncio.get_running_loop().call_soon(self.ack, len(payload))
-        self.changed.set()
-
-    def ack(self, size: int) -> None:
-        assert self.exchange is not None
-        self.exchange.on_window(wire.WINDOW_ACK.pack(size))
-
-    def open(self, method: str = "GET", path: bytes = b"/", query: bytes = b"",
-             headers: list[tuple[str, str]] | None = None, body: bytes = b"", more_body: bool = False,
-             request_id: str = "req-1") -> HttpExchange:
-        request = wpb.HttpRequest(
-            request_id=request_id, method=method, raw_path=path, query=query,
-            headers=[wpb.Header(name=n, value=v) for n, v in headers or []], timeout_ms=10_000, body=body,
-            more_body=more_body, http_version="1.1", scheme="http", client_host="10.0.0.7", client_port=40_000)
-        self.exchange = HttpExchange(self.send_frame, 1, request)
-        self.sent_in = len(body)
-        return self.exchange
-
-    async def until(self, condition: Callable[[], bool], what: str) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + DEADLINE_S
-        while not condition():
-            self.changed.clear()
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise AssertionError(f"timed out waiting for {what}")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.changed.wait(), remaining)
-
-    async def feed(self, data: bytes) -> None:
-        """The rest of the request body, in MAX_CHUNK frames within the window, then its end."""
-        assert self.exchange is not None
-        for offset in range(0, len(data), wire.MAX_CHUNK):
-            piece = data[offset : offset + wire.MAX_CHUNK]
-            await self.until(functools.partial(self.has_room, len(piece)), "the worker to acknowledge request bytes")
-            self.exchange.on_body(piece)
-            self.sent_in += len(piece)
-            self.max_outstanding = max(self.max_outstanding, self.sent_in - self.acked_in)
-        self.exchange.on_end()
-
-    def has_room(self, size: int) -> bool:
-        """Whether ``size`` more request bytes stay within the window."""
-        return self.sent_in + size - self.acked_in <= wire.STREAM_WINDOW
-
-    def has_body(self) -> bool:
-        return any(kind == wire.Kind.RESPONSE_BODY for kind, _ in self.frames)
-
-    def kinds(self) -> list[wire.Kind]:
-        return [kind for kind, _ in self.frames if kind != wire.Kind.WINDOW]
-
-    def head(self) -> wpb.HttpResponseStart | None:
-        return next((wpb.HttpResponseStart.FromString(p) for k, p in self.frames if k == wire.Kind.RESPONSE_START),
-                    None)
-
-    def body(self) -> bytes:
-        return b"".join(p for k, p in self.frames if k == wire.Kind.RESPONSE_BODY)
-
-    def result(self) -> wpb.Result | None:
-        return next((wpb.Result.FromString(p) for k, p in self.frames if k == wire.Kind.RESULT), None)
-
-    def json(self) -> Any:
-        return json.loads(self.body())
 
 
 class Gate:
@@ -216,7 +134,7 @@ async def test_request_passes_through_as_it_came(interface: str) -> None:
     headers = [("content-type", "application/octet-stream"), ("x-custom", "a"), ("x-custom", "b"),
                ("content-length", str(len(body)))]
     async with example(interface) as (host, _):
-        peer = Peer()
+        peer = Peer(DEADLINE_S, "req-1")
         exchange = peer.open("PUT", b"/echo/a%20b/%C3%A9", b"x=1&y=%20z", headers, first, more_body=True)
         task = asyncio.ensure_future(serve(host, exchange))
         await peer.feed(rest)
@@ -245,7 +163,7 @@ async def test_streamed_response_leaves_before_the_app_finishes(interface: str,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     async with example(interface) as (host, module):
         gate = gate_stream(module, interface, monkeypatch)
-        peer = Peer()
+        peer = Peer(DEADLINE_S, "req-1")
         task = asyncio.ensure_future(serve(host, peer.open(path=b"/stream", query=b"chunks=3")))
         # The app is held after its first chunk until the test has seen that chunk.
         await peer.until(peer.has_body, "the first chunk")
@@ -263,7 +181,7 @@ async def test_streamed_response_leaves_before_the_app_finishes(interface: str,
 async def test_large_upload_streams_within_the_window(interface: str) -> None:
     body = random.Random(1).randbytes(8 << 20)
     async with example(interface) as (host, _):
-        peer = Peer()
+        peer = Peer(DEADLINE_S, "req-1")
         exchange = peer.open("POST", b"/upload", headers=[("content-length", str(len(body)))],
                              body=body[: wire.MAX_CHUNK], more_body=True)
         task = asyncio.ensure_future(serve(host, exchange))
@@ -280,7 +198,7 @@ async def test_large_upload_streams_within_the_window(interface: str) -> None:
 async def test_chunked_upload_without_content_length(interface: str) -> None:
     body = random.Random(2).randbytes(700_000)
     async with example(interface) as (host, _):
-        peer = Peer()
+        peer = Peer(DEADLINE_S, "req-1")
         task = asyncio.ensure_future(serve(host, peer.open("POST", b"/upload", more_body=True)))
         await peer.feed(body)
         await task
@@ -290,7 +208,7 @@ async def test_chunked_upload_without_content_length(interface: str) -> None:
 @pytest.mark.parametrize("interface", INTERFACES)
 async def test_a_data_plane_cannot_make_the_host_hold_more_than_the_window(interface: str) -> None:
     async with example(interface) as (host, _):
-        peer = Peer()
+        peer = Peer(DEADLINE_S, "req-1")
         exchange = peer.open("POST", b"/upload", more_body=True)
         task = asyncio.ensure_future(serve(host, exchange))
         # No await in between: the app cannot have read any of it.
@@ -308,7 +226,7 @@ async def test_requests_run_concurrently_up_to_concurrency(interface: str,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     async with example(interface, concurrency=2) as (host, module):
         gate = gate_stream(module, interface, monkeypatch)
-        peers = [Peer(), Peer()]
+        peers = [Peer(DEADLINE_S, "req-1"), Peer(DEADLINE_S, "req-1")]
         tasks = [asyncio.ensure_future(serve(host, p.open(path=b"/stream", query=b"chunks=2", request_id=f"r{i}")))
                  for i, p in enumerate(peers)]
         for peer in peers:  # both are past their first chunk while both are held
@@ -322,7 +240,7 @@ async def test_requests_run_concurrently_up_to_concurrency(interface: str,
 async def test_client_gone_mid_stream_stops_the_app(interface: str, monkeypatch: pytest.MonkeyPatch) -> None:
     async with example(interface) as (host, module):
         gate = gate_stream(module, interface, monkeypatch)
-        peer = Peer()
+        peer = Peer(DEADLINE_S, "req-1")
         exchange = peer.open(path=b"/stream", query=b"chunks=5")
         task = asyncio.ensure_future(serve(host, exchange))
         await peer.until(peer.has_body, "the first chunk")
@@ -337,7 +255,7 @@ async def test_client_gone_mid_stream_stops_the_app(interface: str, monkeypatch:
 @pytest.mark.parametrize("interface", INTERFACES)
 async def test_client_gone_mid_upload(interface: str) -> None:
     async with example(interface) as (host, _):
-        peer = Peer()
+        peer = Peer(DEADLINE_S, "req-1")
         exchange = peer.open("POST", b"/upload", body=b"x" * 1000, more_body=True)
         task = asyncio.ensure_future(serve(host, exchange))
         await peer.until(lambda: peer.acked_in == 1000, "the app to read the first chunk")
@@ -379,7 +297,7 @@ async def test_hooks_run_like_python_hosts(interface: str) -> None:
 async def test_lifespan_startup_and_shutdown_run_once() -> None:
     async with example("asgi") as (host, module):
         assert module.lifecycle == {"startup": 1, "shutdown": 0}
-        peer = Peer()
+        peer = Peer(DEADLINE_S, "req-1")
         await serve(host, peer.open(path=b"/echo"))
         assert peer.json()["state"] == ["started_at"]  # the lifespan state reaches requests
         await host.close()
@@ -426,7 +344,7 @@ async def shutdown_hangs(scope: dict[str, Any], receive: Receive, send: Send) ->
 @pytest.mark.parametrize("app", ["http_only", "answers_everything"])
 async def test_apps_without_lifespan_are_served(app: str) -> None:
     async with running(here(app)) as host:
-        peer = Peer()
+        peer = Peer(DEADLINE_S, "req-1")
         await serve(host, peer.open())
     head = peer.head()
     assert head is not None and head.status == 204 and peer.result() == wpb.Result(ok=True)
@@ -489,7 +407,7 @@ def wsgi_fails(environ: dict[str, Any], start_response: Callable[..., Any]) -> l
 ])
 async def test_app_exceptions_propagate(app: str, interface: str, message: str, started: bool) -> None:
     async with running(here(app, interface)) as host:
-        peer = Peer()
+        peer = Peer(DEADLINE_S, "req-1")
         with pytest.raises(ValueError, match=message):
             await serve(host, peer.open())
     # Before the head went out, worker.main can still answer with the contract's error.
@@ -565,7 +483,7 @@ async def test_app_reading_the_body_learns_the_client_left(recorder: str, interf
     app = globals()[recorder]
     app.seen.clear()
     async with running(here(recorder, interface)) as host:
-        peer = Peer()
+        peer = Peer(DEADLINE_S, "req-1")
         exchange = peer.open("POST", b"/read", body=b"abc", more_body=True)
         task = asyncio.ensure_future(serve(host, exchange))
         await peer.until(lambda: peer.acked_in == 3, "the app to read the first chunk")
@@ -579,7 +497,7 @@ async def test_app_reading_the_body_learns_the_client_left(recorder: str, interf
 async def test_asgi_receive_after_a_complete_response_is_disconnect() -> None:
     asgi_recorder.seen.clear()
     async with running(here("asgi_recorder")) as host:
-        peer = Peer()
+        peer = Peer(DEADLINE_S, "req-1")
         await serve(host, peer.open(path=b"/answer-then-listen"))
     assert peer.body() == b"done" and peer.result() == wpb.Result(ok=True)
     assert asgi_recorder.seen == ["http.request", "http.disconnect"]
@@ -594,7 +512,7 @@ async def test_wsgi_app_blocked_on_a_full_window_is_stopped_when_the_client_leav
     queue_size = inspect.signature(WSGIMiddleware).parameters["send_queue_size"].default
     wsgi_recorder.fill_at = wire.STREAM_WINDOW // wire.MAX_CHUNK + 1 + queue_size + 1
     async with running(here("wsgi_recorder", "wsgi")) as host:
-        peer = Peer()
+        peer = Peer(DEADLINE_S, "req-1")
         peer.auto_ack = False  # a client that reads nothing: the app fills the window and waits
         exchange = peer.open()
         task = asyncio.ensure_future(serve(host, exchange))
@@ -613,7 +531,7 @@ async def test_requests_run_with_their_id_and_markers(recorder: str, interface: 
     app = globals()[recorder]
     app.request_ids.clear()
     async with running(here(recorder, interface)) as host:
-        peer = Peer()
+        peer = Peer(DEADLINE_S, "req-1")
         exchange = peer.open("POST", path, body=b"abc", request_id="req-42")
         await serve(host, exchange)
     assert app.request_ids == ["req-42"]  # in the app's thread too, for WSGI

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import functools
 import hashlib
 import io
 import json
@@ -32,8 +31,8 @@ import pytest
 
 import worker.python.host as python_host
 from supervisor import wire
-from supervisor.v1 import worker_pb2 as wpb
-from worker.host import HttpExchange, StartupError
+from tests.unit.exchange_peer import Peer
+from worker.host import StartupError
 from worker.output import current_request_id
 from worker.runtimes import child as child_module
 from worker.runtimes import custom as custom_module
@@ -283,86 +282,6 @@ async def until(condition: Callable[[], bool], what: str, timeout: float = DEADL
 # ---- the data plane's end of an HTTP exchange -------------------------------------
 
 
-class Peer:
-    """Collects one exchange's frames and plays the data plane's part of flow control."""
-
-    def __init__(self) -> None:
-        self.frames: list[tuple[wire.Kind, bytes]] = []
-        self.changed = asyncio.Event()
-        self.exchange: HttpExchange | None = None
-        self.sent_in = 0  # request-body bytes handed to the exchange
-        self.acked_in = 0  # request-body bytes the worker acknowledged (WINDOW)
-        self.max_outstanding = 0
-
-    def send_frame(self, kind: wire.Kind, stream: int, payload: bytes) -> None:
-        self.frames.append((wire.Kind(kind), payload))
-        if kind == wire.Kind.WINDOW:
-            self.acked_in += wire.WINDOW_ACK.unpack(payload)[0]
-        elif kind == wire.Kind.RESPONSE_BODY:
-            # Later, as the link would: never from inside the exchange's own send.
-            asyncio.get_running_loop().call_soon(self.ack, len(payload))
-        self.changed.set()
-
-    def ack(self, size: int) -> None:
-        assert self.exchange is not None
-        if not self.exchange.finished:
-            self.exchange.on_window(wire.WINDOW_ACK.pack(size))
-
-    def open(self, method: str = "GET", path: bytes = b"/", query: bytes = b"",
-             headers: list[tuple[str, str]] | None = None, body: bytes = b"", more_body: bool = False,
-             request_id: str = "req-http-1") -> HttpExchange:
-        request = wpb.HttpRequest(
-            request_id=request_id, method=method, raw_path=path, query=query,
-            headers=[wpb.Header(name=n, value=v) for n, v in headers or []], timeout_ms=10_000, body=body,
-            more_body=more_body, http_version="1.1", scheme="http", client_host="10.0.0.7", client_port=40_000)
-        self.exchange = HttpExchange(self.send_frame, 1, request)
-        self.sent_in = len(body)
-        return self.exchange
-
-    async def until(self, condition: Callable[[], bool], what: str) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + DEADLINE_S
-        while not condition():
-            self.changed.clear()
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise AssertionError(f"timed out waiting for {what}")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.changed.wait(), remaining)
-
-    def has_room(self, size: int) -> bool:
-        """Sending ``size`` more bytes stays within the stream window."""
-        return self.sent_in + size - self.acked_in <= wire.STREAM_WINDOW
-
-    async def feed(self, data: bytes, before_end: Callable[[], Any] | None = None) -> None:
-        """The rest of the request body in MAX_CHUNK frames within the window, then its end."""
-        assert self.exchange is not None
-        for offset in range(0, len(data), wire.MAX_CHUNK):
-            piece = data[offset : offset + wire.MAX_CHUNK]
-            await self.until(functools.partial(self.has_room, len(piece)), "the worker to acknowledge request bytes")
-            self.exchange.on_body(piece)
-            self.sent_in += len(piece)
-            self.max_outstanding = max(self.max_outstanding, self.sent_in - self.acked_in)
-        if before_end is not None:
-            await before_end()
-        self.exchange.on_end()
-
-    def head(self) -> wpb.HttpResponseStart | None:
-        return next((wpb.HttpResponseStart.FromString(p) for k, p in self.frames if k == wire.Kind.RESPONSE_START),
-                    None)
-
-    def header_pairs(self) -> list[tuple[str, str]]:
-        head = self.head()
-        assert head is not None
-        return [(h.name.lower(), h.value) for h in head.headers]
-
-    def body(self) -> bytes:
-        return b"".join(p for k, p in self.frames if k == wire.Kind.RESPONSE_BODY)
-
-    def result(self) -> wpb.Result | None:
-        return next((wpb.Result.FromString(p) for k, p in self.frames if k == wire.Kind.RESULT), None)
-
-
 # ---- invocations and hooks -----------------------------------------------------------
 
 
@@ -607,7 +526,7 @@ async def test_http_request_is_forwarded_as_it_came(output: tuple[Recorder, Reco
                                                     markers: list[tuple[str, str, str]]) -> None:
     spec = make_spec(EXAMPLES / "bootstrap", ["./bootstrap"], ready="http:/healthz")
     async with running(spec) as host:
-        peer = Peer()
+        peer = Peer(DEADLINE_S)
         exchange = peer.open("PUT", b"/a%20b/c", b"x=1&x=2&y=%2F", body=b"hello body", headers=[
             ("host", "example.com"), ("x-dup", "1"), ("x-dup", "2"), ("connection", "keep-alive, x-private"),
             ("x-private", "hop"), ("te", "trailers"), ("content-length", "10"), ("x-fc-request-id", "req-http-1")])
@@ -630,7 +549,7 @@ async def test_response_headers_keep_duplicates_and_drop_hop_by_hop(tmp_path: Pa
                                                                     output: tuple[Recorder, Recorder]) -> None:
     server = script(tmp_path, "server.py", MISC_SERVER)
     async with running(make_spec(tmp_path, [str(server)])) as host:
-        peer = Peer()
+        peer = Peer(DEADLINE_S)
         await asyncio.wait_for(host.http(peer.open("GET", b"/cookies")), DEADLINE_S)
         pairs = peer.header_pairs()
         assert [v for n, v in pairs if n == "set-cookie"] == ["a=1", "b=2"]
@@ -642,7 +561,7 @@ async def test_response_headers_keep_duplicates_and_drop_hop_by_hop(tmp_path: Pa
 async def test_a_streamed_response_arrives_while_the_server_still_writes(output: tuple[Recorder, Recorder]) -> None:
     spec = make_spec(EXAMPLES / "bootstrap", ["./bootstrap"], ready="http:/healthz")
     async with running(spec) as host:
-        peer = Peer()
+        peer = Peer(DEADLINE_S)
         task = asyncio.ensure_future(host.http(peer.open("GET", b"/stream", b"n=4&delay=0.3")))
         await peer.until(lambda: b"chunk 0" in peer.body(), "the first chunk")
         # The server sleeps 0.3 s between chunks: the first one was forwarded on its own.
@@ -659,7 +578,7 @@ async def test_a_request_body_beyond_the_window_streams_to_the_server(tmp_path: 
     body = os.urandom(4 * wire.STREAM_WINDOW + 12345)
     out, _ = output
     async with running(make_spec(tmp_path, [str(server)])) as host:
-        peer = Peer()
+        peer = Peer(DEADLINE_S)
         first = body[: wire.MAX_CHUNK]
         task = asyncio.ensure_future(host.http(peer.open("POST", b"/sink", body=first, more_body=True)))
 
@@ -678,7 +597,7 @@ async def test_a_request_body_beyond_the_window_streams_to_the_server(tmp_path: 
 async def test_a_client_that_leaves_aborts_the_upstream_request(output: tuple[Recorder, Recorder]) -> None:
     spec = make_spec(EXAMPLES / "bootstrap", ["./bootstrap"], ready="http:/healthz", concurrency=2)
     async with running(spec) as host:
-        peer = Peer()
+        peer = Peer(DEADLINE_S)
         exchange = peer.open("GET", b"/stream", b"n=100&delay=0.2")
         task = asyncio.ensure_future(host.http(exchange))
         await peer.until(lambda: b"chunk 0" in peer.body(), "the first chunk")
@@ -686,7 +605,7 @@ async def test_a_client_that_leaves_aborts_the_upstream_request(output: tuple[Re
         await asyncio.wait_for(task, 2.0)  # the stream had 20 s to go
         assert exchange.finished
         # The slot is free: the next request gets through.
-        again = Peer()
+        again = Peer(DEADLINE_S)
         await asyncio.wait_for(host.http(again.open("GET", b"/hello")), DEADLINE_S)
         assert json.loads(again.body())["path"] == "/hello"
 
@@ -699,7 +618,7 @@ async def test_http_to_a_dead_server_leaves_the_answer_to_the_crash(tmp_path: Pa
     assert host.child is not None
     os.kill(host.child.pid, signal.SIGKILL)
     await asyncio.wait_for(asyncio.shield(host.child.exited), DEADLINE_S)
-    peer = Peer()
+    peer = Peer(DEADLINE_S)
     exchange = peer.open("GET", b"/")
     call = asyncio.ensure_future(host.http(exchange))
     done, _ = await asyncio.wait([call], timeout=3 * custom_module.EXIT_SETTLE_S)
@@ -748,18 +667,18 @@ async def test_express_example(express_dir: Path, output: tuple[Recorder, Record
         assert not failed.ok and failed.error.error_type == "Error"
         assert failed.error.error_message == "the event asked to fail"
 
-        hello = Peer()
+        hello = Peer(DEADLINE_S)
         await asyncio.wait_for(host.http(hello.open("GET", b"/hello", b"name=express")), DEADLINE_S)
         assert hello.body() == b"hello, express!\n"
 
-        stream = Peer()
+        stream = Peer(DEADLINE_S)
         task = asyncio.ensure_future(host.http(stream.open("GET", b"/stream", b"n=3&delay=300")))
         await stream.until(lambda: b"chunk 0" in stream.body(), "the first chunk")
         assert not task.done()
         await asyncio.wait_for(task, DEADLINE_S)
         assert stream.body() == b"chunk 0\nchunk 1\nchunk 2\n"
 
-        upload = Peer()
+        upload = Peer(DEADLINE_S)
         body = os.urandom(3 * wire.STREAM_WINDOW)
         task = asyncio.ensure_future(host.http(upload.open("POST", b"/upload", body=body[:1000], more_body=True)))
         await upload.feed(body[1000:])

@@ -22,6 +22,7 @@ from urllib.parse import parse_qs, urlsplit
 
 MARK_DIR = os.environ["MARK_DIR"]
 lock = threading.Lock()
+HOG = []
 inflight = 0
 peak = 0
 
@@ -120,6 +121,9 @@ class Handler(BaseHTTPRequestHandler):
         if path == "/crash":
             os._exit(3)
         if path == "/pid":
+            return self.send(200, str(os.getpid()).encode(), "text/plain")
+        if path == "/hog":  # keeps this many MiB resident in the server until it goes
+            HOG.append(bytearray(b"\x01") * (int(query["mib"]) << 20))
             return self.send(200, str(os.getpid()).encode(), "text/plain")
         if path == "/stats":
             return self.send(200, json.dumps({"peak": peak}).encode())
