@@ -26,8 +26,9 @@ import pytest
 from supervisor.data.http_server import HttpServer
 from supervisor.v1 import worker_pb2 as wpb
 from worker.host import StartupError
+from worker.runtimes.events import Event, EventQueue
 from worker.runtimes.lambda_api import LambdaApi
-from worker.runtimes.pull import Event, EventQueue, PullHost
+from worker.runtimes.pull import PullHost
 from worker.runtimes.scf_api import ScfApi
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -58,7 +58,7 @@ from collections.abc import Mapping
 import orjson
 
 from supervisor.v1 import worker_pb2 as wpb
-from worker.runtimes.pull import (
+from worker.runtimes.events import (
     ClientGone,
     Event,
     EventQueue,

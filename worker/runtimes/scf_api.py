@@ -73,7 +73,7 @@ from __future__ import annotations
 import asyncio
 
 from supervisor.v1 import worker_pb2 as wpb
-from worker.runtimes.pull import (
+from worker.runtimes.events import (
     ClientGone,
     Event,
     EventQueue,
