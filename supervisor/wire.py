@@ -45,6 +45,10 @@ FRAME_OVERHEAD = 64 * 1024
 # Streams: the largest body chunk in one frame, and the unacknowledged bytes
 # a sender may have outstanding on one stream.
 MAX_CHUNK = 64 * 1024
+# The largest response head (status and headers, encoded) a worker may send:
+# well inside FRAME_OVERHEAD, whatever the function's max_body. Request heads
+# are bounded at the front (``MAX_REQUEST_HEAD``), for the same reason.
+MAX_RESPONSE_HEAD = 32 * 1024
 STREAM_WINDOW = 256 * 1024
 WINDOW_ACK = struct.Struct(">I")
 
@@ -71,6 +75,13 @@ class Kind(enum.IntEnum):
 
 class ProtocolError(Exception):
     """The peer broke the frame format; the connection must be dropped."""
+
+
+def window_size(payload: bytes) -> int:
+    """The byte count of a WINDOW frame's payload."""
+    if len(payload) != WINDOW_ACK.size:
+        raise ProtocolError(f"a WINDOW frame of {len(payload)} bytes (4 expected)")
+    return int(WINDOW_ACK.unpack(payload)[0])
 
 
 def encode(kind: Kind | int, stream: int, payload: bytes = b"") -> bytes:

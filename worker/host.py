@@ -41,6 +41,10 @@ class ClientDisconnected(OSError):
     """The client of an HTTP exchange is gone (or the data plane gave up on it)."""
 
 
+class InvalidResponseError(RuntimeError):
+    """The function's response cannot be sent (a head over ``wire.MAX_RESPONSE_HEAD``)."""
+
+
 class StartupError(Exception):
     """The function could not be started; ``info`` is what ``/initialize`` reports."""
 
@@ -124,8 +128,7 @@ class HttpExchange:
         self._wake_receiver()
 
     def on_window(self, payload: bytes) -> None:
-        (consumed,) = wire.WINDOW_ACK.unpack(payload)
-        self._credit += consumed
+        self._credit += wire.window_size(payload)
         if self._credit > wire.STREAM_WINDOW:
             raise wire.ProtocolError(f"window update beyond what was sent on stream {self.stream}")
         waiter = self._credit_waiter
@@ -189,13 +192,21 @@ class HttpExchange:
     # ---- the response (for hosts) ------------------------------------------
 
     def start(self, status: int, headers: list[tuple[str, str]]) -> None:
-        """Sends the response head. Header names and values are latin-1 text."""
+        """Sends the response head. Header names and values are latin-1 text.
+
+        Raises ``InvalidResponseError`` (nothing sent) for a head too large for
+        one frame, which would otherwise break the link for every stream on it.
+        """
         if self.started or self.finished:
             raise RuntimeError("the response has already started")
         if self._cancelled:
             raise ClientDisconnected("the client disconnected")
-        self.started = True
         head = wpb.HttpResponseStart(status=status, headers=[wpb.Header(name=n, value=v) for n, v in headers])
+        size = head.ByteSize()
+        if size > wire.MAX_RESPONSE_HEAD:
+            raise InvalidResponseError(f"the response head is {size} bytes; at most {wire.MAX_RESPONSE_HEAD} "
+                                       "can be sent")
+        self.started = True
         self._send_frame(wire.Kind.RESPONSE_START, self.stream, head.SerializeToString())
 
     async def send(self, data: bytes) -> None:

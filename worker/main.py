@@ -35,6 +35,8 @@ import threading
 import time
 from typing import Any
 
+from google.protobuf.message import DecodeError
+
 from supervisor import wire
 from supervisor.v1 import worker_pb2 as wpb
 from worker import output
@@ -115,7 +117,7 @@ class Link(asyncio.Protocol):
                     self.welcome.set_result((kind, payload))
                 else:
                     self.worker.on_frame(self, kind, stream, payload)
-        except wire.ProtocolError as exc:
+        except (wire.ProtocolError, DecodeError) as exc:
             output.log_error(f"worker link protocol error: {exc}")
             if self.transport is not None:
                 self.transport.close()
@@ -247,9 +249,10 @@ class Worker:
             if not initialized:
                 await self.initialize(link)
                 initialized = True
-            link.send(wire.Kind.DRAINING if self.draining else wire.Kind.READY)
-            waits: list[asyncio.Future[Any]] = [link.closed, self.drained]
             host_exit = self.host.exited()
+            if host_exit is None or not host_exit.done():  # never READY for a runtime that is gone
+                link.send(wire.Kind.DRAINING if self.draining else wire.Kind.READY)
+            waits: list[asyncio.Future[Any]] = [link.closed, self.drained]
             if host_exit is not None:
                 waits.append(host_exit)
             done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from supervisor.wire import HEADER, HEADER_SIZE, FrameDecoder, Kind, ProtocolError, encode
+from supervisor.wire import HEADER, HEADER_SIZE, WINDOW_ACK, FrameDecoder, Kind, ProtocolError, encode, window_size
 
 Frame = tuple[int, int, bytes]
 
@@ -143,3 +143,10 @@ def test_encode_round_trips_through_the_header(kind: int, stream: int, payload: 
     data = encode(kind, stream, payload)
     assert HEADER.unpack_from(data) == (len(payload), kind, stream)
     assert data[HEADER_SIZE:] == payload
+
+
+def test_a_window_frame_is_four_bytes_or_a_protocol_error() -> None:
+    assert window_size(WINDOW_ACK.pack(65536)) == 65536
+    for payload in (b"", b"\x00\x01", b"\x00" * 5):
+        with pytest.raises(ProtocolError):
+            window_size(payload)

@@ -68,6 +68,8 @@ MAX_STOP_GRACE_S = 5.0
 ERROR_TEXT_BYTES = 4096
 # Response heads larger than aiohttp's 8 KiB defaults (big cookies) must pass.
 MAX_HEADER_BYTES = 64 * 1024
+# And many of them (aiohttp's default is 128); the head's total size is bounded by ``wire.MAX_RESPONSE_HEAD``.
+MAX_HEADERS = 1024
 # (method, path) the server is called on for each kind of work.
 ROUTES = {"invoke": ("POST", "/invoke"), "initialize": ("POST", "/initialize"),
           "pre_freeze": ("GET", "/pre-freeze"), "pre_stop": ("GET", "/pre-stop")}
@@ -103,8 +105,14 @@ def response_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]
 
 
 def request_headers(headers: Iterable[wpb.Header]) -> CIMultiDict[str]:
-    """The client's request headers minus hop-by-hop ones; duplicates and order kept."""
-    pairs = [(header.name, header.value) for header in headers]
+    """The client's request headers minus hop-by-hop ones; duplicates and order kept.
+
+    Values are the client's bytes as latin-1 text; aiohttp writes text as
+    UTF-8, so a non-ASCII value is handed over as the UTF-8 it almost always
+    was (bytes that are not UTF-8 become U+FFFD).
+    """
+    pairs = [(header.name, header.value if header.value.isascii()
+              else header.value.encode("latin-1").decode("utf-8", "replace")) for header in headers]
     drop = HOP_BY_HOP | connection_tokens(value for name, value in pairs if name.lower() == "connection")
     forwarded: CIMultiDict[str] = CIMultiDict()
     for name, value in pairs:
@@ -196,7 +204,7 @@ class CustomHost:
             connector=connector, timeout=aiohttp.ClientTimeout(total=None), auto_decompress=False,
             cookie_jar=aiohttp.DummyCookieJar(),
             skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"),
-            max_line_size=MAX_HEADER_BYTES, max_field_size=MAX_HEADER_BYTES)
+            max_line_size=MAX_HEADER_BYTES, max_field_size=MAX_HEADER_BYTES, max_headers=MAX_HEADERS)
 
     def exited(self) -> asyncio.Future[int] | None:
         return self.child.exited if self.child is not None else None

@@ -6,7 +6,7 @@ At start it leaves a grandchild (``sleep``) and writes ``grandchild-<pid>``
 and ``env-<pid>`` into $MARK_DIR, so tests can check that a worker's whole
 tree dies with it and what environment the server got. Lifecycle calls
 write ``<hook>-<pid>`` there. Routes as in web.py, plus /stats (the most
-requests it ever had in flight) and POST /invoke (an event: echoed with the
+requests it ever had in flight), /bighead (a 64 KiB response head) and POST /invoke (an event: echoed with the
 x-fc-* headers; the event "fail" answers 404 with a JSON error).
 """
 
@@ -129,6 +129,8 @@ class Handler(BaseHTTPRequestHandler):
             return self.send(200, json.dumps({"peak": peak}).encode())
         if path == "/boom":
             return self.send(500, b"internal failure", "text/plain")
+        if path == "/bighead":  # a response head too large for one worker frame
+            return self.send(200, b"big", "text/plain", extra=[(f"x-big-{i}", "v" * 1000) for i in range(64)])
         body = b"".join(self.body_chunks())
         echo = {"method": self.command, "path": path, "raw_path": self.path.split("?")[0], "query": url.query,
                 "headers": [[k.lower(), v] for k, v in self.headers.items()], "body_hex": body.hex(),
