@@ -313,6 +313,7 @@ def configure_logging(
     chain += [redact, renderer]
 
     _PROCESSORS[:] = chain
+    _bridge_stdlib()
     _OUTPUT.write = _write_sink(sink) if sink is not None else _write_stream(target)
     structlog.configure(
         processors=_PROCESSORS,
@@ -323,6 +324,28 @@ def configure_logging(
         logger_factory=lambda *_args: _OUTPUT,
         cache_logger_on_first_use=True,
     )
+
+
+class _StdlibBridge(logging.Handler):
+    """Lines logged with the stdlib (uvicorn, asyncio, grpc) as structlog lines."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad format string is still a line
+            message = str(record.msg)
+        fields: dict[str, Any] = {"logger": record.name}
+        if record.exc_info and record.exc_info[0] is not None:
+            fields["exc_info"] = record.exc_info
+        get_logger().log(record.levelno, message, **fields)
+
+
+def _bridge_stdlib() -> None:
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, _StdlibBridge):
+            root.removeHandler(handler)
+    root.addHandler(_StdlibBridge())
 
 
 def get_logger(**bound: Any) -> Logger:

@@ -56,6 +56,27 @@ def test_json_line_has_the_contract_fields() -> None:
     assert (line["function"], line["worker"], line["pid"]) == ("hello", "w1", 42)
 
 
+def test_stdlib_lines_become_structured_lines() -> None:
+    # uvicorn, asyncio and grpc log with the stdlib: those lines must follow the contract too.
+    import logging
+
+    buf = io.StringIO()
+    logs.configure_logging("data-plane", stream=buf)
+    logs.configure_logging("data-plane", stream=buf)  # again: still one bridge, one line per record
+    logging.getLogger("uvicorn.error").warning("Invalid HTTP request %s", "received.")
+    logging.getLogger("uvicorn.error").info("below the root's level")
+    try:
+        raise ValueError("bad")
+    except ValueError:
+        logging.getLogger("asyncio").exception("Exception in callback", extra={"x": 1})
+    logging.getLogger("grpc").error("100%% of %s", "calls")
+    first, second, third = lines_of(buf)
+    assert (first["event"], first["level"], first["logger"], first["component"]) == (
+        "Invalid HTTP request received.", "warning", "uvicorn.error", "data-plane")
+    assert second["level"] == "error" and "ValueError: bad" in second["exception"]
+    assert third["logger"] == "grpc" and third["event"] == "100% of calls"
+
+
 def test_binary_stream_and_sink_outputs() -> None:
     raw = io.BytesIO()
     text = io.TextIOWrapper(raw, encoding="utf-8")
