@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-OUTCOMES = ("success", "error", "timeout", "rejected", "crashed")
+OUTCOMES = ("success", "error", "timeout", "rejected", "crashed", "cancelled")
 EXIT_REASONS = ("idle", "recycled", "crashed", "timeout", "oom", "shutdown", "disposable", "init_failed")
 WORKER_STATES = ("starting", "idle", "busy", "draining")
 

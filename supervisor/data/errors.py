@@ -65,3 +65,15 @@ def init_failed(function: str, error_type: str, message: str) -> InvocationError
 def handler_failed(error_type: str, message: str, stack_trace: str) -> InvocationError:
     return InvocationError(404, error_type or "Error", message, "error", stack_trace=stack_trace,
                            headers=[(b"x-fc-error-type", b"UnhandledInvocationError")])
+
+
+def invalid_response(detail: str) -> InvocationError:
+    return InvocationError(502, "InvalidResponseError", f"the application's response is not valid HTTP: {detail}",
+                           "error")
+
+
+def client_timeout(function: str, timeout_s: float) -> InvocationError:
+    return InvocationError(408, "ClientTimeoutError",
+                           f"function {function!r}: the client did not send its request (or take the response) "
+                           f"within the function's timeout of {timeout_s:g}s", "cancelled",
+                           headers=[(b"connection", b"close")])

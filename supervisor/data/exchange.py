@@ -17,18 +17,32 @@ Rules:
   response has started that is the contract's 413; after, the connection is
   cut. Either way the worker is told (CANCEL).
 - Until the response starts, every failure is the contract's JSON error
-  (504 on timeout, 502 when the worker dies, 404 when the application
-  raised). After it has started the status is gone: the connection is closed
-  mid-response, which a client sees as a truncated response.
-- One task per exchange reads the request body and then watches for the
-  client leaving; a client that leaves cancels the stream, and the
-  application's slot is freed when its worker ends the stream (or is killed
-  at the timeout), not before.
+  (504 on timeout, 502 when the worker dies or the application's response
+  head is invalid, 404 when the application raised). After it has started
+  the status is gone: the connection is cut mid-response, which a client sees
+  as a truncated response.
+- The application's head is checked before anything is written: a status of
+  200-599, header names that are tokens, values without control characters,
+  one numeric Content-Length (dropped on 204 and 304, whose bodies are
+  dropped too). Its ``x-fc-request-id`` is replaced by the request's.
+- A slow client is not the function's timeout: when the deadline passes
+  while the front waits on the client (for body bytes, or for it to take the
+  response), the request fails as the client's (408 before the response, a
+  cut after), the worker is told to stop, and it is killed only if it does
+  not end the stream within a grace period (``Router._timeout``).
+- One task per exchange streams the request body; the client connection
+  (``http_server.ClientConnection``) reports the client leaving at once,
+  whatever the exchange is waiting for. Either way the stream is cancelled,
+  and the application's slot is freed when its worker ends the stream (or is
+  killed), not before.
+- Every exchange counts one outcome in ``supervisor_invocations_total``:
+  ``cancelled`` when the client left or was too slow.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +53,7 @@ from supervisor.logs import get_logger
 from supervisor.v1 import worker_pb2 as wpb
 
 if TYPE_CHECKING:
+    from supervisor.data.http_server import ClientConnection
     from supervisor.data.links import HttpCall
     from supervisor.data.router import FunctionState, Router
 
@@ -51,14 +66,49 @@ log = get_logger()
 # Headers about one connection, not the message: the front's server sets its own.
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "upgrade", "proxy-connection", "te",
                         "trailer"})
+TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 5.1
+BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+DIGITS = re.compile(r"[0-9]{1,19}")
+BODILESS = frozenset({204, 304})
 
 
 class ClientGone(Exception):
     """The client disconnected; there is nobody to answer."""
 
 
+def client_head(head: wpb.HttpResponseStart, rid: bytes) -> tuple[int, list[tuple[bytes, bytes]]]:
+    """The application's status and headers as the client gets them; raises ``InvocationError`` (502)."""
+    status = head.status
+    if not 200 <= status <= 599:
+        raise errors.invalid_response(f"status {status} (200-599 expected)")
+    headers: list[tuple[bytes, bytes]] = []
+    length: str | None = None
+    for header in head.headers:
+        name, value = header.name, header.value
+        lower = name.lower()
+        if lower in HOP_BY_HOP or lower == "x-fc-request-id":
+            continue
+        if not TOKEN.fullmatch(name) or BAD_VALUE.search(value):
+            raise errors.invalid_response(f"header {name!r} is not a valid HTTP header")
+        if lower == "content-length":
+            value = value.strip(" \t")
+            if not DIGITS.fullmatch(value) or (length is not None and value != length):
+                raise errors.invalid_response(f"Content-Length {header.value!r}")
+            if length is not None or status in BODILESS:
+                length = value
+                continue
+            length = value
+        try:
+            headers.append((name.encode("latin-1"), value.encode("latin-1")))
+        except UnicodeEncodeError:
+            raise errors.invalid_response(f"header {name!r} is not latin-1 text") from None
+    headers.append((b"x-fc-request-id", rid))
+    return status, headers
+
+
 class TriggerExchange:
-    __slots__ = ("router", "function", "scope", "request_id", "rid", "headers", "failure", "call")
+    __slots__ = ("router", "function", "scope", "request_id", "rid", "headers", "call", "started", "outcome",
+                 "connection")
 
     def __init__(self, router: Router, function: FunctionState, scope: Scope, request_id: str, rid: bytes,
                  headers: list[wpb.Header]) -> None:
@@ -68,12 +118,40 @@ class TriggerExchange:
         self.request_id = request_id
         self.rid = rid
         self.headers = headers
-        # What the body pump found wrong (the client left, the body is too large).
-        self.failure: Exception | None = None
         self.call: HttpCall | None = None
+        self.started = False  # the response head has been sent to the client
+        self.outcome = "crashed"  # what the exchange counts as when it ends without raising
+        extensions = scope.get("extensions") or {}
+        self.connection: ClientConnection | None = extensions.get("ca.connection")
 
-    async def run(self, receive: Receive, send: Send) -> None:
+    async def run(self, receive: Receive, send: Send, content_length: int) -> None:
+        """Serves the request; raises the contract's error while no response has started."""
+        outcome = "crashed"
+        connection = self.connection
+        if connection is not None:
+            connection.listener = self._client_gone
+        try:
+            await self._run(receive, send, content_length)
+            outcome = self.outcome
+        except InvocationError as exc:
+            outcome = exc.outcome
+            raise
+        except ClientGone:
+            outcome = "cancelled"
+            raise
+        finally:
+            if connection is not None and connection.listener == self._client_gone:
+                connection.listener = None
+            call = self.call
+            if call is not None:
+                call.cancel()  # the exchange ended first (no-op once the stream has): the worker stops
+                call.on_failure = None
+            self.function.series.outcome[outcome].inc()
+
+    async def _run(self, receive: Receive, send: Send, content_length: int) -> None:
         config = self.function.config
+        if content_length > config.max_body:
+            raise errors.payload_too_large(config.name, config.max_body)
         message = await receive()
         if message["type"] == "http.disconnect":
             raise ClientGone()
@@ -91,6 +169,7 @@ class TriggerExchange:
             http_version=scope.get("http_version", "1.1"), scheme=scope.get("scheme", "http"),
             client_host=client[0] or "", client_port=client[1] or 0)
         call = self.call = await self.router.open_http(self.function, request)
+        call.on_failure = self._on_failure
         pump = asyncio.ensure_future(self._pump(call, receive, rest, more, len(body), request.more_body))
         try:
             await self._respond(call, send)
@@ -98,12 +177,21 @@ class TriggerExchange:
             if not pump.done():
                 pump.cancel()
 
+    def _client_gone(self) -> None:
+        if self.call is not None:
+            self.call.fail(ClientGone())
+
+    def _on_failure(self, failure: Exception) -> None:
+        # The respond loop may be blocked writing to the client: cut the connection
+        # now. Before the response started it is woken and answers the error.
+        if self.started and not isinstance(failure, ClientGone) and self.connection is not None:
+            self.connection.abort()
+
     async def _respond(self, call: HttpCall, send: Send) -> None:
-        while not call.head.done() and self.failure is None:
+        while not call.head.done() and call.failure is None:
             await call.wait()
-        if self.failure is not None:
-            call.cancel()
-            raise self.failure
+        if call.failure is not None:
+            raise call.failure
         head = call.head.result()
         if head is None:  # the stream ended without a response: an error answer
             result = wpb.Result.FromString(call.future.result())  # raises the timeout's or crash's error
@@ -111,20 +199,24 @@ class TriggerExchange:
             if result.ok:
                 raise errors.handler_failed("IncompleteResponseError", "the application sent no response", "")
             raise errors.handler_failed(error.error_type, error.error_message, error.stack_trace)
-        headers = [(h.name.encode("latin-1"), h.value.encode("latin-1")) for h in head.headers
-                   if h.name.lower() not in HOP_BY_HOP]
-        if not any(name.lower() == b"x-fc-request-id" for name, _ in headers):
-            headers.append((b"x-fc-request-id", self.rid))
-        await send({"type": "http.response.start", "status": head.status, "headers": headers})
+        status, headers = client_head(head, self.rid)
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        self.started = True
+        keep_body = status not in BODILESS
         chunks = call.chunks
         while True:
-            if self.failure is not None:  # nobody to send the rest to, or no right to
-                call.cancel()
-                self._aborted(self.failure)
-                return
+            if call.failure is not None:  # nobody to send the rest to, or no right to
+                return self._abort(call.failure)
             if chunks:
                 chunk = chunks.popleft()
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                if keep_body:
+                    call.client_waits += 1
+                    try:
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    except RuntimeError as exc:  # the server refused it: more than the app's Content-Length
+                        return self._abort(errors.invalid_response(str(exc)))
+                    finally:
+                        call.client_waits -= 1
                 call.ack(len(chunk))
             elif call.future.done():
                 break
@@ -133,19 +225,25 @@ class TriggerExchange:
         try:
             result = wpb.Result.FromString(call.future.result())
         except InvocationError as exc:  # timed out or crashed mid-response
-            self.function.series.outcome[exc.outcome].inc()
-            self._aborted(exc)
-            return
+            return self._abort(exc)
+        if call.failure is not None:
+            return self._abort(call.failure)
         if not result.ok:
-            self.function.series.outcome["error"].inc()
-            self._aborted(InvocationError(502, result.error.error_type, result.error.error_message, "error"))
-            return
-        self.function.series.outcome["success"].inc()
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return self._abort(InvocationError(502, result.error.error_type, result.error.error_message, "error"))
+        try:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except RuntimeError as exc:  # less than the app's Content-Length
+            return self._abort(errors.invalid_response(str(exc)))
+        self.outcome = "success"
 
-    def _aborted(self, cause: Exception) -> None:
-        """The response started and cannot end well: the server cuts the connection."""
-        if not isinstance(cause, ClientGone):
+    def _abort(self, cause: Exception) -> None:
+        """The response started and cannot end well: the connection is cut."""
+        self.outcome = cause.outcome if isinstance(cause, InvocationError) else "cancelled"
+        if self.call is not None:
+            self.call.cancel()
+        if self.connection is not None:
+            self.connection.abort()
+        if self.outcome != "cancelled":
             log.warning("HTTP response aborted after it started", request_id=self.request_id,
                         function=self.function.config.name, error=str(cause))
 
@@ -153,10 +251,12 @@ class TriggerExchange:
                     announced_more: bool) -> None:
         """Streams the rest of the request body, then watches for the client leaving."""
         limit = self.function.config.max_body
+        if not more and self.connection is not None:
+            self.connection.body_read()
         while True:
             while pending:
-                if call.future.done():
-                    return  # the application answered without reading it all
+                if call.future.done() or call.failure is not None:
+                    return  # the application answered without reading it all, or the stream failed
                 if call.credit <= 0:
                     await call.wait_credit()
                     continue
@@ -165,21 +265,23 @@ class TriggerExchange:
                 pending = pending[take:]
             if not more:
                 break
-            message = await receive()
+            call.client_waits += 1
+            try:
+                message = await receive()
+            finally:
+                call.client_waits -= 1
             if message["type"] == "http.disconnect":
-                return self._fail(call, ClientGone())
+                return call.fail(ClientGone())
             pending = message.get("body", b"")
             more = message.get("more_body", False)
+            if not more and self.connection is not None:
+                self.connection.body_read()
             size += len(pending)
             if size > limit:
-                return self._fail(call, errors.payload_too_large(self.function.config.name, limit))
-        if announced_more and not call.future.done():
+                return call.fail(errors.payload_too_large(self.function.config.name, limit))
+        if announced_more and not call.future.done() and call.failure is None:
             call.end_body()
         # The server answers this once the response is complete or the client has gone.
         message = await receive()
         if message["type"] == "http.disconnect" and not call.future.done():
-            self._fail(call, ClientGone())
-
-    def _fail(self, call: HttpCall, failure: Exception) -> None:
-        self.failure = failure
-        call.wake()
+            call.fail(ClientGone())

@@ -149,13 +149,8 @@ class Front:
                     if config is not None else "no function serves HTTP requests here")
             raise errors.not_found(f"{what}: {scope['method']} {scope['path']}")
         function = self.router.functions[config.name]
-        try:
-            if content_length > config.max_body:
-                raise errors.payload_too_large(config.name, config.max_body)
-            await TriggerExchange(self.router, function, scope, request_id, rid, headers).run(receive, send)
-        except InvocationError as exc:
-            function.series.outcome[exc.outcome].inc()
-            raise
+        await TriggerExchange(self.router, function, scope, request_id, rid, headers).run(
+            receive, send, content_length)
 
     async def _hook(self, kind: str, request_id: str, rid: bytes, send: Send) -> None:
         if kind == "initialize":

@@ -18,6 +18,7 @@ import asyncio
 import socket
 import struct
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple
 
 from google.protobuf.message import DecodeError
@@ -50,10 +51,17 @@ class HttpCall:
     the client and acknowledged them (``ack``): at most ``STREAM_WINDOW``
     bytes, or the worker broke the protocol. ``credit`` is what the front may
     still send of the request body before the worker acknowledges it.
+
+    ``failure`` is why the front gives the stream up before it ends (the
+    client left, was too slow, sent too much); ``fail`` sets it, tells the
+    worker (CANCEL) and wakes everyone waiting. ``client_waits`` counts the
+    front's waits on the client (reading the body, writing the response): a
+    deadline that passes during one is the client's slowness, not the
+    function's (``Router._timeout``).
     """
 
     __slots__ = ("future", "deadline", "request_id", "head", "chunks", "buffered", "credit", "_waiter",
-                 "_credit_waiter", "link", "stream")
+                 "_credit_waiter", "link", "stream", "failure", "cancelled", "client_waits", "on_failure")
 
     def __init__(self, link: WorkerLink, stream: int, deadline: float, request_id: str,
                  loop: asyncio.AbstractEventLoop) -> None:
@@ -68,9 +76,15 @@ class HttpCall:
         self.credit = wire.STREAM_WINDOW
         self._waiter: asyncio.Future[None] | None = None
         self._credit_waiter: asyncio.Future[None] | None = None
+        self.failure: Exception | None = None
+        self.cancelled = False
+        self.client_waits = 0
+        self.on_failure: Callable[[Exception], None] | None = None
         self.future.add_done_callback(self._ended)
 
     def _ended(self, future: asyncio.Future[bytes]) -> None:
+        if not future.cancelled():
+            future.exception()  # a timeout after the front gave up is nobody's to read
         if not self.head.done():
             self.head.set_result(None)
         self.wake()
@@ -111,8 +125,7 @@ class HttpCall:
             self.head.set_result(wpb.HttpResponseStart.FromString(payload))
             self.wake()
         else:  # WINDOW: the worker has taken request body bytes
-            (consumed,) = wire.WINDOW_ACK.unpack(payload)
-            self.credit += consumed
+            self.credit += wire.window_size(payload)
             if self.credit > wire.STREAM_WINDOW:
                 raise wire.ProtocolError(f"window update beyond what was sent on stream {self.stream}")
             _resolve(self._credit_waiter)
@@ -131,9 +144,21 @@ class HttpCall:
         self.link.send(wire.Kind.REQUEST_END, self.stream)
 
     def cancel(self) -> None:
-        """The client is gone: the worker stops and still ends the stream with RESULT."""
-        if not self.future.done():
+        """The worker stops (and still ends the stream with RESULT); sent once."""
+        if not self.future.done() and not self.cancelled:
+            self.cancelled = True
             self.link.send(wire.Kind.CANCEL, self.stream)
+
+    def fail(self, failure: Exception) -> None:
+        """The front gives the stream up (the first reason counts)."""
+        if self.failure is not None:
+            return
+        self.failure = failure
+        self.cancel()
+        self.wake()
+        _resolve(self._credit_waiter)
+        if self.on_failure is not None:
+            self.on_failure(failure)
 
 
 def _resolve(waiter: asyncio.Future[None] | None) -> None:

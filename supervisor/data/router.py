@@ -51,6 +51,8 @@ from supervisor.v1 import control_pb2 as cpb
 from supervisor.v1 import worker_pb2 as wpb
 
 SWEEP_S = 0.05
+# How long a worker has to end a stream cancelled for a slow client before it is killed.
+CANCEL_GRACE_S = 2.0
 DISPATCH_ATTEMPTS = 3
 CAUSE_WAIT_S = 0.5
 UNKNOWN_WORKER_WAIT_S = 3.0
@@ -275,13 +277,25 @@ class Router:
         function = self.functions.get(link.function)
         if function is None:
             return
+        killing = False
         for stream, call in expired:
+            if isinstance(call, HttpCall) and call.client_waits and not call.cancelled:
+                # The front is waiting on the client, not on the function: the
+                # request fails as the client's, and the worker gets a grace
+                # period to end the stream before it is killed like any other.
+                call.fail(errors.client_timeout(link.function, function.config.timeout))
+                call.deadline = self.clock.awake() + CANCEL_GRACE_S
+                log.info("client too slow for the function's timeout; cancelled its request",
+                         request_id=call.request_id, function=link.function, worker=link.worker_id,
+                         timeout_s=function.config.timeout)
+                continue
+            killing = True
             link.pending.pop(stream, None)
             if not call.future.done():
                 call.future.set_exception(errors.timed_out(link.function, function.config.timeout))
             log.warning("invocation timed out; killing its worker", request_id=call.request_id,
                         function=link.function, worker=link.worker_id, timeout_s=function.config.timeout)
-        if link.state != WorkerState.GONE:
+        if killing and link.state != WorkerState.GONE:
             function.pool.drain(link)
             self.outbox(cpb.DataPlaneEvent(kill=cpb.KillWorker(worker_id=link.worker_id, reason="timeout")))
 

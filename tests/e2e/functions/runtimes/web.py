@@ -5,7 +5,9 @@ Routes: /echo (method, path, query, headers, body as hex), /stream?gate=PATH
 (a first chunk, then the rest only once PATH exists), /upload (the body read
 chunk by chunk: size, sha256, chunks), /boom (raises), /sleep?s=N, /crash
 (the process dies mid-request), /pid, and POST /invoke (an event call: the
-body reversed).
+body reversed). The ASGI app also has /head?case=NAME (responses whose head
+or length is wrong, see BAD_HEADS) and /big?mib=N (N MiB streamed in 64 KiB
+chunks).
 """
 
 import asyncio
@@ -16,6 +18,21 @@ import time
 from urllib.parse import parse_qs
 
 GATE_WAIT_S = 20.0
+# /head?case=NAME: (status, headers, body chunks) that are not valid HTTP, or
+# that the front must fix (a forged request id, a length on a 204).
+BAD_HEADS = {
+    "status": (1000, [], [b"x"]),
+    "informational": (103, [], [b"x"]),
+    "name": (200, [(b"bad name", b"v")], [b"x"]),
+    "value": (200, [(b"x-v", b"a\r\nset-cookie: injected=1")], [b"x"]),
+    "length": (200, [(b"content-length", b"ten")], [b"x"]),
+    "two-lengths": (200, [(b"content-length", b"1"), (b"content-length", b"2")], [b"x"]),
+    "non-latin-1": (200, [("x-name", "\u20ac")], [b"x"]),
+    "longer": (200, [(b"content-length", b"3")], [b"abc", b"def"]),
+    "shorter": (200, [(b"content-length", b"10")], [b"abc"]),
+    "no-content": (204, [(b"content-length", b"3")], [b"abc"]),
+    "request-id": (200, [(b"x-fc-request-id", b"forged")], [b"ok"]),
+}
 
 
 def _query(raw: bytes) -> dict[str, str]:
@@ -79,6 +96,17 @@ async def app(scope, receive, send):
         os._exit(3)
     elif path == "/pid":
         await respond(200, str(os.getpid()).encode(), b"text/plain")
+    elif path == "/head":
+        status, headers, chunks = BAD_HEADS[query["case"]]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        for i, chunk in enumerate(chunks):
+            await send({"type": "http.response.body", "body": chunk, "more_body": i < len(chunks) - 1})
+    elif path == "/big":
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        chunk = b"b" * 65536
+        for _ in range(int(query["mib"]) * 16):
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
     elif path == "/invoke":
         body, _ = await read_all()
         await respond(200, body[::-1], b"application/octet-stream")
