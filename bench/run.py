@@ -366,7 +366,11 @@ def analyse_log(path: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------------------
 
 
-def measure_latency(port: int, n: int, warmup: int) -> dict[str, Any]:
+def measure_latency(port: int, n: int, warmup: int, method: str = "POST", path: str = "/invoke",
+                    body: bytes | None = None, headers: dict[str, str] | None = None) -> dict[str, Any]:
+    """Sequential requests on one keep-alive connection (TCP_NODELAY); POST /invoke with BODY by default."""
+    if method == "POST" and body is None:
+        body, headers = BODY, HEADERS
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     conn.connect()
     conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -380,7 +384,7 @@ def measure_latency(port: int, n: int, warmup: int) -> dict[str, Any]:
         for i in range(warmup + n):
             t0 = clock()
             try:
-                conn.request("POST", "/invoke", BODY, HEADERS)
+                conn.request(method, path, body, headers or {})
                 resp = conn.getresponse()
                 resp.read()
             except (OSError, http.client.HTTPException) as exc:
@@ -663,21 +667,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 NOTES_START, NOTES_END = "<!-- notes:start -->", "<!-- notes:end -->"
-POOLS_START, POOLS_END = common.POOLS_START, common.POOLS_END  # bench/pools.py's section
+# Sections other scripts write into RESULTS.md between <!-- NAME:start --> and <!-- NAME:end -->
+# (bench/pools.py's "pools", bench/custom.py's "custom"): carried over, in their order, when this rewrites it.
+SECTION = re.compile(r"<!-- ([\w-]+):start -->.*?<!-- \1:end -->", re.S)
 
 
 def write_report(report: str) -> None:
-    """Write RESULTS.md, carrying over the hand-written notes and bench/pools.py's section."""
+    """Write RESULTS.md, carrying over the hand-written notes and every other script's marked section."""
     path = BENCH / "RESULTS.md"
     notes = f"{NOTES_START}\n_(Hand-written notes go here; bench/run.py keeps this block when it rewrites the file.)_\n{NOTES_END}"
-    pools = ""
+    sections = ""
     if path.exists():
         old = path.read_text()
         if NOTES_START in old and NOTES_END in old:
             notes = old[old.index(NOTES_START):old.index(NOTES_END) + len(NOTES_END)]
-        if POOLS_START in old and POOLS_END in old:  # bench/pools.py's section
-            pools = "\n\n" + old[old.index(POOLS_START):old.index(POOLS_END) + len(POOLS_END)]
-    path.write_text(report.rstrip("\n") + pools + "\n\n## Notes\n\n" + notes + "\n")
+        sections = "".join("\n\n" + m.group(0) for m in SECTION.finditer(old) if m.group(1) != "notes")
+    path.write_text(report.rstrip("\n") + sections + "\n\n## Notes\n\n" + notes + "\n")
 
 
 def _f(x: float, digits: int = 3) -> str:
