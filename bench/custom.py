@@ -374,15 +374,7 @@ def measure_wrk(wrk: str, port: int, method: str, path: str, duration: float, ta
                 role: Callable[[Any], str]) -> dict[str, Any]:
     """bench/run.py's throughput test for any method and path, with the CPU per role."""
     with CpuWatch([target]) as watch, RoleCpu(target, role) as roles:
-        proc = Managed("wrk", wrk_argv(wrk, port, method, path, duration), stdout=subprocess.PIPE,
-                       stderr=subprocess.STDOUT)
-        try:
-            out, _ = proc.popen.communicate(timeout=duration + 60)
-        except subprocess.TimeoutExpired:
-            proc.stop(grace=2)
-            raise RuntimeError("wrk did not finish in time") from None
-        proc.stop(grace=2)
-    res = run.parse_wrk(out.decode(errors="replace"))
+        res = run.parse_wrk(run.run_wrk(wrk_argv(wrk, port, method, path, duration), duration))
     res["cpu"] = watch.result
     res["roles"] = roles.result
     return res

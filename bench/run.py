@@ -436,18 +436,23 @@ def parse_wrk(out: str) -> dict[str, Any]:
     return res
 
 
+def run_wrk(argv: list[str], duration: float) -> str:
+    """Run wrk to completion (with a deadline) and return its report."""
+    proc = Managed("wrk", argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        out, _ = proc.popen.communicate(timeout=duration + 60)
+    except subprocess.TimeoutExpired:
+        proc.stop(grace=2)
+        raise RuntimeError("wrk did not finish in time") from None
+    proc.stop(grace=2)
+    return out.decode(errors="replace")
+
+
 def measure_wrk(wrk: str, port: int, duration: int, trees: list[Managed]) -> dict[str, Any]:
     argv = [wrk, "-t2", "-c64", f"-d{duration}s", "--latency", "-s", str(BENCH / "post.lua"),
             f"http://127.0.0.1:{port}/invoke"]
     with CpuWatch(trees) as watch:
-        proc = Managed("wrk", argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        try:
-            out, _ = proc.popen.communicate(timeout=duration + 60)
-        except subprocess.TimeoutExpired:
-            proc.stop(grace=2)
-            raise RuntimeError("wrk did not finish in time") from None
-        proc.stop(grace=2)
-    text = out.decode(errors="replace")
+        text = run_wrk(argv, duration)
     res = parse_wrk(text)
     res["cpu"] = watch.result
     res["raw"] = text
