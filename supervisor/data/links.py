@@ -9,7 +9,7 @@ Rules:
   frames are capped at 64 KiB; anything else drops the connection.
 - After authentication the frame cap is the function's ``max_body`` plus
   overhead: a worker cannot make the data plane buffer more than that.
-- The peer's pid comes from SO_PEERCRED, never from what the worker says.
+- The peer's pid and uid come from SO_PEERCRED, never from what the worker says.
 """
 
 from __future__ import annotations

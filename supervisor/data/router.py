@@ -335,6 +335,9 @@ class Router:
         if link.peer_pid != expected.pid:
             return self._refuse(link, hello.worker_id, f"credential presented by pid {link.peer_pid}, "
                                                        f"issued to pid {expected.pid}")
+        if expected.HasField("uid") and link.peer_uid != expected.uid:
+            return self._refuse(link, hello.worker_id, f"credential presented by uid {link.peer_uid}, "
+                                                       f"issued to uid {expected.uid}")
         if hello.worker_id in self.links:
             return self._refuse(link, hello.worker_id, "worker already connected")
         function = self.functions.get(expected.function)

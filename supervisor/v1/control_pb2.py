@@ -24,13 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsupervisor/v1/control.proto\x12\rsupervisor.v1\"\x97\x03\n\x0e\x44\x61taPlaneEvent\x12.\n\x05hello\x18\x01 \x01(\x0b\x32\x1d.supervisor.v1.DataPlaneHelloH\x00\x12/\n\x07session\x18\x02 \x01(\x0b\x32\x1c.supervisor.v1.WorkerSessionH\x00\x12+\n\x05ready\x18\x03 \x01(\x0b\x32\x1a.supervisor.v1.WorkerReadyH\x00\x12\x36\n\x0binit_failed\x18\x04 \x01(\x0b\x32\x1f.supervisor.v1.WorkerInitFailedH\x00\x12\x39\n\x0c\x64isconnected\x18\x05 \x01(\x0b\x32!.supervisor.v1.WorkerDisconnectedH\x00\x12)\n\x04kill\x18\x06 \x01(\x0b\x32\x19.supervisor.v1.KillWorkerH\x00\x12\'\n\x06\x64\x65mand\x18\x07 \x01(\x0b\x32\x15.supervisor.v1.DemandH\x00\x12\'\n\x03\x64ue\x18\x08 \x01(\x0b\x32\x18.supervisor.v1.WorkerDueH\x00\x42\x07\n\x05\x65vent\"\x1d\n\x0e\x44\x61taPlaneHello\x12\x0b\n\x03pid\x18\x01 \x01(\x05\"=\n\rWorkerSession\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x19\n\x11next_token_digest\x18\x02 \x01(\x0c\" \n\x0bWorkerReady\x12\x11\n\tworker_id\x18\x01 \x01(\t\"e\n\x10WorkerInitFailed\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x12\n\nerror_type\x18\x02 \x01(\t\x12\x15\n\rerror_message\x18\x03 \x01(\t\x12\x13\n\x0bstack_trace\x18\x04 \x01(\t\"\'\n\x12WorkerDisconnected\x12\x11\n\tworker_id\x18\x01 \x01(\t\"/\n\nKillWorker\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"A\n\nWorkerLoad\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x10\n\x08inflight\x18\x02 \x01(\r\x12\x0e\n\x06served\x18\x03 \x01(\x04\"\x95\x01\n\x06\x44\x65mand\x12\x10\n\x08\x66unction\x18\x01 \x01(\t\x12\x13\n\x0bqueue_depth\x18\x02 \x01(\r\x12\x10\n\x08inflight\x18\x03 \x01(\r\x12*\n\x07workers\x18\x04 \x03(\x0b\x32\x19.supervisor.v1.WorkerLoad\x12\x10\n\x08\x64raining\x18\x05 \x01(\x08\x12\x14\n\x0c\x62usy_seconds\x18\x06 \x01(\x01\".\n\tWorkerDue\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xab\x02\n\x0c\x43ontrolEvent\x12+\n\x08snapshot\x18\x01 \x01(\x0b\x32\x17.supervisor.v1.SnapshotH\x00\x12+\n\x05\x61\x64\x64\x65\x64\x18\x02 \x01(\x0b\x32\x1a.supervisor.v1.WorkerAddedH\x00\x12/\n\x07removed\x18\x03 \x01(\x0b\x32\x1c.supervisor.v1.WorkerRemovedH\x00\x12+\n\x05\x64rain\x18\x04 \x01(\x0b\x32\x1a.supervisor.v1.DrainWorkerH\x00\x12+\n\x06health\x18\x05 \x01(\x0b\x32\x19.supervisor.v1.PoolHealthH\x00\x12-\n\x06\x63onfig\x18\x06 \x01(\x0b\x32\x1b.supervisor.v1.ConfigUpdateH\x00\x42\x07\n\x05\x65vent\"P\n\x0c\x43onfigUpdate\x12\x0c\n\x04toml\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61se_dir\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\x12\n\ngeneration\x18\x04 \x01(\x04\"\x7f\n\x0bWorkerAdded\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x10\n\x08\x66unction\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12\x14\n\x0ctoken_digest\x18\x04 \x01(\x0c\x12\x14\n\x0cmax_requests\x18\x05 \x01(\r\x12\x12\n\ndisposable\x18\x06 \x01(\x08\"P\n\rWorkerRemoved\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07\x63rashed\x18\x03 \x01(\x08\x12\x0b\n\x03oom\x18\x04 \x01(\x08\" \n\x0b\x44rainWorker\x12\x11\n\tworker_id\x18\x01 \x01(\t\"\x90\x01\n\nPoolHealth\x12\x10\n\x08\x66unction\x18\x01 \x01(\t\x12\x13\n\x0binit_failed\x18\x02 \x01(\x08\x12\x12\n\nerror_type\x18\x03 \x01(\t\x12\x15\n\rerror_message\x18\x04 \x01(\t\x12\x0c\n\x04warm\x18\x05 \x01(\x08\x12\x15\n\x08min_warm\x18\x06 \x01(\rH\x00\x88\x01\x01\x42\x0b\n\t_min_warm\"\x8f\x01\n\x08Snapshot\x12+\n\x07workers\x18\x01 \x03(\x0b\x32\x1a.supervisor.v1.WorkerAdded\x12)\n\x06health\x18\x02 \x03(\x0b\x32\x19.supervisor.v1.PoolHealth\x12+\n\x06\x63onfig\x18\x03 \x01(\x0b\x32\x1b.supervisor.v1.ConfigUpdate\"%\n\x10WaitReadyRequest\x12\x11\n\ttimeout_s\x18\x01 \x01(\x01\"Y\n\x0eWaitReadyReply\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x10\n\x08\x66unction\x18\x02 \x01(\t\x12\x12\n\nerror_type\x18\x03 \x01(\t\x12\x15\n\rerror_message\x18\x04 \x01(\t\"5\n\x12StopWorkersRequest\x12\x0f\n\x07grace_s\x18\x01 \x01(\x01\x12\x0e\n\x06reason\x18\x02 \x01(\t\"#\n\x10StopWorkersReply\x12\x0f\n\x07stopped\x18\x01 \x01(\r\"\x0f\n\rStatusRequest\"\x88\x01\n\x0cWorkerStatus\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\x05\x12\r\n\x05state\x18\x03 \x01(\t\x12\x10\n\x08inflight\x18\x04 \x01(\r\x12\x0e\n\x06served\x18\x05 \x01(\x04\x12\r\n\x05\x61ge_s\x18\x06 \x01(\x01\x12\x11\n\trss_bytes\x18\x07 \x01(\x04\x12\x0c\n\x04mode\x18\x08 \x01(\t\"\xd4\x01\n\x0e\x46unctionStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07runtime\x18\x02 \x01(\t\x12\x10\n\x08min_warm\x18\x03 \x01(\r\x12\x13\n\x0bmax_workers\x18\x04 \x01(\r\x12\x13\n\x0b\x63oncurrency\x18\x05 \x01(\r\x12\x13\n\x0bqueue_depth\x18\x06 \x01(\r\x12\x10\n\x08inflight\x18\x07 \x01(\r\x12,\n\x07workers\x18\x08 \x03(\x0b\x32\x1b.supervisor.v1.WorkerStatus\x12\x12\n\ninit_error\x18\t \x01(\t\"\xb1\x01\n\x0bStatusReply\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\x30\n\tfunctions\x18\x02 \x03(\x0b\x32\x1d.supervisor.v1.FunctionStatus\x12\x1b\n\x13\x64\x61ta_plane_attached\x18\x03 \x01(\x08\x12\x10\n\x08\x64raining\x18\x04 \x01(\x08\x12\x32\n\ncomponents\x18\x05 \x03(\x0b\x32\x1e.supervisor.v1.ComponentStatus\"o\n\x0f\x43omponentStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\x05\x12\r\n\x05state\x18\x03 \x01(\t\x12\x10\n\x08restarts\x18\x04 \x01(\r\x12\x10\n\x08uptime_s\x18\x05 \x01(\x01\x12\x0e\n\x06\x64\x65tail\x18\x06 \x01(\t\"\x0f\n\rReloadRequest\".\n\rConfigProblem\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xa1\x01\n\x0bReloadReply\x12\n\n\x02ok\x18\x01 \x01(\x08\x12.\n\x08problems\x18\x02 \x03(\x0b\x32\x1c.supervisor.v1.ConfigProblem\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x03 \x03(\t\x12\x0f\n\x07removed\x18\x04 \x03(\t\x12\x0f\n\x07\x63hanged\x18\x05 \x03(\t\x12\x11\n\tunchanged\x18\x06 \x03(\t\x12\x12\n\ngeneration\x18\x07 \x01(\x04\"n\n\x0cScaleRequest\x12\x10\n\x08\x66unction\x18\x01 \x01(\t\x12\x15\n\x08min_warm\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0bmax_workers\x18\x03 \x01(\rH\x01\x88\x01\x01\x42\x0b\n\t_min_warmB\x0e\n\x0c_max_workers\"N\n\nScaleReply\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x10\n\x08min_warm\x18\x03 \x01(\r\x12\x13\n\x0bmax_workers\x18\x04 \x01(\r\"%\n\x0eMetricsRequest\x12\x13\n\x0bopenmetrics\x18\x01 \x01(\x08\"\"\n\x0cMetricsReply\x12\x12\n\nexposition\x18\x01 \x01(\x0c\x32\x8e\x04\n\x0c\x43ontrolPlane\x12H\n\x06\x41ttach\x12\x1d.supervisor.v1.DataPlaneEvent\x1a\x1b.supervisor.v1.ControlEvent(\x01\x30\x01\x12K\n\tWaitReady\x12\x1f.supervisor.v1.WaitReadyRequest\x1a\x1d.supervisor.v1.WaitReadyReply\x12Q\n\x0bStopWorkers\x12!.supervisor.v1.StopWorkersRequest\x1a\x1f.supervisor.v1.StopWorkersReply\x12\x45\n\tGetStatus\x12\x1c.supervisor.v1.StatusRequest\x1a\x1a.supervisor.v1.StatusReply\x12H\n\nGetMetrics\x12\x1d.supervisor.v1.MetricsRequest\x1a\x1b.supervisor.v1.MetricsReply\x12\x42\n\x06Reload\x12\x1c.supervisor.v1.ReloadRequest\x1a\x1a.supervisor.v1.ReloadReply\x12?\n\x05Scale\x12\x1b.supervisor.v1.ScaleRequest\x1a\x19.supervisor.v1.ScaleReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsupervisor/v1/control.proto\x12\rsupervisor.v1\"\x97\x03\n\x0e\x44\x61taPlaneEvent\x12.\n\x05hello\x18\x01 \x01(\x0b\x32\x1d.supervisor.v1.DataPlaneHelloH\x00\x12/\n\x07session\x18\x02 \x01(\x0b\x32\x1c.supervisor.v1.WorkerSessionH\x00\x12+\n\x05ready\x18\x03 \x01(\x0b\x32\x1a.supervisor.v1.WorkerReadyH\x00\x12\x36\n\x0binit_failed\x18\x04 \x01(\x0b\x32\x1f.supervisor.v1.WorkerInitFailedH\x00\x12\x39\n\x0c\x64isconnected\x18\x05 \x01(\x0b\x32!.supervisor.v1.WorkerDisconnectedH\x00\x12)\n\x04kill\x18\x06 \x01(\x0b\x32\x19.supervisor.v1.KillWorkerH\x00\x12\'\n\x06\x64\x65mand\x18\x07 \x01(\x0b\x32\x15.supervisor.v1.DemandH\x00\x12\'\n\x03\x64ue\x18\x08 \x01(\x0b\x32\x18.supervisor.v1.WorkerDueH\x00\x42\x07\n\x05\x65vent\"\x1d\n\x0e\x44\x61taPlaneHello\x12\x0b\n\x03pid\x18\x01 \x01(\x05\"=\n\rWorkerSession\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x19\n\x11next_token_digest\x18\x02 \x01(\x0c\" \n\x0bWorkerReady\x12\x11\n\tworker_id\x18\x01 \x01(\t\"e\n\x10WorkerInitFailed\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x12\n\nerror_type\x18\x02 \x01(\t\x12\x15\n\rerror_message\x18\x03 \x01(\t\x12\x13\n\x0bstack_trace\x18\x04 \x01(\t\"\'\n\x12WorkerDisconnected\x12\x11\n\tworker_id\x18\x01 \x01(\t\"/\n\nKillWorker\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"A\n\nWorkerLoad\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x10\n\x08inflight\x18\x02 \x01(\r\x12\x0e\n\x06served\x18\x03 \x01(\x04\"\x95\x01\n\x06\x44\x65mand\x12\x10\n\x08\x66unction\x18\x01 \x01(\t\x12\x13\n\x0bqueue_depth\x18\x02 \x01(\r\x12\x10\n\x08inflight\x18\x03 \x01(\r\x12*\n\x07workers\x18\x04 \x03(\x0b\x32\x19.supervisor.v1.WorkerLoad\x12\x10\n\x08\x64raining\x18\x05 \x01(\x08\x12\x14\n\x0c\x62usy_seconds\x18\x06 \x01(\x01\".\n\tWorkerDue\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xab\x02\n\x0c\x43ontrolEvent\x12+\n\x08snapshot\x18\x01 \x01(\x0b\x32\x17.supervisor.v1.SnapshotH\x00\x12+\n\x05\x61\x64\x64\x65\x64\x18\x02 \x01(\x0b\x32\x1a.supervisor.v1.WorkerAddedH\x00\x12/\n\x07removed\x18\x03 \x01(\x0b\x32\x1c.supervisor.v1.WorkerRemovedH\x00\x12+\n\x05\x64rain\x18\x04 \x01(\x0b\x32\x1a.supervisor.v1.DrainWorkerH\x00\x12+\n\x06health\x18\x05 \x01(\x0b\x32\x19.supervisor.v1.PoolHealthH\x00\x12-\n\x06\x63onfig\x18\x06 \x01(\x0b\x32\x1b.supervisor.v1.ConfigUpdateH\x00\x42\x07\n\x05\x65vent\"P\n\x0c\x43onfigUpdate\x12\x0c\n\x04toml\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61se_dir\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\x12\n\ngeneration\x18\x04 \x01(\x04\"\x99\x01\n\x0bWorkerAdded\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x10\n\x08\x66unction\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12\x14\n\x0ctoken_digest\x18\x04 \x01(\x0c\x12\x14\n\x0cmax_requests\x18\x05 \x01(\r\x12\x12\n\ndisposable\x18\x06 \x01(\x08\x12\x10\n\x03uid\x18\x07 \x01(\rH\x00\x88\x01\x01\x42\x06\n\x04_uid\"P\n\rWorkerRemoved\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07\x63rashed\x18\x03 \x01(\x08\x12\x0b\n\x03oom\x18\x04 \x01(\x08\" \n\x0b\x44rainWorker\x12\x11\n\tworker_id\x18\x01 \x01(\t\"\x90\x01\n\nPoolHealth\x12\x10\n\x08\x66unction\x18\x01 \x01(\t\x12\x13\n\x0binit_failed\x18\x02 \x01(\x08\x12\x12\n\nerror_type\x18\x03 \x01(\t\x12\x15\n\rerror_message\x18\x04 \x01(\t\x12\x0c\n\x04warm\x18\x05 \x01(\x08\x12\x15\n\x08min_warm\x18\x06 \x01(\rH\x00\x88\x01\x01\x42\x0b\n\t_min_warm\"\x8f\x01\n\x08Snapshot\x12+\n\x07workers\x18\x01 \x03(\x0b\x32\x1a.supervisor.v1.WorkerAdded\x12)\n\x06health\x18\x02 \x03(\x0b\x32\x19.supervisor.v1.PoolHealth\x12+\n\x06\x63onfig\x18\x03 \x01(\x0b\x32\x1b.supervisor.v1.ConfigUpdate\"%\n\x10WaitReadyRequest\x12\x11\n\ttimeout_s\x18\x01 \x01(\x01\"Y\n\x0eWaitReadyReply\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x10\n\x08\x66unction\x18\x02 \x01(\t\x12\x12\n\nerror_type\x18\x03 \x01(\t\x12\x15\n\rerror_message\x18\x04 \x01(\t\"5\n\x12StopWorkersRequest\x12\x0f\n\x07grace_s\x18\x01 \x01(\x01\x12\x0e\n\x06reason\x18\x02 \x01(\t\"#\n\x10StopWorkersReply\x12\x0f\n\x07stopped\x18\x01 \x01(\r\"\x0f\n\rStatusRequest\"\x88\x01\n\x0cWorkerStatus\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\x05\x12\r\n\x05state\x18\x03 \x01(\t\x12\x10\n\x08inflight\x18\x04 \x01(\r\x12\x0e\n\x06served\x18\x05 \x01(\x04\x12\r\n\x05\x61ge_s\x18\x06 \x01(\x01\x12\x11\n\trss_bytes\x18\x07 \x01(\x04\x12\x0c\n\x04mode\x18\x08 \x01(\t\"\xc7\x02\n\x0e\x46unctionStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07runtime\x18\x02 \x01(\t\x12\x10\n\x08min_warm\x18\x03 \x01(\r\x12\x13\n\x0bmax_workers\x18\x04 \x01(\r\x12\x13\n\x0b\x63oncurrency\x18\x05 \x01(\r\x12\x13\n\x0bqueue_depth\x18\x06 \x01(\r\x12\x10\n\x08inflight\x18\x07 \x01(\r\x12,\n\x07workers\x18\x08 \x03(\x0b\x32\x1b.supervisor.v1.WorkerStatus\x12\x12\n\ninit_error\x18\t \x01(\t\x12?\n\tisolation\x18\n \x03(\x0b\x32,.supervisor.v1.FunctionStatus.IsolationEntry\x1a\x30\n\x0eIsolationEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb1\x01\n\x0bStatusReply\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\x30\n\tfunctions\x18\x02 \x03(\x0b\x32\x1d.supervisor.v1.FunctionStatus\x12\x1b\n\x13\x64\x61ta_plane_attached\x18\x03 \x01(\x08\x12\x10\n\x08\x64raining\x18\x04 \x01(\x08\x12\x32\n\ncomponents\x18\x05 \x03(\x0b\x32\x1e.supervisor.v1.ComponentStatus\"o\n\x0f\x43omponentStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\x05\x12\r\n\x05state\x18\x03 \x01(\t\x12\x10\n\x08restarts\x18\x04 \x01(\r\x12\x10\n\x08uptime_s\x18\x05 \x01(\x01\x12\x0e\n\x06\x64\x65tail\x18\x06 \x01(\t\"\x0f\n\rReloadRequest\".\n\rConfigProblem\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xa1\x01\n\x0bReloadReply\x12\n\n\x02ok\x18\x01 \x01(\x08\x12.\n\x08problems\x18\x02 \x03(\x0b\x32\x1c.supervisor.v1.ConfigProblem\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x03 \x03(\t\x12\x0f\n\x07removed\x18\x04 \x03(\t\x12\x0f\n\x07\x63hanged\x18\x05 \x03(\t\x12\x11\n\tunchanged\x18\x06 \x03(\t\x12\x12\n\ngeneration\x18\x07 \x01(\x04\"n\n\x0cScaleRequest\x12\x10\n\x08\x66unction\x18\x01 \x01(\t\x12\x15\n\x08min_warm\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0bmax_workers\x18\x03 \x01(\rH\x01\x88\x01\x01\x42\x0b\n\t_min_warmB\x0e\n\x0c_max_workers\"N\n\nScaleReply\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x10\n\x08min_warm\x18\x03 \x01(\r\x12\x13\n\x0bmax_workers\x18\x04 \x01(\r\"%\n\x0eMetricsRequest\x12\x13\n\x0bopenmetrics\x18\x01 \x01(\x08\"\"\n\x0cMetricsReply\x12\x12\n\nexposition\x18\x01 \x01(\x0c\x32\x8e\x04\n\x0c\x43ontrolPlane\x12H\n\x06\x41ttach\x12\x1d.supervisor.v1.DataPlaneEvent\x1a\x1b.supervisor.v1.ControlEvent(\x01\x30\x01\x12K\n\tWaitReady\x12\x1f.supervisor.v1.WaitReadyRequest\x1a\x1d.supervisor.v1.WaitReadyReply\x12Q\n\x0bStopWorkers\x12!.supervisor.v1.StopWorkersRequest\x1a\x1f.supervisor.v1.StopWorkersReply\x12\x45\n\tGetStatus\x12\x1c.supervisor.v1.StatusRequest\x1a\x1a.supervisor.v1.StatusReply\x12H\n\nGetMetrics\x12\x1d.supervisor.v1.MetricsRequest\x1a\x1b.supervisor.v1.MetricsReply\x12\x42\n\x06Reload\x12\x1c.supervisor.v1.ReloadRequest\x1a\x1a.supervisor.v1.ReloadReply\x12?\n\x05Scale\x12\x1b.supervisor.v1.ScaleRequest\x1a\x19.supervisor.v1.ScaleReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'supervisor.v1.control_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_FUNCTIONSTATUS_ISOLATIONENTRY']._loaded_options = None
+  _globals['_FUNCTIONSTATUS_ISOLATIONENTRY']._serialized_options = b'8\001'
   _globals['_DATAPLANEEVENT']._serialized_start=47
   _globals['_DATAPLANEEVENT']._serialized_end=454
   _globals['_DATAPLANEHELLO']._serialized_start=456
@@ -55,48 +57,50 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CONTROLEVENT']._serialized_end=1344
   _globals['_CONFIGUPDATE']._serialized_start=1346
   _globals['_CONFIGUPDATE']._serialized_end=1426
-  _globals['_WORKERADDED']._serialized_start=1428
-  _globals['_WORKERADDED']._serialized_end=1555
-  _globals['_WORKERREMOVED']._serialized_start=1557
-  _globals['_WORKERREMOVED']._serialized_end=1637
-  _globals['_DRAINWORKER']._serialized_start=1639
-  _globals['_DRAINWORKER']._serialized_end=1671
-  _globals['_POOLHEALTH']._serialized_start=1674
-  _globals['_POOLHEALTH']._serialized_end=1818
-  _globals['_SNAPSHOT']._serialized_start=1821
-  _globals['_SNAPSHOT']._serialized_end=1964
-  _globals['_WAITREADYREQUEST']._serialized_start=1966
-  _globals['_WAITREADYREQUEST']._serialized_end=2003
-  _globals['_WAITREADYREPLY']._serialized_start=2005
-  _globals['_WAITREADYREPLY']._serialized_end=2094
-  _globals['_STOPWORKERSREQUEST']._serialized_start=2096
-  _globals['_STOPWORKERSREQUEST']._serialized_end=2149
-  _globals['_STOPWORKERSREPLY']._serialized_start=2151
-  _globals['_STOPWORKERSREPLY']._serialized_end=2186
-  _globals['_STATUSREQUEST']._serialized_start=2188
-  _globals['_STATUSREQUEST']._serialized_end=2203
-  _globals['_WORKERSTATUS']._serialized_start=2206
-  _globals['_WORKERSTATUS']._serialized_end=2342
-  _globals['_FUNCTIONSTATUS']._serialized_start=2345
-  _globals['_FUNCTIONSTATUS']._serialized_end=2557
-  _globals['_STATUSREPLY']._serialized_start=2560
-  _globals['_STATUSREPLY']._serialized_end=2737
-  _globals['_COMPONENTSTATUS']._serialized_start=2739
-  _globals['_COMPONENTSTATUS']._serialized_end=2850
-  _globals['_RELOADREQUEST']._serialized_start=2852
-  _globals['_RELOADREQUEST']._serialized_end=2867
-  _globals['_CONFIGPROBLEM']._serialized_start=2869
-  _globals['_CONFIGPROBLEM']._serialized_end=2915
-  _globals['_RELOADREPLY']._serialized_start=2918
-  _globals['_RELOADREPLY']._serialized_end=3079
-  _globals['_SCALEREQUEST']._serialized_start=3081
-  _globals['_SCALEREQUEST']._serialized_end=3191
-  _globals['_SCALEREPLY']._serialized_start=3193
-  _globals['_SCALEREPLY']._serialized_end=3271
-  _globals['_METRICSREQUEST']._serialized_start=3273
-  _globals['_METRICSREQUEST']._serialized_end=3310
-  _globals['_METRICSREPLY']._serialized_start=3312
-  _globals['_METRICSREPLY']._serialized_end=3346
-  _globals['_CONTROLPLANE']._serialized_start=3349
-  _globals['_CONTROLPLANE']._serialized_end=3875
+  _globals['_WORKERADDED']._serialized_start=1429
+  _globals['_WORKERADDED']._serialized_end=1582
+  _globals['_WORKERREMOVED']._serialized_start=1584
+  _globals['_WORKERREMOVED']._serialized_end=1664
+  _globals['_DRAINWORKER']._serialized_start=1666
+  _globals['_DRAINWORKER']._serialized_end=1698
+  _globals['_POOLHEALTH']._serialized_start=1701
+  _globals['_POOLHEALTH']._serialized_end=1845
+  _globals['_SNAPSHOT']._serialized_start=1848
+  _globals['_SNAPSHOT']._serialized_end=1991
+  _globals['_WAITREADYREQUEST']._serialized_start=1993
+  _globals['_WAITREADYREQUEST']._serialized_end=2030
+  _globals['_WAITREADYREPLY']._serialized_start=2032
+  _globals['_WAITREADYREPLY']._serialized_end=2121
+  _globals['_STOPWORKERSREQUEST']._serialized_start=2123
+  _globals['_STOPWORKERSREQUEST']._serialized_end=2176
+  _globals['_STOPWORKERSREPLY']._serialized_start=2178
+  _globals['_STOPWORKERSREPLY']._serialized_end=2213
+  _globals['_STATUSREQUEST']._serialized_start=2215
+  _globals['_STATUSREQUEST']._serialized_end=2230
+  _globals['_WORKERSTATUS']._serialized_start=2233
+  _globals['_WORKERSTATUS']._serialized_end=2369
+  _globals['_FUNCTIONSTATUS']._serialized_start=2372
+  _globals['_FUNCTIONSTATUS']._serialized_end=2699
+  _globals['_FUNCTIONSTATUS_ISOLATIONENTRY']._serialized_start=2651
+  _globals['_FUNCTIONSTATUS_ISOLATIONENTRY']._serialized_end=2699
+  _globals['_STATUSREPLY']._serialized_start=2702
+  _globals['_STATUSREPLY']._serialized_end=2879
+  _globals['_COMPONENTSTATUS']._serialized_start=2881
+  _globals['_COMPONENTSTATUS']._serialized_end=2992
+  _globals['_RELOADREQUEST']._serialized_start=2994
+  _globals['_RELOADREQUEST']._serialized_end=3009
+  _globals['_CONFIGPROBLEM']._serialized_start=3011
+  _globals['_CONFIGPROBLEM']._serialized_end=3057
+  _globals['_RELOADREPLY']._serialized_start=3060
+  _globals['_RELOADREPLY']._serialized_end=3221
+  _globals['_SCALEREQUEST']._serialized_start=3223
+  _globals['_SCALEREQUEST']._serialized_end=3333
+  _globals['_SCALEREPLY']._serialized_start=3335
+  _globals['_SCALEREPLY']._serialized_end=3413
+  _globals['_METRICSREQUEST']._serialized_start=3415
+  _globals['_METRICSREQUEST']._serialized_end=3452
+  _globals['_METRICSREPLY']._serialized_start=3454
+  _globals['_METRICSREPLY']._serialized_end=3488
+  _globals['_CONTROLPLANE']._serialized_start=3491
+  _globals['_CONTROLPLANE']._serialized_end=4017
 # @@protoc_insertion_point(module_scope)

@@ -135,20 +135,22 @@ class ConfigUpdate(_message.Message):
     def __init__(self, toml: _Optional[str] = ..., base_dir: _Optional[str] = ..., path: _Optional[str] = ..., generation: _Optional[int] = ...) -> None: ...
 
 class WorkerAdded(_message.Message):
-    __slots__ = ("worker_id", "function", "pid", "token_digest", "max_requests", "disposable")
+    __slots__ = ("worker_id", "function", "pid", "token_digest", "max_requests", "disposable", "uid")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     FUNCTION_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_DIGEST_FIELD_NUMBER: _ClassVar[int]
     MAX_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     DISPOSABLE_FIELD_NUMBER: _ClassVar[int]
+    UID_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     function: str
     pid: int
     token_digest: bytes
     max_requests: int
     disposable: bool
-    def __init__(self, worker_id: _Optional[str] = ..., function: _Optional[str] = ..., pid: _Optional[int] = ..., token_digest: _Optional[bytes] = ..., max_requests: _Optional[int] = ..., disposable: _Optional[bool] = ...) -> None: ...
+    uid: int
+    def __init__(self, worker_id: _Optional[str] = ..., function: _Optional[str] = ..., pid: _Optional[int] = ..., token_digest: _Optional[bytes] = ..., max_requests: _Optional[int] = ..., disposable: _Optional[bool] = ..., uid: _Optional[int] = ...) -> None: ...
 
 class WorkerRemoved(_message.Message):
     __slots__ = ("worker_id", "reason", "crashed", "oom")
@@ -251,7 +253,14 @@ class WorkerStatus(_message.Message):
     def __init__(self, id: _Optional[str] = ..., pid: _Optional[int] = ..., state: _Optional[str] = ..., inflight: _Optional[int] = ..., served: _Optional[int] = ..., age_s: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., mode: _Optional[str] = ...) -> None: ...
 
 class FunctionStatus(_message.Message):
-    __slots__ = ("name", "runtime", "min_warm", "max_workers", "concurrency", "queue_depth", "inflight", "workers", "init_error")
+    __slots__ = ("name", "runtime", "min_warm", "max_workers", "concurrency", "queue_depth", "inflight", "workers", "init_error", "isolation")
+    class IsolationEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     NAME_FIELD_NUMBER: _ClassVar[int]
     RUNTIME_FIELD_NUMBER: _ClassVar[int]
     MIN_WARM_FIELD_NUMBER: _ClassVar[int]
@@ -261,6 +270,7 @@ class FunctionStatus(_message.Message):
     INFLIGHT_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     INIT_ERROR_FIELD_NUMBER: _ClassVar[int]
+    ISOLATION_FIELD_NUMBER: _ClassVar[int]
     name: str
     runtime: str
     min_warm: int
@@ -270,7 +280,8 @@ class FunctionStatus(_message.Message):
     inflight: int
     workers: _containers.RepeatedCompositeFieldContainer[WorkerStatus]
     init_error: str
-    def __init__(self, name: _Optional[str] = ..., runtime: _Optional[str] = ..., min_warm: _Optional[int] = ..., max_workers: _Optional[int] = ..., concurrency: _Optional[int] = ..., queue_depth: _Optional[int] = ..., inflight: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., init_error: _Optional[str] = ...) -> None: ...
+    isolation: _containers.ScalarMap[str, str]
+    def __init__(self, name: _Optional[str] = ..., runtime: _Optional[str] = ..., min_warm: _Optional[int] = ..., max_workers: _Optional[int] = ..., concurrency: _Optional[int] = ..., queue_depth: _Optional[int] = ..., inflight: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., init_error: _Optional[str] = ..., isolation: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class StatusReply(_message.Message):
     __slots__ = ("ready", "functions", "data_plane_attached", "draining", "components")
