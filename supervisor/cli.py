@@ -158,6 +158,7 @@ def _function(function: FunctionStatus) -> dict[str, Any]:
         ],
         # Extra keys are allowed inside function objects only.
         "init_error": function.init_error or None,
+        "isolation": dict(function.isolation),
     }
 
 
@@ -260,6 +261,8 @@ def render_status(state: Mapping[str, Any] | None, reply: StatusReply | None,
         )
         if function["init_error"]:
             lines.append(f"  init error: {function['init_error']}")
+        for kind, how in function["isolation"].items():
+            lines.append(f"  isolation {kind}: {how}")
         if not function["workers"]:
             lines.append("  (no workers)")
             continue
@@ -532,12 +535,13 @@ def cmd_invoke(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from supervisor.config import ConfigError, Problem, check_handlers, load_config, resolve_config_path
+    from supervisor.config import ConfigError, Problem, load_config, resolve_config_path
+    from supervisor.control.sandbox import check_config
 
     path = resolve_config_path(args.config, os.environ, Path.cwd())
     try:
         config = load_config(path)
-        problems = check_handlers(config)
+        problems = check_config(config)
     except ConfigError as exc:
         problems = exc.problems
     except UnicodeDecodeError as exc:

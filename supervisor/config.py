@@ -513,7 +513,10 @@ def resolve_config_path(cli_path: str | None, env: Mapping[str, str], cwd: Path)
 # behind a marker, because user modules may print while they are imported.
 _CHECK_SCRIPT = r"""
 import importlib, json, sys
-marker, specs = sys.argv[1], json.loads(sys.argv[2])
+marker, specs, plan = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[4])
+if plan:  # importing is running user code: isolated as the function's workers are
+    from worker import isolation
+    isolation.apply(plan)
 out, sys.stdout = sys.stdout, sys.stderr
 sys.path.insert(0, sys.argv[3])
 found = {}
@@ -538,11 +541,16 @@ out.flush()
 _MARKER = "@@ca-supervisor-check@@"
 
 
-def _check_function(function: FunctionConfig, timeout_s: float) -> list[Problem]:
+def _check_function(function: FunctionConfig, timeout_s: float, plan: dict[str, Any] | None) -> list[Problem]:
+    from supervisor.control.launcher import worker_env
+
     prefix = f"functions.{function.name}"
     specs = [(key, getattr(function, key)) for key in ("handler", *_HOOK_FIELDS) if getattr(function, key)]
-    env = {**os.environ, **function.env, "PYTHONDONTWRITEBYTECODE": "1"}
-    argv = [sys.executable, "-c", _CHECK_SCRIPT, _MARKER, json.dumps(specs), str(function.code_dir)]
+    # The environment a worker gets, not the supervisor's (which may hold secrets).
+    env = {**worker_env(function, "check", os.environ), "PYTHONDONTWRITEBYTECODE": "1"}
+    # -P: nothing in the code dir can stand in for a module imported before the sandbox is up.
+    argv = [sys.executable, "-P", "-c", _CHECK_SCRIPT, _MARKER, json.dumps(specs), str(function.code_dir),
+            json.dumps(plan or {})]
     # Its own session, so a timeout kills anything the module started too.
     process = subprocess.Popen(argv, cwd=function.code_dir, env=env, stdin=subprocess.DEVNULL,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
@@ -580,14 +588,16 @@ def _check_command(function: FunctionConfig) -> list[Problem]:
     return []
 
 
-def check_handlers(config: Config, timeout_s: float = 20.0) -> list[Problem]:
-    """Import every python function's handler and hooks in a subprocess, and find
-    every other function's command; [] when all resolve."""
+def check_handlers(config: Config, timeout_s: float = 20.0,
+                   plans: Mapping[str, dict[str, Any]] | None = None) -> list[Problem]:
+    """Import every python function's handler and hooks in a subprocess (isolated
+    by ``plans[name]``, see ``supervisor/control/sandbox.py``), and find every
+    other function's command; [] when all resolve."""
     problems = [problem for f in config.functions.values() if f.runtime != "python" for problem in _check_command(f)]
     functions = [f for f in config.functions.values() if f.runtime == "python"]
     if not functions:
         return problems
     # Threads, not asyncio: callers may already be inside an event loop.
     with ThreadPoolExecutor(max_workers=len(functions)) as pool:
-        results = list(pool.map(lambda f: _check_function(f, timeout_s), functions))
+        results = list(pool.map(lambda f: _check_function(f, timeout_s, (plans or {}).get(f.name)), functions))
     return problems + [problem for found in results for problem in found]

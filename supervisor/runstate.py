@@ -35,6 +35,7 @@ import errno
 import fcntl
 import json
 import os
+import stat
 import sys
 import tempfile
 from collections.abc import Callable, Coroutine
@@ -202,7 +203,12 @@ def hold_lock(paths: RunPaths) -> int:
     O_CLOEXEC keeps exec'd children (planes, workers) from inheriting it: a
     leaked worker must not make a dead supervisor look alive.
     """
-    paths.run_dir.mkdir(parents=True, exist_ok=True)
+    paths.run_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+    # Workers (other users) connect to a socket here; none may add, replace or
+    # remove a file in it (a socket of its own in place of the data plane's).
+    st = paths.run_dir.stat()
+    if st.st_uid == os.geteuid() and st.st_mode & 0o022:
+        paths.run_dir.chmod(stat.S_IMODE(st.st_mode) & ~0o022)
     fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

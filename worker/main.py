@@ -46,6 +46,7 @@ EXIT_REJECTED = 77
 EXIT_INIT_FAILED = 78
 EXIT_LOST_DATA_PLANE = 75
 EXIT_RUNTIME_EXITED = 70
+EXIT_ISOLATION_FAILED = 71
 STREAM_FRAMES = frozenset({wire.Kind.REQUEST_BODY, wire.Kind.REQUEST_END, wire.Kind.WINDOW, wire.Kind.CANCEL})
 ORPHAN_LINGER_S = 5.0
 ORPHAN_POLL_S = 0.5
@@ -395,6 +396,15 @@ def start(spec: dict[str, Any]) -> None:
     """
     # Nothing the supervisor's processes had open reaches user code.
     os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+    if spec.get("isolation"):
+        # Before any thread (unshare refuses a threaded process) and any user code.
+        from worker import isolation
+
+        try:
+            isolation.apply(spec["isolation"])
+        except isolation.IsolationError as exc:
+            output.log_error(f"could not isolate this worker: {exc}")
+            os._exit(EXIT_ISOLATION_FAILED)
     watch_for_orphaning(int(spec["parent_pid"]), float(spec["timeout_s"]) + ORPHAN_LINGER_S)
     die_with_parent(int(spec["parent_pid"]))
     output.install()

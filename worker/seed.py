@@ -262,6 +262,8 @@ def become_worker(spec: dict[str, Any], stdout_fd: int, stderr_fd: int, seed_soc
     os.dup2(stdout_fd, 1)
     os.dup2(stderr_fd, 2)
     seed_sock.detach()  # closed below with every other inherited descriptor
+    if spec.get("isolation"):
+        spec["isolation"] = {**spec["isolation"], "stage": "fork"}  # the rest came with the clone
     gc.enable()  # for the worker's own objects; the seed's stay frozen (and shared)
     random.seed()  # also done by the at-fork hook; explicit, because it matters
     from worker import main
@@ -275,11 +277,8 @@ def main() -> None:
     # object's header (gc.freeze before each fork keeps them out of reach).
     gc.disable()
     sock = socket.socket(fileno=CONTROL_FD)
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # nothing to drain here
-    except OSError:
-        pass
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # nothing to drain here
     first = sock.recv(MAX_PACKET)
     if not first:
         return
@@ -288,6 +287,19 @@ def main() -> None:
     if os.getppid() != int(spec.get("parent_pid", os.getppid())):
         return  # the control plane died before the parent-death signal was armed
     os.closerange(CONTROL_FD + 1, os.sysconf("SC_OPEN_MAX"))
+    if spec.get("isolation"):
+        # The import below is user code: the seed is isolated exactly like a
+        # worker first, and its clones inherit all of it but their cgroup.
+        from worker import isolation
+
+        try:
+            isolation.apply(spec["isolation"])
+        except isolation.IsolationError as exc:
+            sock.send(json.dumps({"error": f"isolation: {exc}"}).encode())
+            return
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # a uid change clears it
+        if os.getppid() != int(spec.get("parent_pid", os.getppid())):
+            return
     seed = Seed(sock, spec)
     try:
         if not seed.tid_address:

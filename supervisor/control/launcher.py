@@ -32,7 +32,9 @@ from typing import Any
 
 from supervisor.config import FunctionConfig
 
-WORKER_ARGV = [sys.executable, "-m", "worker.main"]
+# -P: the working directory (the function's code dir) is not put on sys.path,
+# so nothing there can stand in for a module this process imports as root.
+WORKER_ARGV = [sys.executable, "-P", "-m", "worker.main"]
 SPEC_FD = 3
 # Variables of the supervisor's own environment a worker may see.
 PASSTHROUGH_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "PYTHONPATH")

@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry
 
 from supervisor import runstate
 from supervisor.control.manager import PoolManager
+from supervisor.control.sandbox import Isolation
 from supervisor.logs import configure_logging, get_logger
 from supervisor.metrics import ControlPlaneMetrics
 from supervisor.output import flush_shared, shared_sink
@@ -40,7 +41,10 @@ async def amain(config_path: Path, run_dir: Path | None = None) -> int:
     configure_logging("control-plane", config.supervisor.log_format, sink=shared_sink("control-plane"))
     paths = RunPaths(config.supervisor.run_dir)
     registry = CollectorRegistry(auto_describe=True)
-    manager = PoolManager(config, ControlPlaneMetrics(registry), sink=lambda event: None)
+    # Probed before gRPC starts any thread; v2: the tree is prepared here (only this
+    # process makes worker cgroups).
+    isolation = Isolation.detect(paths.run_dir)
+    manager = PoolManager(config, ControlPlaneMetrics(registry), sink=lambda event: None, isolation=isolation)
     # Start the warm workers first: they import and initialize while this
     # process loads gRPC (~100 ms), and dial the data plane with retries.
     # The data plane learns of them from the Attach snapshot.
@@ -103,6 +107,7 @@ async def amain(config_path: Path, run_dir: Path | None = None) -> int:
             manager.kill(record, "shutdown")
     for task in background:
         task.cancel()
+    manager.release_cgroups()
     await server.stop(1.0)
     log.info("control plane stopped")
     return code

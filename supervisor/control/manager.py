@@ -52,7 +52,9 @@ import psutil
 from supervisor.clock import AwakeClock
 from supervisor.config import Config, ConfigError, FunctionConfig, Problem, check_handlers, parse_config_text
 from supervisor.control import launcher, policy
+from supervisor.control.cgroups import Cgroup
 from supervisor.control.output import WorkerOutput
+from supervisor.control.sandbox import Isolation, Sandbox, problems_of
 from supervisor.control.seeds import SeedProcess
 from supervisor.logs import get_logger
 from supervisor.metrics import ControlPlaneMetrics
@@ -95,6 +97,8 @@ class WorkerRecord:
     max_requests: int = 0  # jittered; 0: never
     disposable: bool = False
     draining_since: float | None = None  # awake time a graceful stop was asked
+    cgroup: Cgroup | None = None
+    uid: int | None = None  # what it runs as (its connection must come from this uid)
 
     @property
     def pid(self) -> int:
@@ -103,7 +107,7 @@ class WorkerRecord:
     def added(self) -> cpb.WorkerAdded:
         return cpb.WorkerAdded(worker_id=self.worker_id, function=self.function, pid=self.pid,
                                token_digest=self.token_digest, max_requests=self.max_requests,
-                               disposable=self.disposable)
+                               disposable=self.disposable, uid=self.uid)
 
 
 @dataclass(slots=True)
@@ -160,8 +164,12 @@ class PoolRecord:
 
 
 class PoolManager:
-    def __init__(self, config: Config, metrics: ControlPlaneMetrics, sink: Callable[[cpb.ControlEvent], None]) -> None:
+    def __init__(self, config: Config, metrics: ControlPlaneMetrics, sink: Callable[[cpb.ControlEvent], None],
+                 isolation: Isolation | None = None) -> None:
         self.config = config
+        self.isolation = isolation
+        self.sandboxes: dict[str, Sandbox] = isolation.plan(config) if isolation is not None else {}
+        self._cgroups_to_remove: list[Cgroup] = []
         self.metrics = metrics
         self.paths = RunPaths(config.supervisor.run_dir)
         self.by_id: dict[str, WorkerRecord] = {}
@@ -181,8 +189,54 @@ class PoolManager:
         self._retired_seeds: list[SeedProcess] = []
         self._seed_restarts: dict[str, int] = {}
         self._frozen_seen = 0.0
+        if isolation is not None:
+            log.info("worker isolation", cgroups=isolation.describe_cgroups())
+        self._log_sandboxes(list(config.functions))
         for fn in config.functions.values():
             self._add_pool(fn)
+
+    def _log_sandboxes(self, names: list[str]) -> None:
+        for name in names:
+            sandbox = self.sandboxes.get(name)
+            if sandbox is not None:
+                gaps = any(value.startswith("not enforced") or "not enforced" in value
+                           for value in sandbox.summary.values())
+                (log.warning if gaps else log.info)("function isolation", function=name, **sandbox.summary)
+
+    def _new_cgroup(self, fn: FunctionConfig, leaf: str) -> tuple[Cgroup | None, dict[str, Any] | None]:
+        """The cgroup (when cgroups enforce something here) and the isolation plan for one
+        process of ``fn``. Raises OSError when the cgroup cannot be made."""
+        sandbox = self.sandboxes.get(fn.name)
+        if sandbox is None:
+            return None, None
+        tree = self.isolation.tree if self.isolation is not None else None
+        cgroup = None
+        if tree is not None and sandbox.cgroup_limits is not None:
+            owner = sandbox.identity.uid if sandbox.identity is not None else None
+            cgroup = tree.create(fn.name, leaf, sandbox.cgroup_limits, owner_uid=owner)
+        return cgroup, sandbox.worker_plan(cgroup.procs_files if cgroup is not None else [])
+
+    def release_cgroups(self) -> None:
+        """At shutdown, once the workers are gone: every cgroup this run made goes
+        (whatever is still inside one is killed first)."""
+        for seed in [*self.seeds(), *self._retired_seeds]:
+            self._release_cgroup(seed.cgroup)
+            seed.cgroup = None
+        self._cgroups_to_remove = [cg for cg in self._cgroups_to_remove if not _removed(cg)]
+        if self.isolation is not None and self.isolation.tree is not None:
+            self.isolation.tree.close()
+
+    def _release_cgroup(self, cgroup: Cgroup | None) -> None:
+        """Kills what is left in it (a process that left the worker's group is still
+        in its cgroup) and removes it, now or on a later reconcile."""
+        if cgroup is None:
+            return
+        try:
+            cgroup.kill()
+            if not cgroup.remove():
+                self._cgroups_to_remove.append(cgroup)
+        except OSError as exc:
+            log.warning("could not remove a worker cgroup", error=str(exc))
 
     # ---- pools and seeds -----------------------------------------------------
 
@@ -199,7 +253,9 @@ class PoolManager:
                 "initializer": fn.initializer, "pre_freeze": fn.pre_freeze, "pre_stop": fn.pre_stop,
                 "interface": fn.interface, "parent_pid": os.getpid()}
         pool.seed = SeedProcess(fn.name, spec, launcher.worker_env(fn, self.instance_id, self.base_env),
-                                str(fn.code_dir), self.config.supervisor.log_format, self._seed_changed)
+                                str(fn.code_dir), self.config.supervisor.log_format, self._seed_changed,
+                                isolate=(lambda: self._new_cgroup(fn, "seed")) if fn.name in self.sandboxes else None,
+                                release=self._release_cgroup)
         pool.seed.start()
         self.metrics.seed_ready.labels(fn.name).set(0)
 
@@ -269,6 +325,8 @@ class PoolManager:
             self._retire_idle(pool, facts, awake)
             self._enforce_deadlines(pool, awake)
         self._reap_strays()
+        if self._cgroups_to_remove:
+            self._cgroups_to_remove = [cg for cg in self._cgroups_to_remove if not _removed(cg)]
 
     async def run(self) -> None:
         """Reconciles on every change, and at least every RECONCILE_S."""
@@ -291,7 +349,7 @@ class PoolManager:
                               idle_since=self.clock.awake(), disposable=fn.disposable,
                               max_requests=0 if fn.disposable else
                               policy.jittered_max_requests(fn.max_requests, random.random()))
-        spec = {
+        spec: dict[str, Any] = {
             "worker_id": worker_id, "token": token.hex(), "socket": str(self.paths.worker_sock),
             "function": fn.name, "runtime": fn.runtime, "handler": fn.handler, "interface": fn.interface,
             "code_dir": str(fn.code_dir), "initializer": fn.initializer, "pre_freeze": fn.pre_freeze,
@@ -301,6 +359,17 @@ class PoolManager:
             "command": list(fn.command or ()), "ready": fn.ready, "startup_timeout_s": fn.startup_timeout,
             "hooks": list(fn.hooks), "ca_port": self.config.supervisor.ca_port,
         }
+        sandbox = self.sandboxes.get(fn.name)
+        record.uid = sandbox.identity.uid if sandbox is not None and sandbox.identity is not None else os.geteuid()
+        try:
+            record.cgroup, plan = self._new_cgroup(fn, worker_id)
+        except OSError as exc:
+            log.error("could not make a cgroup for a worker", function=fn.name, worker=worker_id, error=str(exc))
+            self._failed_to_start(pool, cpb.WorkerInitFailed(
+                worker_id=worker_id, error_type="IsolationError", error_message=f"cgroup: {exc}"))
+            return
+        if plan is not None:
+            spec["isolation"] = plan
         pool.workers[worker_id] = record
         self.by_id[worker_id] = record
         seed = pool.seed
@@ -437,6 +506,8 @@ class PoolManager:
                 self.retire(record, "shutdown")
         if not pool.workers:
             del self.pools[name]
+            if self.isolation is not None and self.isolation.tree is not None:
+                self.isolation.tree.function_cgroups_cleanup(name)
             try:
                 self.metrics.seed_ready.remove(name)
             except KeyError:
@@ -609,6 +680,11 @@ class PoolManager:
         if record.output is not None:
             record.output.close_when_drained()
         reason = record.end_reason or "crashed"
+        if record.cgroup is not None:
+            if reason not in ("timeout", "shutdown") and record.cgroup.oom_kills() > 0:
+                reason = "oom"  # the kernel's OOM killer, at the cgroup's memory limit
+            self._release_cgroup(record.cgroup)
+            record.cgroup = None
         if reason == "crashed" and record.due == "removed" and process.exit.code == 0:
             reason = "shutdown"  # its function was removed; the data plane drained it
         if reason == "crashed" and record.disposable and process.exit.code == 0:
@@ -637,7 +713,7 @@ class PoolManager:
             crashed=reason in ("crashed", "oom"), oom=reason == "oom")))
         if stale:
             pass  # a failure under the old config neither backs off nor reports on the new one
-        elif pool is not None and was_starting and reason == "init_failed" and not pool.stopped:
+        elif pool is not None and was_starting and reason in ("init_failed", "oom") and not pool.stopped:
             generic = cpb.WorkerInitFailed(worker_id=record.worker_id, error_type="WorkerExited",
                                            error_message=f"the worker {process.exit.describe()} before it was ready")
             if pool.last_error is not None and pool.last_error.worker_id == record.worker_id:
@@ -699,8 +775,11 @@ class PoolManager:
             new.functions[n] != self.pools[n].config or fingerprints[n] != self.pools[n].fingerprint)]
         unchanged = [n for n in new.functions if n not in added and n not in changed]
         to_check = {n: new.functions[n] for n in added + changed}
+        sandboxes = self.isolation.plan(new) if self.isolation is not None else {}
+        problems += problems_of({n: sandboxes[n] for n in to_check if n in sandboxes})
         if to_check and not problems:
-            problems += await asyncio.to_thread(check_handlers, new.model_copy(update={"functions": to_check}))
+            problems += await asyncio.to_thread(check_handlers, new.model_copy(update={"functions": to_check}),
+                                                plans={n: s.plan for n, s in sandboxes.items()})
         if problems:
             return _refused(problems, old.generation)
 
@@ -715,6 +794,8 @@ class PoolManager:
             return _refused([Problem("", "the supervisor is draining (pre-stop or shutdown); nothing reloaded")],
                             old.generation)
         self.config = new
+        self.sandboxes = sandboxes
+        self._log_sandboxes(added + changed)
         # A changed concurrency or max_body must not reach old workers (their slots
         # and frame limits are their own): those are drained before the data plane
         # applies the new table. Other changes keep old workers serving until the
@@ -895,6 +976,14 @@ class PoolManager:
 
     def _check_memory(self, record: WorkerRecord) -> None:
         pool = self.pools.get(record.function)
+        sandbox = self.sandboxes.get(record.function)
+        if (sandbox is not None and sandbox.poll_memory and record.rss > sandbox.poll_memory
+                and record.end_reason is None):
+            # No memory cgroup here: the limit is enforced by polling (like Noslate's turf).
+            log.warning("worker passed its memory limit; killing it", function=record.function,
+                        worker=record.worker_id, rss_bytes=record.rss, limit_bytes=sandbox.poll_memory)
+            self.kill(record, "oom")
+            return
         if pool is None or record.due or record.state != "ready":
             return
         limit, share = pool.config.limits.memory, pool.config.recycle_memory_share
@@ -932,7 +1021,8 @@ class PoolManager:
             functions.append(cpb.FunctionStatus(
                 name=fn.name, runtime=fn.runtime, min_warm=pool.min_warm, max_workers=pool.max_workers,
                 concurrency=fn.concurrency, queue_depth=pool.queued, inflight=pool.inflight, workers=workers,
-                init_error=f"{error.error_type}: {error.error_message}" if error and pool.failures else ""))
+                init_error=f"{error.error_type}: {error.error_message}" if error and pool.failures else "",
+                isolation=self.sandboxes[fn.name].summary if fn.name in self.sandboxes else {}))
         components = [cpb.ComponentStatus(name=seed.name, pid=seed.pid, state=seed.state, restarts=seed.restarts,
                                           uptime_s=seed.uptime(), detail=seed.detail) for seed in self.seeds()]
         return cpb.StatusReply(ready=self.ready(), functions=functions, components=components,
@@ -963,6 +1053,14 @@ def code_fingerprint(code_dir: Path) -> str:
             if count >= FINGERPRINT_MAX_FILES:
                 return digest.hexdigest()
     return digest.hexdigest()
+
+
+def _removed(cgroup: Cgroup) -> bool:
+    try:
+        cgroup.kill()
+        return cgroup.remove()
+    except OSError:
+        return False
 
 
 def _uss(pid: int) -> int:

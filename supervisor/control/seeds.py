@@ -36,18 +36,21 @@ from supervisor.logs import get_logger
 
 log = get_logger()
 
-SEED_ARGV = [launcher.WORKER_ARGV[0], "-m", "worker.seed"]
+SEED_ARGV = [*launcher.WORKER_ARGV[:-1], "worker.seed"]
 HEALTHY_S = 30.0
 FORK_TIMEOUT_S = 5.0  # a seed that does not answer a fork request in this long is killed (and restarted)
 MAX_PACKET = 1 << 20
 
 # done(pid, error): pid is None when the seed could not fork this worker.
 ForkDone = Callable[[int | None, str], None]
+# The seed's cgroup (or None) and its isolation plan; raises OSError.
+Isolate = Callable[[], tuple[Any, dict[str, Any] | None]]
 
 
 class SeedProcess:
     def __init__(self, function: str, spec: Mapping[str, Any], env: Mapping[str, str], cwd: str,
-                 log_format: str, on_change: Callable[[], None]) -> None:
+                 log_format: str, on_change: Callable[[], None], isolate: Isolate | None = None,
+                 release: Callable[[Any], None] | None = None) -> None:
         self.function = function
         self.name = f"seed:{function}"
         self.spec = dict(spec)
@@ -68,6 +71,9 @@ class SeedProcess:
         self.output: WorkerOutput | None = None
         self.pending: dict[str, tuple[ForkDone, float]] = {}
         self.stopping = False
+        self.isolate = isolate
+        self.release = release
+        self.cgroup: Any = None
 
     @property
     def pid(self) -> int:
@@ -81,6 +87,15 @@ class SeedProcess:
 
     def start(self) -> None:
         self.stopping = False
+        if self.isolate is not None:
+            # The seed imports the function (user code): it is isolated like a worker first.
+            try:
+                self.cgroup, plan = self.isolate()
+            except OSError as exc:
+                self._failed_to_run(f"could not make the seed's cgroup: {exc}")
+                return
+            if plan is not None:
+                self.spec["isolation"] = plan
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             ours.setblocking(False)
@@ -199,6 +214,9 @@ class SeedProcess:
 
     def _on_exit(self, process: launcher.Process) -> None:
         self._close_socket()
+        if self.release is not None and process is self.process:
+            self.release(self.cgroup)
+            self.cgroup = None
         if self.output is not None:
             self.output.close_when_drained()
         self._fail_pending("the seed exited")

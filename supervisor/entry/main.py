@@ -37,7 +37,8 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from supervisor.config import Config, ConfigError, check_handlers, load_config
+from supervisor.config import Config, ConfigError, load_config
+from supervisor.control.sandbox import check_config
 from supervisor.entry.components import STARTUP_TIMEOUT_S, Component
 from supervisor.logs import configure_logging, get_logger
 from supervisor.runstate import NOTIFY_ENV, AlreadyRunning, RunPaths, forget_accepted_config, hold_lock, write_state
@@ -406,7 +407,7 @@ def run(config_path: Path) -> int:
         for problem in exc.problems:
             print(f"  {problem.path}: {problem.message}", file=sys.stderr)
         return 2
-    problems = check_handlers(config)
+    problems = check_config(config)
     if problems:
         print(f"{config_path}: invalid configuration, nothing started:", file=sys.stderr)
         for problem in problems:

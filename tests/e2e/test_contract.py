@@ -27,6 +27,7 @@ def sup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     tmp = tmp_path_factory.mktemp("contract")
     hooks = tmp / "hooks"
     hooks.mkdir()
+    hooks.chmod(0o1777)  # workers (another user when the tests run as root) write their markers here
     functions = {
         "hello": function(initializer="fns:init", pre_freeze="fns:pre_freeze", max_body="1KiB",
                           env={"GREETING": "hi", "HOOK_DIR": str(hooks)}),

@@ -18,6 +18,7 @@ from tests.e2e.harness import function, start, started, wait_for, write_config
 def test_pre_stop_drains_in_flight_runs_hooks_then_refuses(tmp_path: Path) -> None:
     hooks = tmp_path / "hooks"
     hooks.mkdir()
+    hooks.chmod(0o1777)  # workers (another user when the tests run as root) write their markers here
     with started(tmp_path, {"slow": function(min_warm=2, max_workers=2, pre_stop="fns:pre_stop",
                                               env={"HOOK_DIR": str(hooks)})}) as sup:
         pids = {w["pid"] for w in sup.ready_workers("slow")}

@@ -1,0 +1,381 @@
+"""What isolation each function's workers get: decided here, done by ``worker/isolation.py``.
+
+Pure decisions from two inputs: the function's ``limits`` and what this
+container allows (``Capabilities``: a probe of the privileged steps plus
+the cgroup tree). The result, a ``Sandbox`` per function, is the plan a
+worker carries out on itself, a one-line summary per kind of isolation
+for logs and ``supervisor status``, and the problems that make the config
+unusable here.
+
+Rules:
+- Never root by accident: as root, workers run as ``user`` (default
+  ``nobody``; ``"auto"``: a uid of the function's own, stable across runs
+  and reloads; ``"root"`` only when written). Not root: they keep the
+  supervisor's uid and the summary says so.
+- What cannot be enforced here is said (a summary starting ``"not
+  enforced"`` or naming the fallback), never silently skipped; with
+  ``require_isolation = true`` each such gap is a problem and the config is
+  refused, naming the key.
+- Resources: cgroups when the tree is writable; else ``memory`` falls back
+  to ``RLIMIT_DATA`` plus RSS polling with a kill, ``pids`` to
+  ``RLIMIT_NPROC`` when the function has a uid of its own (it counts every
+  process of that uid), ``cpu`` is not enforced.
+- The worker's user must reach the interpreter, the code and the data
+  plane's socket. In a mount namespace, a directory on the way that it
+  cannot traverse (``/root`` holding the interpreter, a 0700 temp dir) is
+  covered by a tmpfs into which only those paths are bound back,
+  read-only; without one, the function is refused with the path to fix.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import stat
+import subprocess
+import sys
+import zlib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from supervisor.config import Config, FunctionConfig, Problem
+from supervisor.control.cgroups import CgroupLimits, CgroupTree
+
+NOBODY = "nobody"
+AUTO_UID_BASE = 20000
+AUTO_UID_SPAN = 30000
+TMP_SIZE = 512 << 20  # FC gives a function 512 MB of /tmp
+PROBE_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What this container lets a worker do ("" = available, else why not)."""
+
+    root: bool
+    uid: int
+    gid: int
+    mount: str = "not probed"
+    network: str = "not probed"
+    setuid: str = "not probed"
+    seccomp: str = "not probed"
+    cgroups: str = "not probed"  # "" when a cgroup tree is writable
+    cgroup_controllers: frozenset[str] = frozenset()
+    cgroup_version: int = 0
+
+
+def probe(timeout_s: float = PROBE_TIMEOUT_S) -> dict[str, Any]:
+    """Runs ``python -m worker.isolation --probe`` (a throwaway process)."""
+    import json
+
+    try:
+        done = subprocess.run([sys.executable, "-P", "-m", "worker.isolation", "--probe"], capture_output=True,
+                              timeout=timeout_s, stdin=subprocess.DEVNULL, check=False)
+        found: dict[str, Any] = json.loads(done.stdout.decode().strip().splitlines()[-1])
+        return found
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError) as exc:
+        why = f"the isolation probe failed: {exc}"
+        return {"uid": os.getuid(), "root": os.geteuid() == 0, "mount": why, "network": why, "setuid": why,
+                "seccomp": why}
+
+
+def capabilities(found: Mapping[str, Any], cgroups: Any) -> Capabilities:
+    """``found``: the probe's answer; ``cgroups``: a CgroupTree or an Unavailable."""
+    reason = getattr(cgroups, "reason", None)
+    return Capabilities(
+        root=bool(found.get("root")), uid=int(found.get("uid", os.getuid())), gid=os.getgid(),
+        mount=str(found.get("mount", "")), network=str(found.get("network", "")),
+        setuid=str(found.get("setuid", "")), seccomp=str(found.get("seccomp", "")),
+        cgroups="" if reason is None else str(reason),
+        cgroup_controllers=frozenset(getattr(cgroups, "controllers", ())) if reason is None else frozenset(),
+        cgroup_version=int(getattr(cgroups, "version", 0)) if reason is None else 0)
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    uid: int
+    gid: int
+    name: str
+
+
+@dataclass(slots=True)
+class Sandbox:
+    function: str
+    identity: Identity | None  # None: the supervisor's own
+    cgroup_limits: CgroupLimits | None  # None: no cgroup of its own
+    poll_memory: int  # > 0: kill a worker whose RSS passes this (no memory cgroup)
+    plan: dict[str, Any]  # worker/isolation.py's plan, less the cgroup
+    summary: dict[str, str]
+    problems: list[Problem] = field(default_factory=list)
+
+    def worker_plan(self, cgroup_procs: list[str], stage: str = "full") -> dict[str, Any]:
+        return {**self.plan, "cgroup_procs": cgroup_procs, "stage": stage}
+
+    def describe(self) -> str:
+        return "; ".join(f"{key}: {value}" for key, value in self.summary.items())
+
+
+def auto_uids(names: Iterable[str], taken: set[int]) -> dict[str, int]:
+    """A uid per function, from its name (stable while names stay), distinct,
+    never one in ``taken`` (the system's users)."""
+    out: dict[str, int] = {}
+    used = set(taken)
+    for name in sorted(set(names)):
+        slot = zlib.crc32(name.encode()) % AUTO_UID_SPAN
+        for step in range(AUTO_UID_SPAN):
+            uid = AUTO_UID_BASE + (slot + step) % AUTO_UID_SPAN
+            if uid not in used:
+                break
+        else:  # pragma: no cover - 30000 functions in one container
+            raise ValueError("no free uid for user = 'auto'")
+        out[name] = uid
+        used.add(uid)
+    return out
+
+
+def system_uids() -> set[int]:
+    return {entry.pw_uid for entry in pwd.getpwall()}
+
+
+def resolve_user(value: str, auto: Mapping[str, int], function: str,
+                 lookup: Callable[[str], Any] = pwd.getpwnam) -> Identity:
+    """Raises LookupError with a user-facing message."""
+    if value == "auto":
+        return Identity(auto[function], auto[function], f"auto:{function}")
+    if value == "root":
+        return Identity(0, 0, "root")
+    if value.isdigit():
+        return Identity(int(value), int(value), value)
+    try:
+        entry = lookup(value)
+    except KeyError:
+        raise LookupError(f"no such user {value!r} in this image (a user name, a numeric uid, 'auto' or 'root')") from None
+    return Identity(int(entry.pw_uid), int(entry.pw_gid), value)
+
+
+def _traversable(mode: int, owner: int, group: int, who: Identity | None) -> bool:
+    if who is None or who.uid == 0:
+        return True
+    if owner == who.uid:
+        return bool(mode & stat.S_IXUSR)
+    if group == who.gid:
+        return bool(mode & stat.S_IXGRP)
+    return bool(mode & stat.S_IXOTH)
+
+
+def blocked_at(path: str, who: Identity | None, stat_fn: Callable[[str], os.stat_result] = os.stat) -> str | None:
+    """The first directory on the way to ``path`` that ``who`` cannot traverse."""
+    parts = Path(path).parts
+    for i in range(1, len(parts)):
+        directory = str(Path(*parts[:i]))
+        try:
+            st = stat_fn(directory)
+        except OSError:
+            return None  # missing: reported by whatever needs it
+        if not _traversable(st.st_mode, st.st_uid, st.st_gid, who):
+            return directory
+    return None
+
+
+def _under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def plan_function(fn: FunctionConfig, caps: Capabilities, *, others: Iterable[str], needed: Iterable[str],
+                  socket_dir: str, auto: Mapping[str, int],
+                  lookup: Callable[[str], Any] = pwd.getpwnam,
+                  stat_fn: Callable[[str], os.stat_result] = os.stat) -> Sandbox:
+    """``others``: the other functions' code dirs; ``needed``: what every worker
+    reads besides its code (the interpreter, the installed packages)."""
+    limits = fn.limits
+    key = f"functions.{fn.name}.limits"
+    required = limits.require_isolation
+    problems: list[Problem] = []
+    summary: dict[str, str] = {}
+
+    def gap(name: str, message: str) -> None:
+        summary[name] = f"not enforced ({message})"
+        if required:
+            problems.append(Problem(f"{key}.{'user' if name == 'identity' else name}",
+                                    f"require_isolation: {message}"))
+
+    # ---- identity ----
+    identity: Identity | None = None
+    if caps.root and caps.setuid == "":
+        try:
+            identity = resolve_user(limits.user or NOBODY, auto, fn.name, lookup)
+        except LookupError as exc:
+            problems.append(Problem(f"{key}.user", str(exc)))
+        if identity is not None:
+            configured = " as configured" if identity.uid == 0 else ""
+            summary["identity"] = f"uid {identity.uid} gid {identity.gid} ({identity.name}{configured})"
+            if identity.uid == 0:
+                identity = None if limits.user == "root" else identity
+    elif caps.root:
+        gap("identity", f"cannot change user here: {caps.setuid}")
+    else:
+        summary["identity"] = f"uid {caps.uid} (the supervisor's own: it is not root)"
+        if limits.user not in (None, "auto") and required:
+            problems.append(Problem(f"{key}.user", f"require_isolation: user = {limits.user!r} needs the supervisor "
+                                                   "to run as root"))
+    switched = identity is not None and identity.uid != caps.uid
+
+    # ---- resources ----
+    wanted = {name for name in ("memory", "cpu", "pids") if getattr(limits, name) is not None}
+    in_cgroup = wanted & caps.cgroup_controllers if caps.cgroups == "" else set()
+    rlimits: dict[str, int] = {"core": 0}
+    if limits.nofile is not None:
+        rlimits["nofile"] = limits.nofile
+    poll_memory = 0
+    parts = [f"cgroup v{caps.cgroup_version} ({', '.join(sorted(in_cgroup))})"] if in_cgroup else []
+    if "memory" in wanted and "memory" not in in_cgroup:
+        assert limits.memory is not None
+        rlimits["data"] = limits.memory
+        poll_memory = limits.memory
+        parts.append("memory by RLIMIT_DATA + RSS polling")
+    if "pids" in wanted and "pids" not in in_cgroup:
+        if switched and limits.user == "auto":
+            assert limits.pids is not None
+            rlimits["nproc"] = limits.pids * (fn.max_workers + 2)
+            parts.append("pids by RLIMIT_NPROC for the function's uid")
+        else:
+            parts.append("pids not enforced")
+    if "cpu" in wanted and "cpu" not in in_cgroup:
+        parts.append("cpu not enforced")
+    fallback_reason = caps.cgroups or "controller missing"
+    if wanted - in_cgroup:
+        parts.append(f"cgroups: {fallback_reason}")
+        if required:
+            problems.append(Problem(f"{key}.{sorted(wanted - in_cgroup)[0]}",
+                                    f"require_isolation: no cgroup can enforce {', '.join(sorted(wanted - in_cgroup))} "
+                                    f"here ({fallback_reason})"))
+    summary["resources"] = "; ".join(parts) if parts else "no limits set"
+    if "nofile" in rlimits:
+        summary["resources"] += f"; nofile {limits.nofile} by rlimit"
+    cgroup_limits = (CgroupLimits(memory=limits.memory if "memory" in in_cgroup else None,
+                                  cpu=limits.cpu if "cpu" in in_cgroup else None,
+                                  pids=limits.pids if "pids" in in_cgroup else None)
+                     if caps.cgroups == "" else None)
+
+    # ---- namespaces ----
+    mount = caps.root and caps.mount == ""
+    network = limits.network == "none"
+    if network and not (caps.root and caps.network == ""):
+        network = False
+        gap("network", "network = 'none' needs a network namespace: "
+                       + (caps.network or "the supervisor is not root"))
+    code_dir = str(fn.code_dir)
+    paths = [code_dir, socket_dir, *needed]
+    covers: list[dict[str, Any]] = []
+    readonly: list[str] = []
+    hide: list[str] = []
+    if mount:
+        tmp_keep = [p for p in paths if _under(p, "/tmp")]
+        covers.append({"path": "/tmp", "mode": 0o1777, "size": TMP_SIZE, "writable": True, "keep": tmp_keep})
+        blocked: dict[str, list[str]] = {}
+        for path in paths:
+            if _under(path, "/tmp"):
+                continue
+            where = blocked_at(path, identity, stat_fn)
+            if where is not None:
+                blocked.setdefault(where, []).append(path)
+        covers += [{"path": where, "mode": 0o755, "keep": keep} for where, keep in sorted(blocked.items())]
+        covered = ["/tmp", *blocked]
+        readonly = [code_dir] if not any(_under(code_dir, c) for c in covered) else []
+        hide = sorted({o for o in others if o != code_dir and not any(_under(p, o) for p in paths)})
+        summary["namespaces"] = ", ".join(["mount (private /tmp, code read-only, other functions' code hidden)"]
+                                          + (["network (empty)"] if network else []))
+    else:
+        why = caps.mount if caps.root else "the supervisor is not root"
+        summary.setdefault("namespaces", f"none ({why})" if not network else "network (empty)")
+        if network:
+            summary["namespaces"] = f"network (empty); no mount namespace ({why})"
+        if switched:
+            for path in paths:
+                where = blocked_at(path, identity, stat_fn)
+                if where is not None:
+                    assert identity is not None
+                    problems.append(Problem(f"{key}.user", f"user {identity.name} (uid {identity.uid}) cannot reach "
+                                                           f"{path}: {where} is closed to it, and without a mount "
+                                                           f"namespace ({why}) it cannot be bound in"))
+                    break
+
+    # ---- seccomp ----
+    seccomp = limits.seccomp and caps.seccomp == ""
+    if not limits.seccomp:
+        summary["seccomp"] = "off (seccomp = false)"
+    elif seccomp:
+        summary["seccomp"] = "deny-list"
+    else:
+        gap("seccomp", f"the syscall filter cannot be loaded: {caps.seccomp}")
+
+    plan: dict[str, Any] = {
+        "mount": mount, "network": network, "covers": covers, "readonly": readonly, "hide": hide,
+        "rlimits": rlimits, "uid": identity.uid if switched and identity else None,
+        "gid": identity.gid if switched and identity else None, "seccomp": seccomp,
+    }
+    return Sandbox(fn.name, identity if switched else None, cgroup_limits, poll_memory, plan, summary, problems)
+
+
+def runtime_paths() -> list[str]:
+    """What every worker reads besides its code: the interpreter's prefixes and
+    where this package and its dependencies are installed."""
+    import supervisor
+
+    found = {sys.base_prefix, sys.prefix, str(Path(supervisor.__file__).resolve().parent.parent)}
+    found.update(p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p)
+    return sorted(os.path.realpath(p) for p in found)
+
+
+def plan_all(config: Config, caps: Capabilities, socket_dir: str) -> dict[str, Sandbox]:
+    functions = list(config.functions.values())
+    needs_auto = [f.name for f in functions if f.limits.user == "auto"]
+    auto = auto_uids(needs_auto, system_uids()) if needs_auto else {}
+    needed = runtime_paths()
+    code_dirs = [str(f.code_dir) for f in functions]
+    return {f.name: plan_function(f, caps, others=[d for d in code_dirs if d != str(f.code_dir)], needed=needed,
+                                  socket_dir=socket_dir, auto=auto) for f in functions}
+
+
+class Isolation:
+    """This container's capabilities and cgroup tree, and the plans made from them."""
+
+    def __init__(self, caps: Capabilities, tree: CgroupTree | None, socket_dir: str) -> None:
+        self.caps = caps
+        self.tree = tree
+        self.socket_dir = socket_dir
+
+    @classmethod
+    def detect(cls, run_dir: Path, prepare_cgroups: bool = True) -> Isolation:
+        """Probes this container; the cgroup tree is named after ``run_dir`` so that
+        two supervisors on one machine never share (or clean up) each other's."""
+        run_dir = run_dir.expanduser().absolute()
+        name = f"ca-supervisor-{zlib.crc32(str(run_dir).encode()):08x}"
+        tree = CgroupTree.detect(name, prepare=prepare_cgroups)
+        caps = capabilities(probe(), tree)
+        return cls(caps, tree if isinstance(tree, CgroupTree) else None, str(run_dir))
+
+    def plan(self, config: Config) -> dict[str, Sandbox]:
+        return plan_all(config, self.caps, self.socket_dir)
+
+    def describe_cgroups(self) -> str:
+        return self.tree.describe() if self.tree is not None else f"none ({self.caps.cgroups})"
+
+
+def problems_of(sandboxes: Mapping[str, Sandbox]) -> list[Problem]:
+    return [problem for sandbox in sandboxes.values() for problem in sandbox.problems]
+
+
+def check_config(config: Config) -> list[Problem]:
+    """What ``run`` and ``validate`` refuse beyond the schema: isolation this
+    container cannot give where the config requires it, users that do not
+    exist, paths the workers' user cannot reach, and handlers that do not
+    import (imported as the function's workers will be: isolated)."""
+    from supervisor.config import check_handlers
+
+    isolation = Isolation.detect(Path(config.supervisor.run_dir), prepare_cgroups=False)
+    sandboxes = isolation.plan(config)
+    problems = problems_of(sandboxes)
+    return problems + check_handlers(config, plans={name: s.plan for name, s in sandboxes.items()})
