@@ -195,7 +195,9 @@ def _ok(response: httpx.Response) -> httpx.Response | None:
 
 
 def start(tmp_path: Path, functions: Mapping[str, Mapping[str, Any]], *, initialize: bool = True,
-          extra_env: Mapping[str, str] | None = None, pass_fds: tuple[int, ...] = (), **supervisor: Any) -> Running:
+          extra_env: Mapping[str, str] | None = None, pass_fds: tuple[int, ...] = (), wrapper: tuple[str, ...] = (),
+          **supervisor: Any) -> Running:
+    """``wrapper``: argv the supervisor's command is appended to (``unshare ...``)."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     run_dir = tmp_path / "run"
     settings: dict[str, Any] = {"ca_port": free_port(), "metrics_port": free_port(), "host": "127.0.0.1",
@@ -208,7 +210,7 @@ def start(tmp_path: Path, functions: Mapping[str, Mapping[str, Any]], *, initial
     env.update(extra_env or {})
     log_path = tmp_path / "supervisor.log"
     with log_path.open("wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "supervisor.cli", "run", "--config", str(config_path)],
+        proc = subprocess.Popen([*wrapper, sys.executable, "-m", "supervisor.cli", "run", "--config", str(config_path)],
                                 stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
                                 pass_fds=pass_fds)
     running = Running(proc, config_path, run_dir, settings["ca_port"], settings["metrics_port"], log_path, env)

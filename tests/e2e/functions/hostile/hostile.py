@@ -111,6 +111,20 @@ def _allocate(mib):
     return f"allocated {mib} MiB"
 
 
+def _allocate_shared(mib, hold_s):
+    """Memory no data rlimit counts: a tmpfs file mapped shared and touched."""
+    import mmap
+
+    path = f"/tmp/hog-{os.getpid()}"
+    with open(path, "w+b") as f:
+        f.truncate(mib << 20)
+        mapped = mmap.mmap(f.fileno(), mib << 20, mmap.MAP_SHARED)
+    for offset in range(0, mib << 20, 4096):
+        mapped[offset] = 1
+    time.sleep(hold_s)
+    return f"held {mib} MiB for {hold_s}s"
+
+
 def _fork_bomb(limit):
     children, error = [], ""
     try:
@@ -194,6 +208,8 @@ def handler(event, context):
         return _result(unshare)
     if what == "allocate":
         return _allocate(int(arg))
+    if what == "allocate_shared":
+        return _allocate_shared(int(arg), 15)
     if what == "fork_bomb":
         return _fork_bomb(int(arg))
     if what == "open_files":
