@@ -317,13 +317,20 @@ def log_epoch(line: dict[str, Any]) -> float:
         return float("nan")
 
 
-def measure_start(workdir: Path, n: int, warmup: int, gap_s: float, quiet_wait: float,
-                  handlers: list[str]) -> dict[str, Any]:
+def start_functions(handlers: list[str], **overrides: Any) -> dict[str, dict[str, Any]]:
+    """``<handler>-<fork|spawn>`` disposable functions, one start per invocation."""
     functions: dict[str, dict[str, Any]] = {}
     for h in handlers:
         for mode, seed in (("fork", True), ("spawn", False)):
             functions[f"{h}-{mode}"] = function_spec(HANDLER_SPECS[h][0], seed, disposable=True, min_warm=1,
-                                                     max_workers=2, concurrency=1)
+                                                     max_workers=2, concurrency=1, **overrides)
+    return functions
+
+
+def measure_start(workdir: Path, n: int, warmup: int, gap_s: float, quiet_wait: float,
+                  handlers: list[str], functions: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """``functions`` (named ``<kind>-<mode>``) replaces the ones made from ``handlers``."""
+    functions = functions or start_functions(handlers)
     sup = Supervisor("start", workdir / "start", functions)
     out: dict[str, Any] = {"n": n, "warmup": warmup, "functions": {}}
     try:
@@ -815,13 +822,13 @@ def check(r: dict[str, Any]) -> list[str]:
     return notes
 
 
-def write_section(section: str, path: Path = RESULTS) -> str:
+def write_section(section: str, path: Path = RESULTS, start: str = START_MARK, end: str = END_MARK) -> str:
     """Replaces the block between the markers in RESULTS.md, or appends it. Returns what was done."""
-    block = f"{START_MARK}\n{section.rstrip()}\n{END_MARK}\n"
+    block = f"{start}\n{section.rstrip()}\n{end}\n"
     text = path.read_text() if path.exists() else ""
-    if START_MARK in text and END_MARK in text and text.index(START_MARK) < text.index(END_MARK):
-        before, rest = text.split(START_MARK, 1)
-        after = rest.split(END_MARK, 1)[1]
+    if start in text and end in text and text.index(start) < text.index(end):
+        before, rest = text.split(start, 1)
+        after = rest.split(end, 1)[1]
         path.write_text(before + block.rstrip("\n") + after)
         return "replaced"
     path.write_text(text.rstrip("\n") + ("\n\n" if text.strip() else "") + block)
