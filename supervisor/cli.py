@@ -158,8 +158,11 @@ def _function(function: FunctionStatus) -> dict[str, Any]:
         ],
         # Extra keys are allowed inside function objects only.
         "init_error": function.init_error or None,
-        "isolation": dict(function.isolation),
+        "isolation": dict(sorted(function.isolation.items(), key=lambda kv: (ISOLATION_ORDER.get(kv[0], 9), kv[0]))),
     }
+
+
+ISOLATION_ORDER = {"identity": 0, "resources": 1, "namespaces": 2, "network": 3, "seccomp": 4}
 
 
 def status_document(state: Mapping[str, Any] | None, reply: StatusReply | None,

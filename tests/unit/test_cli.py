@@ -808,3 +808,16 @@ def test_invoke_url() -> None:
     assert cli.invoke_url({"host": "0.0.0.0", "ca_port": 9000}) == "http://127.0.0.1:9000/invoke"
     assert cli.invoke_url({"host": "10.0.0.5", "ca_port": 9001}) == "http://10.0.0.5:9001/invoke"
     assert cli.invoke_url({"host": "::1", "ca_port": 9002}) == "http://[::1]:9002/invoke"
+
+
+def test_status_says_how_each_function_is_isolated_in_a_stable_order() -> None:
+    reply = make_reply()
+    reply.functions[1].isolation.update({"seccomp": "deny-list", "resources": "cgroup v1 (memory)",
+                                         "identity": "uid 65534 gid 65534 (nobody)"})
+    doc = status_document(make_state(), reply, NOW)
+    assert list(doc["functions"][1]["isolation"]) == ["identity", "resources", "seccomp"]
+    assert doc["functions"][0]["isolation"] == {}
+    lines = render_status(make_state(), reply, NOW).splitlines()
+    web = lines.index(next(line for line in lines if line.startswith("function web")))
+    assert lines[web + 2:web + 5] == ["  isolation identity: uid 65534 gid 65534 (nobody)",
+                                      "  isolation resources: cgroup v1 (memory)", "  isolation seccomp: deny-list"]
