@@ -217,7 +217,7 @@ def plan_function(fn: FunctionConfig, caps: Capabilities, *, others: Iterable[st
         gap("identity", f"cannot change user here: {caps.setuid}")
     else:
         summary["identity"] = f"uid {caps.uid} (the supervisor's own: it is not root)"
-        if limits.user not in (None, "auto") and required:
+        if limits.user is not None and required:
             problems.append(Problem(f"{key}.user", f"require_isolation: user = {limits.user!r} needs the supervisor "
                                                    "to run as root"))
     switched = identity is not None and identity.uid != caps.uid

@@ -98,6 +98,8 @@ def test_not_root_keeps_the_supervisors_uid_and_says_so(tmp_path: Path) -> None:
     assert "not root" in sandbox.summary["identity"]
     assert sandbox.plan["mount"] is False and sandbox.plan["network"] is False
     assert sandbox.problems == []  # nothing required: it runs with what it has
+    strict = plan(function(tmp_path, limits={"user": "auto", "require_isolation": True}), UNPRIVILEGED)
+    assert [p.path for p in strict.problems] == ["functions.fn.limits.user"]
 
 
 @given(st.lists(st.text(min_size=1, max_size=12), max_size=40), st.sets(st.integers(AUTO_UID_BASE,
