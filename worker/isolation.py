@@ -287,6 +287,10 @@ def probe() -> dict[str, Any]:
     """What this container lets a worker do, found by doing it here (a throwaway
     process): "" when a step works, else why not."""
     found: dict[str, Any] = {"uid": os.getuid(), "root": os.geteuid() == 0}
+    try:  # imported first: the mount step below covers /tmp, where a virtualenv may live
+        seccomp_module()
+    except (ImportError, OSError):
+        pass  # reported by the seccomp step
     try:
         unshare(mount=True, network=False)
         _mount(None, "/", None, MS_REC | MS_PRIVATE)
