@@ -167,7 +167,9 @@ class Supervisor(Managed):
 
     stop_grace, cleanup_grace, term_group = 20.0, 10.0, False
 
-    def __init__(self, name: str, workdir: Path, functions: dict[str, dict[str, Any]]) -> None:
+    def __init__(self, name: str, workdir: Path, functions: dict[str, dict[str, Any]],
+                 wrapper: tuple[str, ...] = ()) -> None:
+        """``wrapper``: argv the supervisor's command is appended to (``unshare ...``)."""
         self.dir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.run_dir = workdir / "run"
@@ -188,7 +190,7 @@ class Supervisor(Managed):
         self.log_path = workdir / "stdout.jsonl"
         self.err_path = workdir / "stderr.log"
         with open(self.log_path, "wb") as out, open(self.err_path, "wb") as err:
-            super().__init__(name, [PYTHON, "-m", "supervisor.cli", "run", "--config", str(self.config)],
+            super().__init__(name, [*wrapper, PYTHON, "-m", "supervisor.cli", "run", "--config", str(self.config)],
                              stdout=out, stderr=err, env=self.env, cwd=str(ROOT))
         self.log = LogTail(self.log_path)
 
@@ -328,10 +330,11 @@ def start_functions(handlers: list[str], **overrides: Any) -> dict[str, dict[str
 
 
 def measure_start(workdir: Path, n: int, warmup: int, gap_s: float, quiet_wait: float,
-                  handlers: list[str], functions: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+                  handlers: list[str], functions: dict[str, dict[str, Any]] | None = None,
+                  wrapper: tuple[str, ...] = ()) -> dict[str, Any]:
     """``functions`` (named ``<kind>-<mode>``) replaces the ones made from ``handlers``."""
     functions = functions or start_functions(handlers)
-    sup = Supervisor("start", workdir / "start", functions)
+    sup = Supervisor("start", workdir / "start", functions, wrapper)
     out: dict[str, Any] = {"n": n, "warmup": warmup, "functions": {}}
     try:
         out["initialize_s"] = round(sup.initialize(), 3)

@@ -8,12 +8,16 @@ shared), then clones a worker per request.
 
 Protocol on fd 3 (one JSON object per packet):
 - control plane -> seed, first packet: the function's spec (``function``,
-  ``code_dir``, ``handler``, the hooks, ``parent_pid``);
+  ``code_dir``, ``handler``, the hooks, ``parent_pid``, ``isolation``: its
+  own sandbox, and ``next_cgroup``: where to wait for the first clone);
 - seed -> control plane: ``{"ready": true, "pid": P, "load_ms": T}``, or
   ``{"error": "...", "permanent": bool}`` (then it exits: workers start by
   spawn; a permanent error is not retried until the function changes);
 - control plane -> seed: ``{"spec": WORKER_SPEC}`` with the worker's stdout
   and stderr pipe ends as SCM_RIGHTS;
+- control plane -> seed: ``{"wait_in": [cgroup.procs files]}``: the seed
+  moves into the next worker's cgroup (sent after a fork request, so the
+  move happens after that clone and its answer);
 - seed -> control plane: ``{"worker_id": ID, "pid": P}`` or
   ``{"worker_id": ID, "error": "..."}``.
 The seed exits when the socket closes, and with the control plane
@@ -144,6 +148,20 @@ class Seed:
         self.sock = sock
         self.spec = spec
         self.tid_address = _tid_address()
+        # The cgroup this seed sits in, made for its next worker: a clone is born
+        # there and need not move (moving a process between cgroups waits for an
+        # RCU grace period, ~10 ms; being born in one costs nothing).
+        self.waiting_in: list[str] = []
+
+    def wait_in(self, procs_files: list[str]) -> None:
+        """Moves this seed into the next worker's cgroup (after a clone, off its path)."""
+        from worker import isolation
+
+        try:
+            isolation.join_cgroup(procs_files)
+            self.waiting_in = list(procs_files)
+        except isolation.IsolationError:
+            self.waiting_in = []  # its next clone moves itself instead
 
     def preload(self) -> float:
         """Imports the runtime and the function; returns the milliseconds it took."""
@@ -202,6 +220,9 @@ class Seed:
                 return  # the control plane closed its end (or is gone)
             try:
                 request = json.loads(data)
+                if "wait_in" in request and not fds:
+                    self.wait_in(list(request["wait_in"]))
+                    continue
                 spec = request["spec"]
                 worker_id = str(spec["worker_id"])
             except (ValueError, KeyError, TypeError) as exc:
@@ -225,6 +246,10 @@ class Seed:
                 os.close(fds[1])
 
     def fork(self, spec: dict[str, Any], stdout_fd: int, stderr_fd: int) -> int:
+        plan = spec.get("isolation")
+        if plan:  # the rest of its isolation comes with the clone
+            born_in_place = bool(self.waiting_in) and plan.get("cgroup_procs") == self.waiting_in
+            spec["isolation"] = {**plan, "stage": "fork", "cgroup_inherited": born_in_place}
         for stream in (sys.stdout, sys.stderr):  # nothing buffered may be written twice
             stream.flush()
         gc.freeze()  # all that exists now is never scanned again: its pages stay shared
@@ -262,8 +287,6 @@ def become_worker(spec: dict[str, Any], stdout_fd: int, stderr_fd: int, seed_soc
     os.dup2(stdout_fd, 1)
     os.dup2(stderr_fd, 2)
     seed_sock.detach()  # closed below with every other inherited descriptor
-    if spec.get("isolation"):
-        spec["isolation"] = {**spec["isolation"], "stage": "fork"}  # the rest came with the clone
     gc.enable()  # for the worker's own objects; the seed's stay frozen (and shared)
     random.seed()  # also done by the at-fork hook; explicit, because it matters
     from worker import main
@@ -312,6 +335,8 @@ def main() -> None:
     except BaseException as exc:  # the import failed: spawned workers will report it in detail
         seed.send({"error": f"{type(exc).__name__}: {exc}"})
         return
+    if spec.get("next_cgroup"):
+        seed.wait_in(spec["next_cgroup"])
     seed.send({"ready": True, "pid": os.getpid(), "load_ms": round(load_ms, 1),
                "tid_fixup": bool(seed.tid_address)})
     seed.serve()

@@ -34,6 +34,7 @@ import errno
 import os
 import signal
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -289,9 +290,10 @@ class Cgroup:
                 found.update(int(line) for line in _read(path / "cgroup.procs").split())
         return found
 
-    def kill(self) -> int:
+    def kill(self, spare: Collection[int] = ()) -> int:
+        """SIGKILL to everything inside but ``spare`` (a seed waiting there for its next clone)."""
         killed: set[int] = set()
-        if self.version == 2:
+        if self.version == 2 and not spare:
             for path in self.dirs:
                 if (path / "cgroup.kill").exists():
                     with contextlib.suppress(OSError):
@@ -299,7 +301,7 @@ class Cgroup:
                         _write(path / "cgroup.kill", "1")
         deadline = time.monotonic() + KILL_DEADLINE_S
         while True:
-            left = self.pids()
+            left = self.pids() - set(spare)
             if not left or time.monotonic() > deadline:
                 return len(killed | left)
             for pid in left:

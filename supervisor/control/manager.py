@@ -170,6 +170,7 @@ class PoolManager:
         self.isolation = isolation
         self.sandboxes: dict[str, Sandbox] = isolation.plan(config) if isolation is not None else {}
         self._cgroups_to_remove: list[Cgroup] = []
+        self._cgroup_sequence = 0
         self.metrics = metrics
         self.paths = RunPaths(config.supervisor.run_dir)
         self.by_id: dict[str, WorkerRecord] = {}
@@ -202,28 +203,35 @@ class PoolManager:
                 gaps = any("not enforced" in value for value in sandbox.summary.values())
                 (log.warning if gaps else log.info)("function isolation", function=name, **sandbox.summary)
 
-    def _new_cgroup(self, fn: FunctionConfig, leaf: str) -> tuple[Cgroup | None, dict[str, Any] | None]:
-        """The cgroup (when cgroups enforce something here) and the isolation plan for one
-        process of ``fn``. Raises OSError when the cgroup cannot be made."""
+    def _new_cgroup(self, fn: FunctionConfig, leaf: str | None = None) -> Cgroup | None:
+        """A cgroup with ``fn``'s limits for one of its processes, when cgroups are used
+        here; its uid may move itself in. Raises OSError when it cannot be made."""
         sandbox = self.sandboxes.get(fn.name)
-        if sandbox is None:
-            return None, None
         tree = self.isolation.tree if self.isolation is not None else None
-        cgroup = None
-        if tree is not None and sandbox.cgroup_limits is not None:
-            owner = sandbox.identity.uid if sandbox.identity is not None else None
-            cgroup = tree.create(fn.name, leaf, sandbox.cgroup_limits, owner_uid=owner)
-        return cgroup, sandbox.worker_plan(cgroup.procs_files if cgroup is not None else [])
+        if sandbox is None or tree is None or sandbox.cgroup_limits is None:
+            return None
+        self._cgroup_sequence += 1
+        owner = sandbox.identity.uid if sandbox.identity is not None else None
+        return tree.create(fn.name, leaf or f"w{self._cgroup_sequence}", sandbox.cgroup_limits, owner_uid=owner)
+
+    def _seed_isolation(self, fn: FunctionConfig) -> tuple[Cgroup | None, dict[str, Any] | None]:
+        cgroup = self._new_cgroup(fn, "seed")
+        return cgroup, self.sandboxes[fn.name].worker_plan(cgroup.procs_files if cgroup is not None else [])
 
     def release_cgroups(self) -> None:
         """At shutdown, once the workers are gone: every cgroup this run made goes
         (whatever is still inside one is killed first)."""
         for seed in [*self.seeds(), *self._retired_seeds]:
-            self._release_cgroup(seed.cgroup)
-            seed.cgroup = None
-        self._cgroups_to_remove = [cg for cg in self._cgroups_to_remove if not _removed(cg)]
+            for cgroup in (seed.cgroup, seed.next):
+                self._release_cgroup(cgroup)
+            seed.cgroup = seed.next = None
+        self._cgroups_to_remove = [cg for cg in self._cgroups_to_remove if not _removed(cg, set())]
         if self.isolation is not None and self.isolation.tree is not None:
             self.isolation.tree.close()
+
+    def _seed_pids(self) -> set[int]:
+        """Live seeds: one may wait in a cgroup a worker had (its next clone's)."""
+        return {seed.pid for seed in [*self.seeds(), *self._retired_seeds] if seed.pid}
 
     def _release_cgroup(self, cgroup: Cgroup | None) -> None:
         """Kills what is left in it (a process that left the worker's group is still
@@ -231,7 +239,7 @@ class PoolManager:
         if cgroup is None:
             return
         try:
-            cgroup.kill()
+            cgroup.kill(spare=self._seed_pids())
             if not cgroup.remove():
                 self._cgroups_to_remove.append(cgroup)
         except OSError as exc:
@@ -253,8 +261,8 @@ class PoolManager:
                 "interface": fn.interface, "parent_pid": os.getpid()}
         pool.seed = SeedProcess(fn.name, spec, launcher.worker_env(fn, self.instance_id, self.base_env),
                                 str(fn.code_dir), self.config.supervisor.log_format, self._seed_changed,
-                                isolate=(lambda: self._new_cgroup(fn, "seed")) if fn.name in self.sandboxes else None,
-                                release=self._release_cgroup)
+                                isolate=(lambda: self._seed_isolation(fn)) if fn.name in self.sandboxes else None,
+                                prepare=lambda: self._new_cgroup(fn), release=self._release_cgroup)
         pool.seed.start()
         self.metrics.seed_ready.labels(fn.name).set(0)
 
@@ -325,7 +333,8 @@ class PoolManager:
             self._enforce_deadlines(pool, awake)
         self._reap_strays()
         if self._cgroups_to_remove:
-            self._cgroups_to_remove = [cg for cg in self._cgroups_to_remove if not _removed(cg)]
+            spare = self._seed_pids()
+            self._cgroups_to_remove = [cg for cg in self._cgroups_to_remove if not _removed(cg, spare)]
 
     async def run(self) -> None:
         """Reconciles on every change, and at least every RECONCILE_S."""
@@ -360,18 +369,19 @@ class PoolManager:
         }
         sandbox = self.sandboxes.get(fn.name)
         record.uid = sandbox.identity.uid if sandbox is not None and sandbox.identity is not None else os.geteuid()
+        seed = pool.seed
         try:
-            record.cgroup, plan = self._new_cgroup(fn, worker_id)
+            # A seed waits in the cgroup of the worker it forks next: the clone is born there.
+            record.cgroup = (seed.take_next() if seed is not None and seed.running else None) or self._new_cgroup(fn)
         except OSError as exc:
             log.error("could not make a cgroup for a worker", function=fn.name, worker=worker_id, error=str(exc))
             self._failed_to_start(pool, cpb.WorkerInitFailed(
                 worker_id=worker_id, error_type="IsolationError", error_message=f"cgroup: {exc}"))
             return
-        if plan is not None:
-            spec["isolation"] = plan
+        if sandbox is not None:
+            spec["isolation"] = sandbox.worker_plan(record.cgroup.procs_files if record.cgroup is not None else [])
         pool.workers[worker_id] = record
         self.by_id[worker_id] = record
-        seed = pool.seed
         if seed is not None and seed.running:
             out_r, out_w = os.pipe()
             err_r, err_w = os.pipe()
@@ -606,6 +616,7 @@ class PoolManager:
         pool.failures = 0
         pool.retry_at = 0.0
         pool.last_error = None
+        self._settle_seed(pool)
         self.metrics.start_seconds.labels(record.function, record.mode).observe(record.ready_at - record.decided_at)
         log.info("worker ready", function=record.function, worker=worker_id, pid=record.pid, mode=record.mode,
                  start_ms=round((record.ready_at - record.decided_at) * 1000, 2))
@@ -624,6 +635,13 @@ class PoolManager:
         self.pools[function].last_error = failure
         if record is not None:
             record.end_reason = "init_failed"  # the worker exits by itself after reporting
+
+    @staticmethod
+    def _settle_seed(pool: PoolRecord) -> None:
+        """Once no clone of the seed is starting, it moves into the next worker's cgroup."""
+        if pool.seed is not None and not any(w.state == "starting" and w.mode == "fork"
+                                             for w in pool.workers.values()):
+            pool.seed.settle()
 
     def _failed_to_start(self, pool: PoolRecord, failure: cpb.WorkerInitFailed) -> None:
         pool.failures += 1
@@ -676,6 +694,7 @@ class PoolManager:
             del self.recently_exited[next(iter(self.recently_exited))]
         if pool is not None:
             pool.workers.pop(record.worker_id, None)
+            self._settle_seed(pool)
         if record.output is not None:
             record.output.close_when_drained()
         reason = record.end_reason or "crashed"
@@ -1054,9 +1073,9 @@ def code_fingerprint(code_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def _removed(cgroup: Cgroup) -> bool:
+def _removed(cgroup: Cgroup, spare: set[int]) -> bool:
     try:
-        cgroup.kill()
+        cgroup.kill(spare=spare)
         return cgroup.remove()
     except OSError:
         return False

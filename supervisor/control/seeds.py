@@ -45,12 +45,14 @@ MAX_PACKET = 1 << 20
 ForkDone = Callable[[int | None, str], None]
 # The seed's cgroup (or None) and its isolation plan; raises OSError.
 Isolate = Callable[[], tuple[Any, dict[str, Any] | None]]
+# A fresh cgroup for a worker to be (or None when cgroups are not used); raises OSError.
+Prepare = Callable[[], Any]
 
 
 class SeedProcess:
     def __init__(self, function: str, spec: Mapping[str, Any], env: Mapping[str, str], cwd: str,
                  log_format: str, on_change: Callable[[], None], isolate: Isolate | None = None,
-                 release: Callable[[Any], None] | None = None) -> None:
+                 prepare: Prepare | None = None, release: Callable[[Any], None] | None = None) -> None:
         self.function = function
         self.name = f"seed:{function}"
         self.spec = dict(spec)
@@ -72,8 +74,13 @@ class SeedProcess:
         self.pending: dict[str, tuple[ForkDone, float]] = {}
         self.stopping = False
         self.isolate = isolate
+        self.prepare = prepare
         self.release = release
-        self.cgroup: Any = None
+        self.cgroup: Any = None  # its own (what it imported is charged there)
+        # The next worker's cgroup, which the seed waits in so that the clone is
+        # born there (moving a process into a cgroup waits for an RCU grace period).
+        self.next: Any = None
+        self.next_sent = False
 
     @property
     def pid(self) -> int:
@@ -96,6 +103,9 @@ class SeedProcess:
                 return
             if plan is not None:
                 self.spec["isolation"] = plan
+            self.next = self._prepare()
+            self.next_sent = self.next is not None
+            self.spec["next_cgroup"] = self.next.procs_files if self.next is not None else []
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             ours.setblocking(False)
@@ -165,7 +175,40 @@ class SeedProcess:
             log.warning("seed did not take a request; starting by spawn", function=self.function, error=str(exc))
             return False
         self.pending[str(spec["worker_id"])] = (done, time.monotonic())
+        # While it clones: the next worker's cgroup. The seed moves there once this
+        # worker is up (``settle``): a move blocks every fork and thread start on the
+        # machine for its grace period, and this worker is starting threads now.
+        if self.next is not None and self.release is not None:
+            self.release(self.next)  # not taken: the seed never moved there
+        self.next = self._prepare()
+        self.next_sent = False
         return True
+
+    def settle(self) -> None:
+        """Moves the seed into the next worker's cgroup (when no clone of it is starting)."""
+        if self.next is None or self.next_sent or self.sock is None or self.state != "running":
+            return
+        try:
+            self.sock.send(json.dumps({"wait_in": self.next.procs_files}).encode())
+            self.next_sent = True
+        except OSError:
+            pass  # it is gone or stuck: its next clone moves itself
+
+    def take_next(self) -> Any:
+        """The cgroup prepared for the next worker (or None). Its clone is born there
+        when the seed has moved in; else it moves itself in (the seed knows which)."""
+        taken, self.next = self.next, None
+        return taken
+
+    def _prepare(self) -> Any:
+        if self.prepare is None:
+            return None
+        try:
+            return self.prepare()
+        except OSError as exc:
+            log.warning("could not prepare the next worker's cgroup; it will move in itself",
+                        function=self.function, error=str(exc))
+            return None
 
     def _readable(self) -> None:
         sock = self.sock
@@ -215,8 +258,9 @@ class SeedProcess:
     def _on_exit(self, process: launcher.Process) -> None:
         self._close_socket()
         if self.release is not None and process is self.process:
-            self.release(self.cgroup)
-            self.cgroup = None
+            for cgroup in (self.cgroup, self.next):
+                self.release(cgroup)
+            self.cgroup = self.next = None
         if self.output is not None:
             self.output.close_when_drained()
         self._fail_pending("the seed exited")
