@@ -376,6 +376,8 @@ def check_config(config: Config) -> list[Problem]:
     from supervisor.config import check_handlers
 
     isolation = Isolation.detect(Path(config.supervisor.run_dir), prepare_cgroups=False)
+    if isolation.tree is not None:
+        isolation.tree.close()  # made to see that it can be; the control plane makes its own
     sandboxes = isolation.plan(config)
     problems = problems_of(sandboxes)
     return problems + check_handlers(config, plans={name: s.plan for name, s in sandboxes.items()})
