@@ -54,7 +54,7 @@ from supervisor.config import Config, ConfigError, FunctionConfig, Problem, chec
 from supervisor.control import launcher, policy
 from supervisor.control.cgroups import Cgroup
 from supervisor.control.output import WorkerOutput
-from supervisor.control.sandbox import Isolation, Sandbox, problems_of
+from supervisor.control.sandbox import CPU_WINDOW_S, Isolation, Sandbox, cpu_over_limit, problems_of
 from supervisor.control.seeds import SeedProcess
 from supervisor.logs import get_logger
 from supervisor.metrics import ControlPlaneMetrics
@@ -99,6 +99,7 @@ class WorkerRecord:
     draining_since: float | None = None  # awake time a graceful stop was asked
     cgroup: Cgroup | None = None
     uid: int | None = None  # what it runs as (its connection must come from this uid)
+    cpu_samples: list[tuple[float, float]] = field(default_factory=list)  # (awake time, CPU s), no cpu cgroup
 
     @property
     def pid(self) -> int:
@@ -200,7 +201,8 @@ class PoolManager:
         for name in names:
             sandbox = self.sandboxes.get(name)
             if sandbox is not None:
-                gaps = any("not enforced" in value for value in sandbox.summary.values())
+                # Something not enforced, or enforced by a fallback (no cgroup could): a warning.
+                gaps = any("not enforced" in value or "cgroups: " in value for value in sandbox.summary.values())
                 (log.warning if gaps else log.info)("function isolation", function=name, **sandbox.summary)
 
     def _new_cgroup(self, fn: FunctionConfig, leaf: str | None = None) -> Cgroup | None:
@@ -971,15 +973,33 @@ class PoolManager:
 
     def _rss_of(self, record: WorkerRecord, children: dict[int, list[int]] | None) -> int:
         """The worker's RSS, with its descendants' when it runs processes of its own."""
+        return sum(_rss(pid) for pid in self._tree_of(record, children))
+
+    def _tree_of(self, record: WorkerRecord, children: dict[int, list[int]] | None) -> list[int]:
+        """The worker's pid, and its descendants' when it runs processes of its own."""
         pool = self.pools.get(record.function)
         if children is None or pool is None or pool.config.runtime == "python":
-            return _rss(record.pid)
-        total, stack = 0, [record.pid]
+            return [record.pid]
+        found, stack = [], [record.pid]
         while stack:
             pid = stack.pop()
-            total += _rss(pid)
+            found.append(pid)
             stack.extend(children.get(pid, ()))
-        return total
+        return found
+
+    def _check_cpu(self, record: WorkerRecord, children: dict[int, list[int]] | None) -> None:
+        """No cpu cgroup here: a worker above its cores for CPU_WINDOW_S is killed."""
+        sandbox = self.sandboxes.get(record.function)
+        if sandbox is None or not sandbox.poll_cpu or record.end_reason is not None:
+            return
+        now = self.clock.awake()
+        record.cpu_samples.append((now, sum(_cpu(pid) for pid in self._tree_of(record, children))))
+        while len(record.cpu_samples) > 2 and now - record.cpu_samples[1][0] >= CPU_WINDOW_S:
+            del record.cpu_samples[0]  # keep just over a window
+        if cpu_over_limit(record.cpu_samples, sandbox.poll_cpu):
+            log.warning("worker used more CPU than its limit for too long; killing it", function=record.function,
+                        worker=record.worker_id, cores=sandbox.poll_cpu, window_s=CPU_WINDOW_S)
+            self.kill(record, "crashed")
 
     async def poll_memory(self) -> None:
         while True:
@@ -990,6 +1010,7 @@ class PoolManager:
                     record.rss = rss
                     self.metrics.memory.labels(record.function, record.worker_id).set(rss)
                     self._check_memory(record)
+                    self._check_cpu(record, children)
             await asyncio.sleep(MEMORY_POLL_S)
 
     def _check_memory(self, record: WorkerRecord) -> None:
@@ -1084,6 +1105,15 @@ def _removed(cgroup: Cgroup, spare: set[int]) -> bool:
 def _uss(pid: int) -> int:
     """Memory only this process holds (reads smaps: slower than ``_rss``)."""
     return _memory(pid, lambda process: process.memory_full_info().uss)
+
+
+def _cpu(pid: int) -> float:
+    """CPU seconds (user + system) the process has used; 0 when it is gone."""
+    try:
+        times = psutil.Process(pid).cpu_times()
+    except psutil.Error:
+        return 0.0
+    return float(times.user + times.system)
 
 
 def _rss(pid: int) -> int:

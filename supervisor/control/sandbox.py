@@ -19,7 +19,8 @@ Rules:
 - Resources: cgroups when the tree is writable; else ``memory`` falls back
   to ``RLIMIT_DATA`` plus RSS polling with a kill, ``pids`` to
   ``RLIMIT_NPROC`` when the function has a uid of its own (it counts every
-  process of that uid), ``cpu`` is not enforced.
+  process of that uid), ``cpu`` to polling with a kill after ``CPU_WINDOW_S``
+  above it (like Noslate's turf: it cannot be throttled without a cgroup).
 - The worker's user must reach the interpreter, the code and the data
   plane's socket. In a mount namespace, a directory on the way that it
   cannot traverse (``/root`` holding the interpreter, a 0700 temp dir) is
@@ -47,6 +48,8 @@ NOBODY = "nobody"
 AUTO_UID_BASE = 20000
 AUTO_UID_SPAN = 30000
 TMP_SIZE = 512 << 20  # FC gives a function 512 MB of /tmp
+CPU_WINDOW_S = 10.0  # without a cpu cgroup: a worker above its cores for this long is killed
+CPU_TOLERANCE = 1.2
 PROBE_TIMEOUT_S = 10.0
 
 
@@ -109,6 +112,7 @@ class Sandbox:
     plan: dict[str, Any]  # worker/isolation.py's plan, less the cgroup
     summary: dict[str, str]
     problems: list[Problem] = field(default_factory=list)
+    poll_cpu: float = 0.0  # > 0: kill a worker above these cores for CPU_WINDOW_S (no cpu cgroup)
 
     def worker_plan(self, cgroup_procs: list[str], stage: str = "full") -> dict[str, Any]:
         return {**self.plan, "cgroup_procs": cgroup_procs, "stage": stage}
@@ -242,8 +246,11 @@ def plan_function(fn: FunctionConfig, caps: Capabilities, *, others: Iterable[st
             parts.append("pids by RLIMIT_NPROC for the function's uid")
         else:
             parts.append("pids not enforced")
+    poll_cpu = 0.0
     if "cpu" in wanted and "cpu" not in in_cgroup:
-        parts.append("cpu not enforced")
+        assert limits.cpu is not None
+        poll_cpu = limits.cpu
+        parts.append(f"cpu by polling (killed above it for {CPU_WINDOW_S:g} s; not throttled)")
     fallback_reason = caps.cgroups or "controller missing"
     if wanted - in_cgroup:
         parts.append(f"cgroups: {fallback_reason}")
@@ -316,7 +323,22 @@ def plan_function(fn: FunctionConfig, caps: Capabilities, *, others: Iterable[st
         "rlimits": rlimits, "uid": identity.uid if switched and identity else None,
         "gid": identity.gid if switched and identity else None, "seccomp": seccomp,
     }
-    return Sandbox(fn.name, identity if switched else None, cgroup_limits, poll_memory, plan, summary, problems)
+    return Sandbox(fn.name, identity if switched else None, cgroup_limits, poll_memory, plan, summary, problems,
+                   poll_cpu)
+
+
+def cpu_over_limit(samples: list[tuple[float, float]], cores: float, window_s: float = CPU_WINDOW_S,
+                   tolerance: float = CPU_TOLERANCE) -> bool:
+    """``samples``: (time, CPU seconds used so far), oldest first. True when the
+    CPU used over the last ``window_s`` (at least; from the newest sample that far
+    back) is above ``cores`` times the tolerance: a shorter burst never is."""
+    if not samples:
+        return False
+    end_t, end_cpu = samples[-1]
+    start = next((sample for sample in reversed(samples) if end_t - sample[0] >= window_s), None)
+    if start is None:
+        return False
+    return (end_cpu - start[1]) > cores * tolerance * (end_t - start[0])
 
 
 def runtime_paths() -> list[str]:

@@ -33,7 +33,7 @@ def test_without_cgroups_memory_is_an_rlimit_and_status_says_so(tmp_path: Path) 
         [fn] = sup.status()["functions"]
         resources = fn["isolation"]["resources"]
         assert "memory by RLIMIT_DATA + RSS polling" in resources
-        assert "pids by RLIMIT_NPROC" in resources and "cpu not enforced" in resources
+        assert "pids by RLIMIT_NPROC" in resources and "cpu by polling" in resources
         assert any(r.get("event") == "function isolation" and r.get("level") == "warning" for r in sup.logs())
         response = sup.invoke({"try": "allocate", "arg": MEMORY_MIB * 3}, function="evil")
         assert response.status_code == 404 and response.json()["errorType"] == "MemoryError", response.text
@@ -49,6 +49,17 @@ def test_without_cgroups_rss_polling_kills_what_the_rlimit_does_not_count(tmp_pa
         assert 'supervisor_worker_exits_total{function="evil",reason="oom"} 1.0' in sup.metrics()
         killed = [r for r in sup.logs() if r.get("event") == "worker passed its memory limit; killing it"]
         assert killed and killed[0]["limit_bytes"] == MEMORY_MIB << 20
+        assert sup.invoke({"try": "whoami"}, function="evil").status_code == 200  # replaced
+
+
+def test_without_cgroups_a_worker_spinning_past_its_cpu_for_a_window_is_killed(tmp_path: Path) -> None:
+    with started(tmp_path, {"evil": {**HOSTILE, "timeout": "60s"}}, wrapper=HIDE_CGROUPS) as sup:
+        # Two threads spinning: ~2 cores against a limit of 0.5, for longer than the window.
+        response = sup.invoke({"try": "spin", "arg": 40}, function="evil", timeout=90)
+        assert response.status_code == 502 and response.json()["errorType"] == "WorkerCrashedError", response.text
+        killed = [r for r in sup.logs() if r.get("event") == "worker used more CPU than its limit for too long; "
+                                                              "killing it"]
+        assert killed and killed[0]["cores"] == 0.5
         assert sup.invoke({"try": "whoami"}, function="evil").status_code == 200  # replaced
 
 

@@ -20,6 +20,7 @@ from supervisor.control.sandbox import (
     Identity,
     auto_uids,
     blocked_at,
+    cpu_over_limit,
     plan_function,
     resolve_user,
 )
@@ -145,7 +146,8 @@ def test_without_cgroups_memory_falls_back_to_rlimit_and_polling(tmp_path: Path)
     assert sandbox.poll_memory == 64 << 20
     assert sandbox.plan["rlimits"]["data"] == 64 << 20
     assert sandbox.plan["rlimits"]["nproc"] == 8 * 5  # its own uid: every worker's processes, and the seed's
-    assert "cpu not enforced" in sandbox.summary["resources"] and "read-only" in sandbox.summary["resources"]
+    assert "cpu by polling" in sandbox.summary["resources"] and "read-only" in sandbox.summary["resources"]
+    assert sandbox.poll_cpu == 1.0
     assert sandbox.problems == []
 
 
@@ -234,3 +236,31 @@ def test_blocked_at_follows_owner_and_group_bits() -> None:
     assert blocked_at("/srv/private/x", nobody, open_stat) == "/srv/private"
     assert blocked_at("/srv/private/x", Identity(1001, 1001, "app"), open_stat) is None
     assert blocked_at("/root/x", None, open_stat) is None  # the supervisor's own user
+
+
+# ---- cpu by polling (no cpu cgroup) ---------------------------------------------------------------
+
+
+def test_cpu_over_limit_needs_a_whole_window_above_the_cores() -> None:
+    spin = [(t, 2.0 * t) for t in range(0, 13, 2)]  # two cores busy for 12 s
+    assert cpu_over_limit(spin, cores=1.0, window_s=10)
+    assert not cpu_over_limit(spin[:5], cores=1.0, window_s=10)  # 8 s: not a whole window yet
+    assert not cpu_over_limit(spin, cores=2.0, window_s=10)  # within its cores (and the tolerance)
+    assert not cpu_over_limit([], cores=1.0)
+
+
+def test_a_burst_shorter_than_the_window_is_not_over() -> None:
+    samples = [(0.0, 0.0), (2.0, 0.1), (4.0, 0.2), (6.0, 4.2), (8.0, 4.3), (10.0, 4.4), (12.0, 4.5)]
+    assert not cpu_over_limit(samples, cores=0.5, window_s=10)  # 4 s of CPU in 2 s, then idle: 0.44 cores
+
+
+@given(st.lists(st.floats(0, 4), min_size=1, max_size=30), st.floats(0.1, 4))
+def test_cpu_over_limit_agrees_with_the_average_over_the_window(rates: list[float], cores: float) -> None:
+    samples, used = [(0.0, 0.0)], 0.0
+    for i, rate in enumerate(rates, 1):
+        used += 2.0 * rate
+        samples.append((2.0 * i, used))
+    over = cpu_over_limit(samples, cores, window_s=10, tolerance=1.0)
+    end_t, end_cpu = samples[-1]
+    start = next((s for s in reversed(samples) if end_t - s[0] >= 10), None)
+    assert over == (start is not None and end_cpu - start[1] > cores * (end_t - start[0]))
