@@ -69,8 +69,20 @@ class Capabilities:
     cgroup_version: int = 0
 
 
+_probed: dict[str, Any] | None = None
+
+
 def probe(timeout_s: float = PROBE_TIMEOUT_S) -> dict[str, Any]:
-    """Runs ``python -m worker.isolation --probe`` (a throwaway process)."""
+    """Runs ``python -m worker.isolation --probe`` (a throwaway process), once per
+    process: the planes, forked from the supervisor after it checked the config,
+    inherit its answer (what the container allows does not change while it runs)."""
+    global _probed
+    if _probed is None:
+        _probed = _run_probe(timeout_s)
+    return dict(_probed)
+
+
+def _run_probe(timeout_s: float) -> dict[str, Any]:
     import json
 
     try:
