@@ -86,6 +86,7 @@ def test_workers_run_as_their_functions_own_unprivileged_user(sup: Running) -> N
     me = attempt(sup, "whoami")
     assert me["uid"] != 0 and me["gid"] != 0 and me["groups"] == []
     assert me["no_new_privs"] == "1" and me["seccomp"] == "2"  # 2: a filter is loaded
+    assert me["core_limit"] == [0, 0]  # no core dumps (they would hold the worker's memory)
     victim = sup.invoke({}, function="victim").json()
     assert victim["uid"] not in (0, me["uid"])  # user = "auto": a uid per function
     status = {f["name"]: f for f in sup.status()["functions"]}

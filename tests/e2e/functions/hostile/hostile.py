@@ -11,6 +11,7 @@ import errno
 import gc
 import json
 import os
+import resource
 import secrets
 import socket
 import subprocess
@@ -176,7 +177,8 @@ def handler(event, context):
     if what == "whoami":
         return {"uid": os.getuid(), "gid": os.getgid(), "groups": os.getgroups(), "pid": os.getpid(),
                 "no_new_privs": _status("NoNewPrivs"), "seccomp": _status("Seccomp"),
-                "env": sorted(os.environ), "cgroup": open("/proc/self/cgroup").read()}
+                "env": sorted(os.environ), "cgroup": open("/proc/self/cgroup").read(),
+                "core_limit": list(resource.getrlimit(resource.RLIMIT_CORE))}
     if what == "read":
         return _result(lambda: _read(arg))
     if what == "list":
