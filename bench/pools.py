@@ -330,11 +330,9 @@ def start_functions(handlers: list[str], **overrides: Any) -> dict[str, dict[str
 
 
 def measure_start(workdir: Path, n: int, warmup: int, gap_s: float, quiet_wait: float,
-                  handlers: list[str], functions: dict[str, dict[str, Any]] | None = None,
-                  wrapper: tuple[str, ...] = ()) -> dict[str, Any]:
-    """``functions`` (named ``<kind>-<mode>``) replaces the ones made from ``handlers``."""
-    functions = functions or start_functions(handlers)
-    sup = Supervisor("start", workdir / "start", functions, wrapper)
+                  handlers: list[str]) -> dict[str, Any]:
+    functions = start_functions(handlers)
+    sup = Supervisor("start", workdir / "start", functions)
     out: dict[str, Any] = {"n": n, "warmup": warmup, "functions": {}}
     try:
         out["initialize_s"] = round(sup.initialize(), 3)
