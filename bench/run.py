@@ -370,7 +370,8 @@ def measure_latency(port: int, n: int, warmup: int, method: str = "POST", path: 
                     body: bytes | None = None, headers: dict[str, str] | None = None) -> dict[str, Any]:
     """Sequential requests on one keep-alive connection (TCP_NODELAY); POST /invoke with BODY by default."""
     if method == "POST" and body is None:
-        body, headers = BODY, HEADERS
+        body = BODY
+        headers = {**HEADERS, **(headers or {})}  # the caller's headers (a function name, say) are kept
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     conn.connect()
     conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
