@@ -11,6 +11,7 @@ deadline) on exit, on error and on the signals :func:`clean_up_on_exit` turns in
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import platform
 import signal
@@ -35,6 +36,8 @@ TAG = uuid.uuid4().hex
 NCPU = os.cpu_count() or 1
 # bench/pools.py's section of RESULTS.md, which bench/run.py carries over when it rewrites the file
 POOLS_START, POOLS_END = "<!-- pools:start -->", "<!-- pools:end -->"
+# bench/run.py's raw results; other scripts keep theirs under a top-level key of their own (save_results_part)
+RESULTS_JSON = BENCH / "results.json"
 
 _say_file: TextIO | None = None  # None: sys.stdout
 
@@ -283,6 +286,27 @@ def machine(packages: Sequence[str], python: str = "",
             "kernel": platform.release(), "python": python or platform.python_version(), "versions": versions,
             "git": (commit or "?") + (dirty_note if dirty else ""),
             "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def save_results_part(key: str, value: Any, path: Path = RESULTS_JSON) -> None:
+    """Puts one script's results under `key` of bench/results.json, keeping every other key as it was."""
+    try:
+        data = json.loads(path.read_text()) if path.exists() else {}
+    except ValueError:
+        data = {}
+    if not isinstance(data, dict):
+        data = {}
+    data[key] = value
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def carry_over_results(new: dict[str, Any], path: Path = RESULTS_JSON) -> dict[str, Any]:
+    """`new` plus every top-level key of the existing results.json that `new` lacks (other scripts' parts)."""
+    try:
+        old = json.loads(path.read_text()) if path.exists() else {}
+    except ValueError:
+        old = {}
+    return {**new, **{k: v for k, v in old.items() if k not in new}} if isinstance(old, dict) else new
 
 
 # ---------------------------------------------------------------------------
