@@ -18,6 +18,10 @@ Lifecycle (the rules):
    0. A worker whose control plane died cannot outlive it by more than the
    function's timeout plus ``ORPHAN_LINGER_S``: a watchdog thread ends it
    even when a handler is stuck (the event loop then never runs the drain).
+   Whatever user code raises (``SystemExit`` and ``KeyboardInterrupt``
+   too) is its invocation's or hook's result, never this process's end:
+   hosts turn it into a ``Result`` and ``_invoke``/``_http`` catch what
+   gets past them. An initializer's is the init error of step 2.
 4. When the connection drops (the data plane restarted), dial again with
    backoff for up to ``reconnect_s`` and resume without re-initializing;
    give up and exit 75 after that.
@@ -199,24 +203,30 @@ class Worker:
         return welcome
 
     async def initialize(self, link: Link) -> None:
+        failure = await self._start_host()
+        if failure is not None:
+            await self.report_init_error(link, failure)
+
+    async def _start_host(self) -> wpb.ErrorInfo | None:
+        """Loads the function and runs its initializer: what failed, or None."""
         try:
             await self.host.start()
             if self.host.has("initialize"):
                 rid = f"init-{self.spec['worker_id']}"
                 result = await self._run("initialize", rid, {}, self.host.timeout_s, b"")
-                if not result.ok:
-                    await self.report_init_error(link, result.error)
-        except SystemExit:
-            raise
+                return None if result.ok else result.error
         except StartupError as exc:  # the function's own process did not come up
             sys.stderr.write(f"{exc.info.error_type}: {exc.info.error_message}\n")
-            await self.report_init_error(link, exc.info)
-        except BaseException as exc:  # import errors, SyntaxError, anything the user's module raises
-            from worker.python.host import error_result
+            return exc.info
+        except BaseException as exc:  # import errors, SyntaxError, SystemExit: anything the user's module raises
+            from worker.python.host import cancelled_from_outside, error_result
 
+            if cancelled_from_outside(exc):
+                raise
             info = error_result(exc).error
             sys.stderr.write(info.stack_trace)
-            await self.report_init_error(link, info)
+            return info
+        return None
 
     async def report_init_error(self, link: Link, info: wpb.ErrorInfo) -> None:
         """Reports the failure, waits (briefly) until the data plane has it, exits 78."""
@@ -325,7 +335,15 @@ class Worker:
 
     async def _invoke(self, link: Link, stream: int, msg: wpb.Invoke, headers: dict[str, str],
                       timeout_s: float) -> None:
-        result = await self.host.run(msg.kind, msg.request_id, headers, timeout_s, msg.body)
+        try:
+            result = await self.host.run(msg.kind, msg.request_id, headers, timeout_s, msg.body)
+        except BaseException as exc:  # hosts turn user code's failures into results; this is a last resort
+            from worker.python.host import cancelled_from_outside, error_result
+
+            if cancelled_from_outside(exc):
+                raise
+            result = error_result(exc)
+            sys.stderr.write(result.error.stack_trace)
         # Answer on the current connection: after a data-plane restart the old
         # stream ids mean nothing, and the new data plane has no such stream.
         if self.link is link:
@@ -334,9 +352,11 @@ class Worker:
     async def _http(self, link: Link, exchange: HttpExchange) -> None:
         try:
             await self.host.http(exchange)
-        except Exception as exc:  # the application's failure is the exchange's result
-            from worker.python.host import error_result
+        except BaseException as exc:  # whatever the application raised is the exchange's result
+            from worker.python.host import cancelled_from_outside, error_result
 
+            if cancelled_from_outside(exc):
+                raise
             if not exchange.finished and link is self.link:
                 info = error_result(exc).error
                 if not isinstance(exc, ClientDisconnected):

@@ -9,7 +9,14 @@ Rules:
   that what the handler prints is attributed to its request.
 - Every outcome becomes a ``Result``: the handler's value encoded per the
   contract (bytes, str, None, or JSON), or the exception's class, message and
-  stack trace.
+  stack trace. *Anything* user code raises is its invocation's failure, not
+  only ``Exception``: ``SystemExit``, ``KeyboardInterrupt``,
+  ``GeneratorExit``, a bare ``BaseException`` and an ``asyncio.CancelledError``
+  it raised itself would otherwise end the worker's event loop (or the task
+  that owes the result), and every other invocation of the worker with it.
+  The one thing let through is the cancellation of the running task itself
+  (``cancelled_from_outside``): that is the worker's, not the handler's.
+  ``os._exit`` stays a crash.
 """
 
 from __future__ import annotations
@@ -68,10 +75,27 @@ def encode_value(value: Any) -> tuple[bytes, str]:
         return json.dumps(value).encode(), "application/json"
 
 
+def cancelled_from_outside(exc: BaseException) -> bool:
+    """Whether ``exc`` is the cancellation of the running task (someone called
+    ``cancel()`` on it), as opposed to a ``CancelledError`` user code raised."""
+    if not isinstance(exc, asyncio.CancelledError):
+        return False
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # no running loop: a thread's own exception
+        return False
+    return task is not None and task.cancelling() > 0
+
+
 def error_result(exc: BaseException) -> wpb.Result:
+    """The failure ``exc`` as a ``Result``; never raises (a broken ``__str__`` included)."""
     trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        message = str(exc)
+    except BaseException:  # user code's __str__ may raise anything
+        message = f"<exception str() failed: {type(exc).__name__}>"
     return wpb.Result(ok=False, error=wpb.ErrorInfo(
-        error_type=type(exc).__name__, error_message=str(exc), stack_trace=trace))
+        error_type=type(exc).__name__, error_message=message, stack_trace=trace))
 
 
 class Invocation:
@@ -153,7 +177,7 @@ class PythonHost:
             try:
                 value = fn(body, context) if kind == "invoke" else fn(context)
                 payload, content_type = encode_value(value)
-            except Exception as exc:  # the handler's failure is the invocation's result
+            except BaseException as exc:  # whatever the handler raised is the invocation's result
                 return self._failed(exc)
             return self._ok(payload, content_type)
 
@@ -174,7 +198,9 @@ class PythonHost:
                 if inspect.isawaitable(value):
                     value = await value
                 payload, content_type = encode_value(value)
-            except Exception as exc:  # the handler's failure is the invocation's result
+            except BaseException as exc:  # whatever the handler raised is the invocation's result
+                if cancelled_from_outside(exc):
+                    raise
                 return self._failed(exc)
             return self._ok(payload, content_type)
 

@@ -24,6 +24,9 @@ Rules and invariants:
   chunk it yields, its ``write()`` and its reads of ``wsgi.input`` raise
   (``ClientDisconnected``, or ``ResponseTooLarge`` on ``/invoke``), and its
   iterable is closed, as a WSGI server does when a socket write fails.
+- Whatever the app raises (``SystemExit`` and the other ``BaseException``
+  subclasses included, in a WSGI app's thread too) fails its own request
+  only, as an ``Exception`` does (``PythonHost``'s rule).
 - Everything the app does for a request runs with FC's markers around it
   and its request id in ``current_request_id`` (a2wsgi copies the context
   into its threads), so what it prints is attributed to the request.
@@ -56,7 +59,7 @@ from a2wsgi import WSGIMiddleware
 
 from supervisor.v1 import worker_pb2 as wpb
 from worker.host import ClientDisconnected, HttpExchange, header_pairs
-from worker.python.host import Invocation, LoadError, PythonHost
+from worker.python.host import Invocation, LoadError, PythonHost, cancelled_from_outside
 from worker.python.lifespan import ASGIApp, Lifespan, Message, Receive, Scope, Send
 
 LIFESPAN_SHUTDOWN_S = 5.0
@@ -171,7 +174,9 @@ class HttpAppHost(PythonHost):
             token = _current_call.set(call) if self._wsgi is not None else None
             try:
                 await self.app(scope, call.receive, call.send)
-            except Exception as exc:  # the app's failure is the invocation's result
+            except BaseException as exc:  # whatever the app raised is the invocation's result
+                if cancelled_from_outside(exc):
+                    raise
                 if not call.too_large:
                     return self._failed(exc)
             finally:

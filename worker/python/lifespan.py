@@ -15,6 +15,7 @@ from typing import Any
 
 from worker.host import StartupError
 from worker.output import log_error
+from worker.python.host import cancelled_from_outside
 
 Message = dict[str, Any]
 Scope = dict[str, Any]
@@ -44,7 +45,7 @@ class Lifespan:
         self._task: asyncio.Task[None] | None = None
         self._listening = False  # the app took lifespan.startup
         self._refused = False  # the app sent a message that is not lifespan's
-        self.error: Exception | None = None  # what the app raised, if it did
+        self.error: BaseException | None = None  # what the app raised, if it did
 
     async def startup(self) -> bool:
         """Runs ``startup``; False when the app does not speak lifespan.
@@ -94,7 +95,9 @@ class Lifespan:
         scope = {"type": "lifespan", "asgi": {"version": "3.0", "spec_version": "2.0"}, "state": self._state}
         try:
             await self._app(scope, self._receive, self._send)
-        except Exception as exc:  # kept for startup() and shutdown() to judge
+        except BaseException as exc:  # kept for startup() and shutdown() to judge (SystemExit too)
+            if cancelled_from_outside(exc):
+                raise
             self.error = exc
 
     async def _receive(self) -> Message:
