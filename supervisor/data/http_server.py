@@ -21,6 +21,7 @@ Two things uvicorn does not do, added on its protocol:
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -174,27 +175,38 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
 
 
 class HttpServer:
-    def __init__(self, app: Any, host: str, port: int, backlog: int = 2048) -> None:
+    """``sockets``: listening sockets handed over by the supervisor (``listeners.py``);
+    without them the server binds ``host:port`` itself."""
+
+    def __init__(self, app: Any, host: str, port: int, backlog: int = 2048,
+                 sockets: list[socket.socket] | None = None) -> None:
         self.host = host
         self.port = port
         self.backlog = backlog
+        self.sockets = sockets or []
         self.config = UvicornConfig(app=app, http="httptools", interface="asgi3", lifespan="off", access_log=False,
                                     log_config=None, proxy_headers=False, server_header=False,
                                     date_header=False, timeout_keep_alive=75)
         self.config.load()
         self.state = ServerState()
-        self.server: asyncio.Server | None = None
+        self.servers: list[asyncio.Server] = []
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(
-            lambda: CoalescingHttpToolsProtocol(config=self.config, server_state=self.state, app_state={},
-                                                _loop=loop),
-            host=self.host, port=self.port, backlog=self.backlog, reuse_address=True)
+
+        def protocol() -> CoalescingHttpToolsProtocol:
+            return CoalescingHttpToolsProtocol(config=self.config, server_state=self.state, app_state={}, _loop=loop)
+
+        if self.sockets:
+            for sock in self.sockets:
+                self.servers.append(await loop.create_server(protocol, sock=sock, backlog=self.backlog))
+        else:
+            self.servers.append(await loop.create_server(protocol, host=self.host, port=self.port,
+                                                         backlog=self.backlog, reuse_address=True))
 
     def stop_accepting(self) -> None:
-        if self.server is not None:
-            self.server.close()
+        for server in self.servers:
+            server.close()
 
     async def shutdown(self, timeout_s: float) -> None:
         """Stops accepting, lets in-flight requests finish, closes the rest."""

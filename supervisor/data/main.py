@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS_CONTENT_TYPE
 
-from supervisor import runstate
+from supervisor import listeners, runstate
 from supervisor.clock import AwakeClock
 from supervisor.config import Config
 from supervisor.data.control_link import ControlLink
@@ -64,8 +64,12 @@ class DataPlane:
         self.control.on_attach = self.router.resend_state
         self.registry.register(LiveCollector(self.router.ready, self.router.pool_views, self._restarts))
         settings = config.supervisor
-        self.front = HttpServer(Front(self.router, self), settings.host, settings.ca_port)
-        self.metrics_server = (HttpServer(self.metrics_app, settings.host, settings.metrics_port)
+        # The supervisor's listening sockets (the ports outlive this plane), else bound here.
+        handed = listeners.take_inherited()
+        self.front = HttpServer(Front(self.router, self), settings.host, settings.ca_port,
+                                sockets=handed.get("ca_port"))
+        self.metrics_server = (HttpServer(self.metrics_app, settings.host, settings.metrics_port,
+                                          sockets=handed.get("metrics_port"))
                                if settings.metrics_port else None)
         self.worker_server: asyncio.Server | None = None
         self.stopped = asyncio.Event()

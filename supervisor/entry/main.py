@@ -4,6 +4,10 @@ Small and single-threaded, never on the request path. It:
 - refuses a bad config before starting anything (exit 2);
 - holds ``run_dir/supervisor.lock`` so a second supervisor on the same
   run_dir refuses to start (exit 1) instead of taking the sockets over;
+- binds the CA port and the metrics port itself (``listeners.py``) and
+  hands the listening sockets to every data plane it starts, so the ports
+  outlive a data plane: connections made while one is replaced wait in the
+  backlog for the next;
 - starts the control plane and the data plane, and waits for both READY.
   It imports both planes' code once the config is accepted, and then forks
   each plane (it is single-threaded: nothing it imports starts a thread,
@@ -31,12 +35,14 @@ import gc
 import os
 import selectors
 import signal
+import socket
 import sys
 import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+from supervisor import listeners as listening
 from supervisor.config import Config, ConfigError, load_config
 from supervisor.control.sandbox import check_config
 from supervisor.entry.components import STARTUP_TIMEOUT_S, Component
@@ -54,8 +60,11 @@ log = get_logger()
 
 
 class Supervisor:
-    def __init__(self, config_path: Path, config: Config, paths: RunPaths, preloaded: bool = False) -> None:
+    def __init__(self, config_path: Path, config: Config, paths: RunPaths, preloaded: bool = False,
+                 listeners: dict[str, list[socket.socket]] | None = None) -> None:
         self.config = config
+        # The CA and metrics ports' listening sockets, for the data plane; closed when stopping.
+        self.listeners = listeners or {}
         self.config_path = config_path
         self.paths = paths
         python = sys.executable
@@ -140,11 +149,17 @@ class Supervisor:
     def _start(self, component: Component) -> None:
         notify_r, notify_w = os.pipe2(os.O_CLOEXEC)
         os.set_inheritable(notify_w, True)
+        handed = self.listeners if component is self.data else {}
+        handed_fds = listening.fds(handed)
         try:
             if self.preloaded:
-                pid = self._fork_plane(component, notify_w)
+                pid = self._fork_plane(component, notify_w, handed)
             else:
                 env = dict(os.environ, **{NOTIFY_ENV: str(notify_w)}, PYTHONUNBUFFERED="1")
+                if handed:
+                    env[listening.LISTEN_FDS_ENV] = listening.encode(handed)
+                for fd in handed_fds:  # inherited by this one child only (this loop is single-threaded)
+                    os.set_inheritable(fd, True)
                 # Own session: a terminal's Ctrl-C reaches only the supervisor, which
                 # then stops the planes in the right order. No Popen: this loop reaps
                 # every child itself with waitpid(-1).
@@ -158,13 +173,15 @@ class Supervisor:
             return
         finally:
             os.close(notify_w)
+            for fd in handed_fds:
+                os.set_inheritable(fd, False)
         component.on_started(pid, time.monotonic())
         self.notify[notify_r] = component
         self.selector.register(notify_r, selectors.EVENT_READ)
         log.info("component starting", component=component.name, pid=pid)
         self._write_state()
 
-    def _fork_plane(self, component: Component, notify_w: int) -> int:
+    def _fork_plane(self, component: Component, notify_w: int, handed: dict[str, list[socket.socket]]) -> int:
         """Forks a plane from this preloaded, single-threaded process: the planes
         share the imported modules' pages and skip ~200 ms of imports each."""
         sys.stdout.flush()
@@ -187,9 +204,14 @@ class Supervisor:
             devnull = os.open(os.devnull, os.O_RDONLY)
             os.dup2(devnull, 0)
             # Nothing of this loop's (selector, wakeup pipe, run_dir lock, the
-            # other planes' READY pipes) reaches the plane; only its own READY pipe.
-            os.closerange(3, notify_w)
-            os.closerange(notify_w + 1, os.sysconf("SC_OPEN_MAX"))
+            # other planes' READY pipes) reaches the plane; only its own READY
+            # pipe, and the data plane the listening sockets.
+            close_all_but({notify_w, *listening.fds(handed)})
+            if handed:
+                os.environ[listening.LISTEN_FDS_ENV] = listening.encode(handed)
+            for socks in self.listeners.values():
+                for sock in socks:
+                    sock.detach()  # the plane makes its own objects; these must never close its fds
             os.environ[NOTIFY_ENV] = str(notify_w)
             os.environ["PYTHONUNBUFFERED"] = "1"
             _set_process_name(component.name)
@@ -280,6 +302,9 @@ class Supervisor:
 
     def _begin_stop(self, fatal: bool) -> None:
         self.state = "draining"
+        # The ports close with the data plane's copies now: a stopping instance
+        # refuses new connections instead of parking them in a backlog.
+        self._close_listeners()
         for component in self.components:
             if component.state in ("backoff", "stopped"):
                 component.state = "exited"
@@ -333,6 +358,10 @@ class Supervisor:
         log.info("supervisor stopped", exit_code=self.exit_code)
         return True
 
+    def _close_listeners(self) -> None:
+        listening.close(self.listeners)
+        self.listeners = {}
+
     def _write_state(self) -> None:
         settings = self.config.supervisor
         try:
@@ -342,6 +371,16 @@ class Supervisor:
                 "components": [c.record() for c in self.components]})
         except OSError as exc:
             log.error("could not write the state file", path=str(self.paths.state), error=str(exc))
+
+
+def close_all_but(keep: set[int]) -> None:
+    """Closes every descriptor from 3 up, except ``keep``."""
+    low = 3
+    for fd in sorted(keep):
+        if fd >= low:
+            os.closerange(low, fd)
+            low = fd + 1
+    os.closerange(low, os.sysconf("SC_OPEN_MAX"))
 
 
 def _children() -> list[int]:
@@ -421,9 +460,18 @@ def run(config_path: Path) -> int:
         log.error("another supervisor is running with this run_dir; refusing to start",
                   run_dir=str(paths.run_dir))
         return 1
+    settings = config.supervisor
+    ports = {"ca_port": settings.ca_port, "metrics_port": settings.metrics_port}
+    try:
+        bound = listening.bind_all(settings.host, {key: port for key, port in ports.items() if port})
+    except listening.CannotListen as exc:
+        log.critical("cannot start", error=str(exc))
+        os.close(lock_fd)
+        return 1
     try:
         forget_accepted_config(paths)  # a reload of an earlier run does not carry over
         become_subreaper()
-        return Supervisor(config_path.resolve(), config, paths, preloaded=preload_planes()).run()
+        return Supervisor(config_path.resolve(), config, paths, preloaded=preload_planes(), listeners=bound).run()
     finally:
+        listening.close(bound)
         os.close(lock_fd)
