@@ -21,11 +21,23 @@ The contract is DESIGN.md, "Contract: configuration (TOML)". The rules:
   `run_dir` from `SUPERVISOR_RUN_DIR`. An empty variable counts as unset.
 * Importing handlers runs user code, so it is not part of validation:
   `check_handlers` does it in throwaway subprocesses, on request.
+* A config that validates can run: every number is bounded (the bound is
+  in the message) so that each downstream use is safe (protobuf uint32
+  fields, cgroup files, rlimits, deadline arithmetic), and every string
+  that reaches an environment, an exec, a socket path or a host name holds
+  only what can get there (no NUL, sizes the kernel takes). The bounds are
+  the constants below and README.md's "Configuration bounds"; what depends
+  on the container (a user that exists, an rlimit it lets a worker raise)
+  is `supervisor.control.sandbox.check_config`'s.
+* Nothing the file holds makes validation raise anything but ConfigError:
+  nesting, huge integers and odd strings are problems with key paths too.
+  Key paths are written as TOML would (`functions.f.env."A B"`).
 """
 
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import json
 import os
 import re
@@ -34,13 +46,14 @@ import signal
 import subprocess
 import sys
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple, TypeVar
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -66,35 +79,93 @@ class ConfigError(Exception):
         )
 
 
+# --- bounds -----------------------------------------------------------------------
+# Each is what the value's downstream use can take, with room to spare; the
+# README ("Configuration bounds") says why each is what it is.
+
+KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
+MAX_DURATION_S = 86400  # 24h: FC's longest function timeout (async/task invocations)
+MIN_TIMEOUT_S = Fraction(1, 1000)  # 1ms: timeout_ms, an integer, must not round down to 0
+MAX_CONCURRENCY = 1000  # a slot can be a handler thread in the worker; FC allows 200 per instance
+MAX_WORKERS = 1000
+MAX_QUEUE = 100_000
+MAX_REQUESTS = 1_000_000_000  # plus up to 10 % jitter, still inside WorkerAdded's uint32
+MAX_BODY = 1 * GiB  # the data plane holds a body whole; a frame's length is a uint32 (FC itself: 32 MB)
+MIN_MEMORY, MAX_MEMORY = 1 * MiB, 1 * TiB  # memory_limit_mb >= 1; cgroup and RLIMIT_DATA take far more
+MIN_CPU, MAX_CPU = 0.01, 1024.0  # a CFS quota of 1ms per 100ms period, and 1024 cores
+MAX_PIDS = 4_194_304  # PID_MAX_LIMIT: the most pids.max takes
+MIN_NOFILE, MAX_NOFILE = 64, 1 << 20  # a worker's own descriptors; fs.nr_open's default
+MAX_UID = (1 << 32) - 2  # (uid_t)-1 means "no change" to setuid
+MAX_ENV_ENTRY = 128 * KiB  # MAX_ARG_STRLEN: one "NAME=value" (with its NUL) in an exec
+MAX_EXEC_BYTES = 1 * MiB  # env + command of one function: half the usual ARG_MAX (2 MiB)
+MAX_NAME = 64  # a function's name (FC's limit); it names cgroup directories too
+MAX_NESTING = 32  # tables and arrays in one file (the contract needs 4)
+MAX_NUMBER_TEXT = 1000  # digits of a duration or size written as a string
+SUN_PATH_MAX = 107  # bytes of a unix socket path (sockaddr_un.sun_path, less its NUL)
+
+
+def show_size(n: int | float) -> str:
+    """Bytes in the largest binary unit that divides them: 1073741824 -> '1GiB'."""
+    for unit, size in (("TiB", TiB), ("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
+        if n >= size and n % size == 0:
+            return f"{int(n // size)}{unit}"
+    return f"{n}B" if isinstance(n, int) else f"{n:g}B"
+
+
+def show_duration(seconds: float | Fraction) -> str:
+    """Seconds in the unit they read best in: 86400 -> '24h', 0.001 -> '1ms'."""
+    for unit, size in (("h", 3600), ("m", 60), ("s", 1)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    if seconds >= 1:
+        return f"{float(seconds):g}s"
+    return f"{float(seconds * 1000):g}ms"
+
+
 # --- durations and sizes --------------------------------------------------------
 
 _DURATION_RE = re.compile(r"\s*(\d+(?:\.\d+)?|\.\d+)\s*(ms|s|m|h)\s*", re.ASCII)
 _DURATION_UNITS = {"ms": Fraction(1, 1000), "s": Fraction(1), "m": Fraction(60), "h": Fraction(3600)}
 _DURATION_HELP = "expected a duration such as '10s', '250ms', '1.5m' or '2h' (a number and a unit: ms, s, m, h)"
 
-_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?|\.\d+)\s*(B|KiB|MiB|GiB)?\s*", re.ASCII)
-_SIZE_UNITS = {None: 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
+_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?|\.\d+)\s*(B|KiB|MiB|GiB|TiB)?\s*", re.ASCII)
+_SIZE_UNITS = {None: 1, "B": 1, "KiB": KiB, "MiB": MiB, "GiB": GiB, "TiB": TiB}
 _SIZE_HELP = "expected a size such as '6MiB', '512KiB', '1GiB', '100B' or a number of bytes"
 
 
-def parse_duration(text: str) -> float:
-    """'10s', '250ms', '1.5m', '2h' -> seconds. Raises ValueError with a user-facing message."""
+def _number_text(text: str, what: str) -> None:
+    if len(text) > MAX_NUMBER_TEXT:
+        raise ValueError(f"{_show(text)} is not a {what}: more than {MAX_NUMBER_TEXT} characters")
+
+
+def duration_seconds(text: str) -> Fraction:
+    """'10s', '250ms', '1.5m', '2h' -> exact seconds. Raises ValueError with a user-facing message."""
+    _number_text(text, "duration")
     match = _DURATION_RE.fullmatch(text)
     if match is None:
         if re.fullmatch(r"\s*[0-9]+(?:\.[0-9]+)?\s*", text):
             raise ValueError(f"{text!r} has no unit; write e.g. '{text.strip()}s' or '{text.strip()}ms' (units: ms, s, m, h)")
-        raise ValueError(f"{_DURATION_HELP}, got {text!r}")
+        raise ValueError(f"{_DURATION_HELP}, got {_show(text)}")
     # Fraction keeps the arithmetic exact, so "3ms" is exactly 3/1000 rounded once.
-    return float(Fraction(match.group(1)) * _DURATION_UNITS[match.group(2)])
+    return Fraction(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
+def parse_duration(text: str) -> float:
+    """'10s', '250ms', '1.5m', '2h' -> seconds. Raises ValueError with a user-facing message."""
+    try:
+        return float(duration_seconds(text))
+    except OverflowError:
+        raise ValueError(f"{_show(text)} is too long a duration") from None
 
 
 def parse_size(text: str) -> int:
     """'6MiB', '512KiB', '1GiB', '100B', '1024' -> bytes. Raises ValueError with a user-facing message."""
+    _number_text(text, "size")
     match = _SIZE_RE.fullmatch(text)
     if match is None:
         if re.fullmatch(r"\s*[\d.]+\s*[kKmMgGtT]i?[bB]?\s*", text):
-            raise ValueError(f"{text!r}: use binary units B, KiB, MiB or GiB (e.g. '256MiB'); decimal units like MB are not accepted")
-        raise ValueError(f"{_SIZE_HELP}, got {text!r}")
+            raise ValueError(f"{text!r}: use binary units B, KiB, MiB, GiB or TiB (e.g. '256MiB'); decimal units like MB are not accepted")
+        raise ValueError(f"{_SIZE_HELP}, got {_show(text)}")
     value = Fraction(match.group(1)) * _SIZE_UNITS[match.group(2)]
     if value.denominator != 1:
         raise ValueError(f"{text!r} is not a whole number of bytes")
@@ -109,54 +180,150 @@ def _show(value: Any) -> str:
         return "a table"
     if isinstance(value, list):
         return "a list"
+    if isinstance(value, int) and value.bit_length() > 200:
+        return f"an integer of {len(str(abs(value)))} digits" if value.bit_length() < 14000 else "a huge integer"
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _duration(value: Any, info: ValidationInfo) -> Any:
-    if isinstance(value, str):
-        return parse_duration(value)
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if not (info.context or {}).get("from_file"):
-            return value  # built in Python (tests, other modules): numbers are seconds
-        # The one mistake worth a precise hint: a TOML number without a unit.
-        raise ValueError(f"a duration needs a unit: write it as a string, e.g. \"{value}s\" or \"{value}ms\"")
-    raise ValueError(f"{_DURATION_HELP}, got {_show(value)}")
+def _duration_in(low: Fraction | int, high: Fraction | int) -> Callable[[Any, ValidationInfo], Any]:
+    """A duration's validator: from ``low`` to ``high`` seconds (both included)."""
+    def check(value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, str):
+            seconds = duration_seconds(value)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            if (info.context or {}).get("from_file"):
+                # The one mistake worth a precise hint: a TOML number without a unit.
+                example = f"{value}" if isinstance(value, int) or value.is_integer() else "10"
+                raise ValueError(f'a duration needs a unit: write it as a string, e.g. "{example}s" or "{example}ms"')
+            if value != value or value in (float("inf"), float("-inf")):
+                raise ValueError(f"expected a finite duration, got {_show(value)}")
+            seconds = Fraction(value)  # built in Python (tests, other modules): numbers are seconds
+        else:
+            raise ValueError(f"{_DURATION_HELP}, got {_show(value)}")
+        if seconds > high:
+            raise ValueError(f"must be at most {show_duration(high)}, got {_show(value)}")
+        if seconds < low:
+            raise ValueError(f"must be at least {show_duration(low)}, got {_show(value)}")
+        return float(seconds)
+    return check
 
 
-def _size(value: Any) -> Any:
-    if isinstance(value, str):
-        return parse_size(value)
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value  # a TOML integer is a number of bytes
-    raise ValueError(f"{_SIZE_HELP}, got {_show(value)}")
+def _size_in(low: int, high: int) -> Callable[[Any], Any]:
+    """A size's validator: from ``low`` to ``high`` bytes (both included)."""
+    def check(value: Any) -> Any:
+        if isinstance(value, str):
+            size = parse_size(value)
+        elif isinstance(value, int) and not isinstance(value, bool):
+            size = value  # a TOML integer is a number of bytes
+        else:
+            raise ValueError(f"{_SIZE_HELP}, got {_show(value)}")
+        if size > high:
+            raise ValueError(f"must be at most {show_size(high)}, got {_show(value)}")
+        if size < low:
+            raise ValueError(f"must be at least {show_size(low)}, got {_show(value)}"
+                             if low > 1 else f"must be greater than 0, got {_show(value)}")
+        return size
+    return check
+
+
+def _unreachable(text: str, what: str) -> str | None:
+    """Why ``text`` cannot reach ``what`` (an environment, an exec, a path), or None."""
+    if "\0" in text:
+        return f"contains a NUL character, which cannot be in {what}"
+    try:
+        os.fsencode(text)
+    except UnicodeEncodeError as exc:
+        return f"{exc.object[exc.start:exc.end]!r} cannot be encoded in this system's file name encoding ({exc.encoding})"
+    return None
+
+
+def _path_text(value: Any, info: ValidationInfo) -> Path:
+    """A directory path as written: a non-empty string that can be a path; relative to the config file."""
+    if not isinstance(value, (str, Path)) or str(value) == "":
+        raise ValueError(f"expected a directory path as a string, got {_show(value)}")
+    why = _unreachable(str(value), "a path")
+    if why is not None:
+        raise ValueError(why)
+    base: Path = (info.context or {}).get("base_dir", Path.cwd())
+    try:
+        return base / Path(value).expanduser()
+    except RuntimeError as exc:  # "~nosuchuser/..."
+        raise ValueError(f"cannot expand {str(value)!r}: {exc}") from None
 
 
 def _directory(value: Any, info: ValidationInfo) -> Path:
-    if not isinstance(value, (str, Path)) or str(value) == "":
-        raise ValueError(f"expected a directory path as a string, got {_show(value)}")
+    path = _path_text(value, info)
     base: Path = (info.context or {}).get("base_dir", Path.cwd())
-    path = (base / Path(value).expanduser()).resolve()
-    if not path.exists():
+    try:
+        path = path.resolve()
+        exists, is_dir = path.exists(), path.is_dir()
+    except (OSError, RuntimeError) as exc:  # a symlink loop, a directory we may not look into
+        raise ValueError(f"cannot look at {str(path)!r}: {getattr(exc, 'strerror', None) or exc}") from None
+    if not exists:
         raise ValueError(f"directory {str(path)!r} does not exist (relative paths start at the config file's directory, {str(base)!r})")
-    if not path.is_dir():
+    if not is_dir:
         raise ValueError(f"{str(path)!r} is not a directory")
     return path
 
 
 def _run_dir(value: Any, info: ValidationInfo) -> Path:
-    if not isinstance(value, (str, Path)) or str(value) == "":
-        raise ValueError(f"expected a directory path as a string, got {_show(value)}")
-    # It need not exist yet: the supervisor creates it.
-    base: Path = (info.context or {}).get("base_dir", Path.cwd())
-    return base / Path(value).expanduser()
+    return _path_text(value, info)  # it need not exist yet: the supervisor creates it
 
 
-Duration = Annotated[float, BeforeValidator(_duration), Field(ge=0)]
-PositiveDuration = Annotated[float, BeforeValidator(_duration), Field(gt=0)]
-Size = Annotated[int, BeforeValidator(_size), Field(gt=0)]
+def _exec_string(value: str, what: str = "an environment variable or a command line") -> str:
+    why = _unreachable(value, what)
+    if why is not None:
+        raise ValueError(why)
+    if len(os.fsencode(value)) >= MAX_ENV_ENTRY:
+        raise ValueError(f"must be less than {show_size(MAX_ENV_ENTRY)} (the kernel's limit for one "
+                         f"argument or variable), got {len(os.fsencode(value))} bytes")
+    return value
+
+
+def _env_value(value: str) -> str:
+    return _exec_string(value, "an environment variable")
+
+
+_HOST_NAME_RE = re.compile(r"(?=.{1,253}\.?\Z)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                           r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?", re.ASCII)
+
+
+def _host(value: str) -> str:
+    try:
+        ipaddress.ip_address(value)
+        return value
+    except ValueError:
+        pass
+    if _HOST_NAME_RE.fullmatch(value):
+        return value
+    raise ValueError(f"expected an IP address or host name to listen on (e.g. '0.0.0.0', '127.0.0.1', '::' "
+                     f"or 'localhost'), got {_show(value)}")
+
+
+_USER_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?", re.ASCII)
+
+
+def _user(value: str | None) -> str | None:
+    if value is None or value in ("auto", "root"):
+        return value
+    if value == "":
+        raise ValueError("must not be an empty string (leave it out for the default, 'nobody')")
+    if re.fullmatch(r"[0-9]+", value, re.ASCII):
+        if len(value) > 10 or int(value) > MAX_UID:
+            raise ValueError(f"a numeric uid must be at most {MAX_UID}, got {_show(value)}")
+        return value
+    if not _USER_RE.fullmatch(value):
+        raise ValueError(f"expected a user name (a letter or '_', then letters, digits, '_', '.' or '-'; at most "
+                         f"32), a numeric uid, 'auto' or 'root', got {_show(value)}")
+    return value
+
+
+Duration = Annotated[float, BeforeValidator(_duration_in(0, MAX_DURATION_S))]
+PositiveDuration = Annotated[float, BeforeValidator(_duration_in(MIN_TIMEOUT_S, MAX_DURATION_S))]
 Port = Annotated[int, Field(ge=1, le=65535)]
 EnvName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+EnvValue = Annotated[str, AfterValidator(_env_value)]
 
 _ENTRY_RE = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")
 _NAME_RE = re.compile(r"[A-Za-z0-9_-]+")
@@ -173,11 +340,11 @@ _MODEL_CONFIG = ConfigDict(strict=True, extra="forbid", frozen=True, allow_inf_n
 class Limits(BaseModel):
     model_config = _MODEL_CONFIG
 
-    memory: Size | None = None  # bytes
-    cpu: Annotated[float, Field(gt=0)] | None = None  # cores
-    pids: Annotated[int, Field(ge=1)] | None = None
-    nofile: Annotated[int, Field(ge=1)] | None = None
-    user: str | None = None
+    memory: Annotated[int, BeforeValidator(_size_in(MIN_MEMORY, MAX_MEMORY))] | None = None  # bytes
+    cpu: Annotated[float, Field(ge=MIN_CPU, le=MAX_CPU)] | None = None  # cores
+    pids: Annotated[int, Field(ge=1, le=MAX_PIDS)] | None = None
+    nofile: Annotated[int, Field(ge=MIN_NOFILE, le=MAX_NOFILE)] | None = None
+    user: Annotated[str | None, AfterValidator(_user)] = None
     network: Literal["inherit", "none"] = "inherit"
     seccomp: bool = True
     require_isolation: bool = False
@@ -195,21 +362,21 @@ class FunctionConfig(BaseModel):
     pre_freeze: str | None = None
     pre_stop: str | None = None
     timeout: PositiveDuration = 60.0
-    concurrency: Annotated[int, Field(ge=1)] = 1
-    min_warm: Annotated[int, Field(ge=0)] = 1
-    max_workers: Annotated[int, Field(ge=1)] = 4
-    max_queue: Annotated[int, Field(ge=0)] = 64
+    concurrency: Annotated[int, Field(ge=1, le=MAX_CONCURRENCY)] = 1
+    min_warm: Annotated[int, Field(ge=0, le=MAX_WORKERS)] = 1
+    max_workers: Annotated[int, Field(ge=1, le=MAX_WORKERS)] = 4
+    max_queue: Annotated[int, Field(ge=0, le=MAX_QUEUE)] = 64
     idle_ttl: Duration = 60.0
     shrink_strategy: Literal["lcc", "fifo", "filo"] = "lcc"
-    max_requests: Annotated[int, Field(ge=0)] = 0
+    max_requests: Annotated[int, Field(ge=0, le=MAX_REQUESTS)] = 0
     recycle_memory_share: Annotated[float, Field(ge=0, le=1)] = 0.9
     disposable: bool = False
     seed: bool = True  # python: fork workers from a preloaded seed; false: a fresh interpreter each
-    max_body: Size = 6 << 20
-    env: dict[EnvName, str] = Field(default_factory=dict)
+    max_body: Annotated[int, BeforeValidator(_size_in(1, MAX_BODY))] = 6 << 20
+    env: dict[EnvName, EnvValue] = Field(default_factory=dict)
     limits: Limits = Field(default_factory=Limits)
     # TOML gives lists; strict mode would insist on tuples, so these two are lax.
-    command: tuple[str, ...] | None = Field(None, strict=False, min_length=1)
+    command: tuple[Annotated[str, AfterValidator(_exec_string)], ...] | None = Field(None, strict=False, min_length=1)
     ready: str = "http:/"
     startup_timeout: PositiveDuration = 15.0
     hooks: tuple[Literal["initialize", "pre-freeze", "pre-stop"], ...] = Field((), strict=False)
@@ -232,7 +399,7 @@ class FunctionConfig(BaseModel):
             # The runtime's own handler name (Lambda's _HANDLER, e.g. "app.handler"), passed as it is.
             if value is not None and not value.strip():
                 raise ValueError("must not be an empty string")
-            return value
+            return None if value is None else _exec_string(value, "an environment variable")  # it is _HANDLER
         if value is not None and not _ENTRY_RE.fullmatch(value):
             raise ValueError(f"expected \"module:callable\" (e.g. \"hello:handler\" or \"pkg.app:main\"), got {value!r}")
         return value
@@ -240,8 +407,17 @@ class FunctionConfig(BaseModel):
     @field_validator("ready")
     @classmethod
     def _ready(cls, value: str) -> str:
-        if value != "tcp" and not value.startswith("http:/"):
-            raise ValueError(f"expected \"tcp\" or \"http:/PATH\" (e.g. \"http:/\" or \"http:/healthz\"), got {value!r}")
+        # PATH goes into the request line of the readiness probe: printable ASCII, no spaces.
+        if value != "tcp" and not re.fullmatch(r"http:/[!-~]{0,1000}", value, re.ASCII):
+            raise ValueError(f"expected \"tcp\" or \"http:/PATH\" (e.g. \"http:/\" or \"http:/healthz\"; PATH in "
+                             f"printable ASCII without spaces), got {_show(value)}")
+        return value
+
+    @field_validator("command")
+    @classmethod
+    def _program(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is not None and value[0] == "":
+            raise ValueError("the program (the command's first item) must not be an empty string")
         return value
 
 
@@ -249,7 +425,7 @@ class SupervisorSettings(BaseModel):
     model_config = _MODEL_CONFIG
 
     ca_port: Port = 9000
-    host: Annotated[str, Field(min_length=1)] = "0.0.0.0"
+    host: Annotated[str, Field(min_length=1), AfterValidator(_host)] = "0.0.0.0"
     metrics_port: Annotated[int, Field(ge=0, le=65535)] = 9464  # 0 disables
     run_dir: Annotated[Path, BeforeValidator(_run_dir)] = Path("/tmp/ca-supervisor")
     log_format: Literal["json", "console"] = "json"
@@ -283,6 +459,14 @@ class Config(BaseModel):
 _M = TypeVar("_M", bound=BaseModel)
 
 
+_BARE_KEY_RE = re.compile(r"[A-Za-z0-9_-]+", re.ASCII)
+
+
+def toml_key(part: str) -> str:
+    """One key of a dotted path as TOML writes it: bare when it can be, else quoted (one line, ASCII)."""
+    return part if _BARE_KEY_RE.fullmatch(part) else json.dumps(part)
+
+
 def _path(prefix: str, loc: tuple[int | str, ...]) -> str:
     path = prefix
     for part in loc:
@@ -291,7 +475,7 @@ def _path(prefix: str, loc: tuple[int | str, ...]) -> str:
         if isinstance(part, int):
             path += f"[{part}]"
         else:
-            path = f"{path}.{part}" if path else part
+            path = f"{path}.{toml_key(part)}" if path else toml_key(part)
     return path
 
 
@@ -328,7 +512,9 @@ def _message(error: Mapping[str, Any], model: type[BaseModel]) -> str:
     bounds = {"greater_than": "greater than {gt}", "greater_than_equal": "at least {ge}",
               "less_than": "less than {lt}", "less_than_equal": "at most {le}"}
     if kind in bounds:
-        return f"must be {bounds[kind].format(**ctx)}, got {got}"
+        shown = {name: int(bound) if isinstance(bound, float) and bound.is_integer() else bound
+                 for name, bound in ctx.items()}
+        return f"must be {bounds[kind].format(**shown)}, got {got}"
     if kind == "too_short":
         return "must not be empty"
     if kind == "string_too_short":
@@ -400,6 +586,15 @@ def _function_checks(prefix: str, raw: Mapping[str, Any], failed: set[str]) -> l
         problems.append(Problem(f"{prefix}.seed", f"only python functions have a seed; a {runtime} function starts its command"))
     if ok("min_warm", "max_workers") and values["min_warm"] > values["max_workers"]:
         problems.append(Problem(f"{prefix}.min_warm", f"min_warm ({values['min_warm']}) cannot exceed max_workers ({values['max_workers']})"))
+    if ok("env", "command", "handler"):
+        # What one exec of the function carries besides the supervisor's few variables.
+        strings = [f"{name}={value}" for name, value in values["env"].items()] + list(values["command"] or ())
+        if isinstance(values["handler"], str):
+            strings.append(f"_HANDLER={values['handler']}")
+        size = sum(len(os.fsencode(text)) + 1 for text in strings)
+        if size > MAX_EXEC_BYTES:
+            problems.append(Problem(f"{prefix}.env", f"the environment and command of one worker must be at most "
+                                                     f"{show_size(MAX_EXEC_BYTES)} together, got {size} bytes"))
     return problems
 
 
@@ -420,11 +615,27 @@ def _env_overrides(env: Mapping[str, str]) -> tuple[dict[str, Any], list[Problem
     return update, []
 
 
+def _socket_room(run_dir: Path) -> str | None:
+    """Why the sockets in ``run_dir`` cannot be bound, or None."""
+    from supervisor.runstate import CONTROL_SOCK_NAME, WORKER_SOCK_NAME
+
+    try:
+        longest = max((run_dir.absolute() / name for name in (CONTROL_SOCK_NAME, WORKER_SOCK_NAME)),
+                      key=lambda path: len(os.fsencode(path)))
+    except (ValueError, UnicodeEncodeError) as exc:
+        return f"cannot be a path: {exc}"
+    size = len(os.fsencode(longest))
+    if size > SUN_PATH_MAX:
+        return (f"too long for the unix sockets it holds: {str(longest)!r} is {size} bytes, at most "
+                f"{SUN_PATH_MAX} bytes fit in a socket address (use a shorter directory)")
+    return None
+
+
 def parse_config(data: Mapping[str, Any], base_dir: Path, env: Mapping[str, str], path: Path | None = None) -> Config:
     """Validate parsed TOML; relative paths start at `base_dir`. Raises ConfigError with every problem."""
     base_dir = base_dir.resolve()
-    problems = [Problem(str(key), "unknown key (expected [supervisor] and [functions.NAME] tables)")
-                for key in data if key not in ("supervisor", "functions")]
+    problems = [Problem(toml_key(str(name)), "unknown key (expected [supervisor] and [functions.NAME] tables)")
+                for name in data if name not in ("supervisor", "functions")]
 
     settings, found, _ = _validate(SupervisorSettings, data.get("supervisor", {}), "supervisor", base_dir)
     problems += found
@@ -432,6 +643,9 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, env: Mapping[str, str]
     problems += found
     if settings is not None:
         settings = settings.model_copy(update=update)
+        room = _socket_room(settings.run_dir)
+        if room is not None:
+            problems.append(Problem("env.SUPERVISOR_RUN_DIR" if "run_dir" in update else "supervisor.run_dir", room))
         if settings.metrics_port == settings.ca_port:
             problems.append(Problem("supervisor.metrics_port", f"must differ from ca_port ({settings.ca_port}); use another port or 0 to disable metrics"))
 
@@ -443,9 +657,11 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, env: Mapping[str, str]
     elif not tables:
         problems.append(Problem("functions", "no function is configured; add one, e.g. [functions.hello] with a handler and code_dir"))
     for name, raw in tables.items():
-        prefix = f"functions.{name}"
+        prefix = f"functions.{toml_key(name)}"
         if not _NAME_RE.fullmatch(name):
-            problems.append(Problem(prefix, f"function name {name!r} may only contain letters, digits, '_' and '-' (it is used in metric labels and headers)"))
+            problems.append(Problem(prefix, f"function name {_show(name)} may only contain letters, digits, '_' and '-' (it is used in metric labels and headers)"))
+        elif len(name) > MAX_NAME:
+            problems.append(Problem(prefix, f"a function name must be at most {MAX_NAME} characters, got {len(name)}"))
         if isinstance(raw, dict) and "name" in raw:
             problems.append(Problem(f"{prefix}.name", "unknown key (a function's name is its table name)"))
             raw = {key: value for key, value in raw.items() if key != "name"}
@@ -460,8 +676,8 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, env: Mapping[str, str]
     raw_settings = data.get("supervisor", {})
     default = raw_settings.get("default_function") if isinstance(raw_settings, dict) else None
     if isinstance(default, str) and default not in tables:
-        known = ", ".join(map(repr, tables)) or "none"
-        problems.append(Problem("supervisor.default_function", f"{default!r} is not a configured function (configured: {known})"))
+        known = ", ".join(map(_show, tables)) or "none"
+        problems.append(Problem("supervisor.default_function", f"{_show(default)} is not a configured function (configured: {known})"))
 
     if problems or settings is None:
         raise ConfigError(problems)
@@ -483,12 +699,38 @@ def load_config(path: Path, env: Mapping[str, str] | None = None) -> Config:
 def parse_config_text(text: str, base_dir: Path, path: Path | None = None, env: Mapping[str, str] | None = None,
                       generation: int = 0) -> Config:
     """Validate a config file's text; relative paths start at ``base_dir``."""
+    where = str(path or "config")
+    deep = f"not usable: tables and arrays are nested more than {MAX_NESTING} deep"
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([Problem(str(path or "config"), f"not valid TOML: {exc}")]) from exc
+        raise ConfigError([Problem(where, f"not valid TOML: {exc}")]) from None
+    except RecursionError:  # tomllib recurses into arrays and inline tables
+        raise ConfigError([Problem(where, deep)]) from None
+    except ValueError as exc:  # tomllib lets int()'s own errors through
+        reason = ("an integer has more digits than can be read (4300)" if "integer string conversion" in str(exc)
+                  else str(exc))
+        raise ConfigError([Problem(where, f"not valid TOML: {reason}")]) from None
+    if _depth(data) > MAX_NESTING:  # the same answer whatever the caller's stack (validate, reload)
+        raise ConfigError([Problem(where, deep)])
     config = parse_config(data, base_dir, os.environ if env is None else env, path)
     return config.model_copy(update={"text": text, "generation": generation})
+
+
+def _depth(data: Any) -> int:
+    """How deeply tables and arrays nest in ``data`` (without recursing)."""
+    deepest, stack = 0, [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            items: Any = value.values()
+        elif isinstance(value, list):
+            items = value
+        else:
+            continue
+        deepest = max(deepest, depth)
+        stack.extend((item, depth + 1) for item in items)
+    return deepest
 
 
 def bundled_config_path() -> Path:

@@ -26,12 +26,19 @@ Rules:
   cannot traverse (``/root`` holding the interpreter, a 0700 temp dir) is
   covered by a tmpfs into which only those paths are bound back,
   read-only; without one, the function is refused with the path to fix.
+- A pull runtime's API (Lambda, SCF) is private to its worker: inside the
+  worker's network namespace when it has one (``network = "none"``), and
+  always behind the worker's check that a connection comes from the
+  runtime's own processes; ``runtime_api`` in the summary says which.
+  A function that may use the network keeps the shared namespace (one of
+  its own would have no route out).
 """
 
 from __future__ import annotations
 
 import os
 import pwd
+import resource
 import stat
 import subprocess
 import sys
@@ -41,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from supervisor.config import Config, FunctionConfig, Problem
+from supervisor.config import PULL_RUNTIMES, Config, FunctionConfig, Problem
 from supervisor.control.cgroups import CgroupLimits, CgroupTree
 
 NOBODY = "nobody"
@@ -195,6 +202,38 @@ def blocked_at(path: str, who: Identity | None, stat_fn: Callable[[str], os.stat
     return None
 
 
+# An rlimit a plan sets, and the limits key it enforces.
+RLIMIT_KEYS = {"nofile": "nofile", "data": "memory", "nproc": "pids"}
+CAP_SYS_RESOURCE = 24
+
+
+def rlimit_ceiling(name: str) -> tuple[int, str] | None:
+    """The most a worker can set rlimit ``name`` to here, and why; None: no ceiling.
+
+    A worker sets its rlimits (soft = hard) before it drops root: with
+    CAP_SYS_RESOURCE up to anything (RLIMIT_NOFILE up to fs.nr_open), without
+    it up to the hard limit it inherits from the supervisor.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            caps = next((int(line.split()[1], 16) for line in status if line.startswith("CapEff:")), 0)
+    except (OSError, ValueError, IndexError):
+        caps = ~0 if os.geteuid() == 0 else 0
+    if caps >> CAP_SYS_RESOURCE & 1:
+        if name != "nofile":
+            return None
+        try:
+            with open("/proc/sys/fs/nr_open") as nr_open:
+                return int(nr_open.read()), "fs.nr_open"
+        except (OSError, ValueError):
+            return None
+    hard = resource.getrlimit({"nofile": resource.RLIMIT_NOFILE, "data": resource.RLIMIT_DATA,
+                               "nproc": resource.RLIMIT_NPROC}[name])[1]
+    if hard == resource.RLIM_INFINITY:
+        return None
+    return hard, f"the supervisor's hard RLIMIT_{name.upper()}, which a worker cannot raise without CAP_SYS_RESOURCE"
+
+
 def _under(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
@@ -263,6 +302,11 @@ def plan_function(fn: FunctionConfig, caps: Capabilities, *, others: Iterable[st
         assert limits.cpu is not None
         poll_cpu = limits.cpu
         parts.append(f"cpu by polling (killed above it for {CPU_WINDOW_S:g} s; not throttled)")
+    for name, value in rlimits.items():
+        ceiling = rlimit_ceiling(name) if name in RLIMIT_KEYS else None
+        if ceiling is not None and value > ceiling[0]:
+            problems.append(Problem(f"{key}.{RLIMIT_KEYS[name]}", f"needs RLIMIT_{name.upper()} = {value}, above what "
+                                                                  f"a worker can set here: {ceiling[0]} ({ceiling[1]})"))
     fallback_reason = caps.cgroups or "controller missing"
     if wanted - in_cgroup:
         parts.append(f"cgroups: {fallback_reason}")
@@ -320,6 +364,14 @@ def plan_function(fn: FunctionConfig, caps: Capabilities, *, others: Iterable[st
                                                            f"{path}: {where} is closed to it, and without a mount "
                                                            f"namespace ({why}) it cannot be bound in"))
                     break
+
+    # ---- a pull runtime's API (worker/runtimes/gate.py) ----
+    if fn.runtime in PULL_RUNTIMES:
+        summary["runtime_api"] = (
+            "in the worker's own network namespace (no other process can reach it); each connection also "
+            "checked to come from the runtime's own processes" if network else
+            "on the shared loopback; each connection admitted only from the runtime's own processes "
+            "(its socket open in the worker's process tree), whatever the uid")
 
     # ---- seccomp ----
     seccomp = limits.seccomp and caps.seccomp == ""
@@ -414,4 +466,7 @@ def check_config(config: Config) -> list[Problem]:
         isolation.tree.close()  # made to see that it can be; the control plane makes its own
     sandboxes = isolation.plan(config)
     problems = problems_of(sandboxes)
-    return problems + check_handlers(config, plans={name: s.plan for name, s in sandboxes.items()})
+    # A function whose sandbox cannot be made is not imported in it (that would only fail again).
+    checkable = {name: f for name, f in config.functions.items() if name not in sandboxes or not sandboxes[name].problems}
+    return problems + check_handlers(config.model_copy(update={"functions": checkable}),
+                                     plans={name: s.plan for name, s in sandboxes.items()})

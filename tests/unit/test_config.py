@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import textwrap
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +23,12 @@ from supervisor.config import (
     check_handlers,
     load_config,
     parse_config,
+    parse_config_text,
     parse_duration,
     parse_size,
     resolve_config_path,
+    show_duration,
+    show_size,
 )
 
 MiB = 1 << 20
@@ -169,7 +173,7 @@ def test_relative_paths_start_at_the_config_file(tmp_path: Path, monkeypatch: py
 
 
 def test_other_runtimes_and_values(tmp_path: Path) -> None:
-    data = minimal(interface="asgi", hooks=[], limits={"cpu": 2, "memory": 1024, "network": "none"},
+    data = minimal(interface="asgi", hooks=[], limits={"cpu": 2, "memory": "1MiB", "network": "none"},
                    timeout="250ms", max_body="512KiB", recycle_memory_share=0)
     data["functions"]["srv"] = {"runtime": "custom", "command": ["./bootstrap"], "code_dir": ".", "ready": "tcp",
                                 "hooks": ["initialize", "pre-freeze", "pre-stop"]}
@@ -177,7 +181,7 @@ def test_other_runtimes_and_values(tmp_path: Path) -> None:
     config = parse_config(data, tmp_path, {})
     f, srv = config.functions["hello"], config.functions["srv"]
     assert (f.interface, f.timeout, f.max_body, f.recycle_memory_share) == ("asgi", 0.25, 512 * 1024, 0.0)
-    assert (f.limits.cpu, f.limits.memory, f.limits.network) == (2.0, 1024, "none")
+    assert (f.limits.cpu, f.limits.memory, f.limits.network) == (2.0, MiB, "none")
     assert (srv.ready, srv.hooks) == ("tcp", ("initialize", "pre-freeze", "pre-stop"))
     assert (config.supervisor.metrics_port, config.supervisor.grace_period) == (0, 90.0)
 
@@ -206,14 +210,14 @@ F = "functions.hello"
         ({"timeout": 10}, f"{F}.timeout", 'a duration needs a unit: write it as a string, e.g. "10s"'),
         ({"timeout": "10"}, f"{F}.timeout", "'10' has no unit"),
         ({"timeout": "soon"}, f"{F}.timeout", "expected a duration such as '10s'"),
-        ({"timeout": "0s"}, f"{F}.timeout", "must be greater than 0"),
+        ({"timeout": "0s"}, f"{F}.timeout", "must be at least 1ms, got '0s'"),
         ({"idle_ttl": [1]}, f"{F}.idle_ttl", "expected a duration such as '10s', '250ms', '1.5m' or '2h'"),
-        ({"startup_timeout": "0ms"}, f"{F}.startup_timeout", "must be greater than 0"),
-        ({"max_body": "6MB"}, f"{F}.max_body", "use binary units B, KiB, MiB or GiB"),
+        ({"startup_timeout": "0ms"}, f"{F}.startup_timeout", "must be at least 1ms"),
+        ({"max_body": "6MB"}, f"{F}.max_body", "use binary units B, KiB, MiB, GiB or TiB"),
         ({"max_body": "lots"}, f"{F}.max_body", "expected a size such as '6MiB'"),
         ({"max_body": 0}, f"{F}.max_body", "must be greater than 0"),
         ({"limits": {"memory": "0.3B"}}, f"{F}.limits.memory", "not a whole number of bytes"),
-        ({"limits": {"cpu": 0}}, f"{F}.limits.cpu", "must be greater than 0"),
+        ({"limits": {"cpu": 0}}, f"{F}.limits.cpu", "must be at least 0.01, got 0"),
         ({"limits": {"cpu": True}}, f"{F}.limits.cpu", "expected a number, got true"),
         ({"limits": {"cpu": float("nan")}}, f"{F}.limits.cpu", "expected a finite number"),
         ({"limits": {"pids": 0}}, f"{F}.limits.pids", "must be at least 1"),
@@ -331,11 +335,21 @@ def test_top_level_problem(tmp_path: Path, data: dict[str, Any], path: str, mess
     assert problems[0].path == path and message in problems[0].message
 
 
-@pytest.mark.parametrize("name", ["a b", "a.b", "héllo", "a/b", ""])
-def test_function_names(tmp_path: Path, name: str) -> None:
+@pytest.mark.parametrize(("name", "path"), [("a b", 'functions."a b"'), ("a.b", 'functions."a.b"'),
+                                           ("héllo", 'functions."h\\u00e9llo"'), ("a/b", 'functions."a/b"'),
+                                           ("", 'functions.""'), ("a\nb", 'functions."a\\nb"')])
+def test_function_names(tmp_path: Path, name: str, path: str) -> None:
+    """A key that is not bare is quoted as TOML would, so a problem stays one line of ASCII."""
     data = {"functions": {name: minimal()["functions"]["hello"]}}
     [problem] = problems_of(data, tmp_path)
-    assert problem.path == f"functions.{name}" and "letters, digits, '_' and '-'" in problem.message
+    assert problem.path == path and "letters, digits, '_' and '-'" in problem.message
+
+
+def test_function_names_are_at_most_64_characters(tmp_path: Path) -> None:
+    body = minimal()["functions"]["hello"]
+    assert list(parse_config({"functions": {"a" * 64: body}}, tmp_path, {}).functions) == ["a" * 64]
+    [problem] = problems_of({"functions": {"a" * 65: body}}, tmp_path)
+    assert problem == Problem(f"functions.{'a' * 65}", "a function name must be at most 64 characters, got 65")
 
 
 def test_good_function_names(tmp_path: Path) -> None:
@@ -357,9 +371,9 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
     problems = problems_of(data, tmp_path, {"FC_SERVER_PORT": "abc"})
     assert sorted(paths_of(problems)) == sorted([
         "supervisr", "supervisor.ca_port", "supervisor.grace_period", "supervisor.default_function",
-        "env.FC_SERVER_PORT", "functions.bad name", "functions.bad name.handler", "functions.bad name.code_dir", "functions.bad name.timout",
-        "functions.bad name.concurrency", "functions.bad name.min_warm", "functions.bad name.env.1A",
-        "functions.bad name.limits.memory", "functions.bad name.ready",
+        "env.FC_SERVER_PORT", 'functions."bad name"', 'functions."bad name".handler', 'functions."bad name".code_dir',
+        'functions."bad name".timout', 'functions."bad name".concurrency', 'functions."bad name".min_warm',
+        'functions."bad name".env.1A', 'functions."bad name".limits.memory', 'functions."bad name".ready',
         "functions.web.command", "functions.web.interface",
     ])
     assert all(p.message for p in problems)
@@ -471,7 +485,8 @@ def test_parse_duration_rejects(text: str, message: str) -> None:
 
 @pytest.mark.parametrize(
     ("text", "size"),
-    [("6MiB", 6 * MiB), ("512KiB", 512 << 10), ("1GiB", 1 << 30), ("100B", 100), ("1024", 1024), ("0.5KiB", 512), ("0", 0)],
+    [("6MiB", 6 * MiB), ("512KiB", 512 << 10), ("1GiB", 1 << 30), ("1TiB", 1 << 40), ("100B", 100), ("1024", 1024),
+     ("0.5KiB", 512), ("0", 0)],
 )
 def test_parse_size(text: str, size: int) -> None:
     assert parse_size(text) == size
@@ -480,7 +495,8 @@ def test_parse_size(text: str, size: int) -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [("6MB", "use binary units"), ("1k", "use binary units"), ("1G", "use binary units"), ("1.5B", "whole number"),
-     ("lots", "expected a size"), ("-1", "expected a size"), ("", "expected a size"), ("1TiB", "")],
+     ("lots", "expected a size"), ("-1", "expected a size"), ("", "expected a size"), ("1TB", "use binary units"),
+     ("1" * 1001, "more than 1000 characters")],
 )
 def test_parse_size_rejects(text: str, message: str) -> None:
     with pytest.raises(ValueError) as caught:
@@ -640,3 +656,173 @@ def test_every_example_config_is_valid(path: Path) -> None:
     config = load_config(path, env={})
     assert check_handlers(config) == []
     assert len(EXAMPLES) >= 7
+
+
+# --- bounds: what validates can run (issue 11, item 8) --------------------------------
+# Each row: a key path under functions.hello (or supervisor), the largest (or smallest)
+# value accepted, the first refused, and the bound as the message states it.
+
+BOUNDS = [
+    ("timeout", "24h", "86400.001s", "must be at most 24h"),
+    ("timeout", "1ms", "0.999ms", "must be at least 1ms"),
+    ("startup_timeout", "1440m", "1441m", "must be at most 24h"),
+    ("startup_timeout", "0.001s", "0.0009s", "must be at least 1ms"),
+    ("idle_ttl", "86400s", "24.0001h", "must be at most 24h"),
+    ("concurrency", 1000, 1001, "must be at most 1000"),
+    ("max_workers", 1000, 1001, "must be at most 1000"),
+    ("min_warm", 1000, 1001, "must be at most 1000"),
+    ("max_queue", 100_000, 100_001, "must be at most 100000"),
+    ("max_requests", 1_000_000_000, 1_000_000_001, "must be at most 1000000000"),
+    ("max_body", "1GiB", (1 << 30) + 1, "must be at most 1GiB"),
+    ("max_body", 1, 0, "must be greater than 0"),
+    ("limits.memory", "1TiB", "1025GiB", "must be at most 1TiB"),
+    ("limits.memory", "1MiB", "1023KiB", "must be at least 1MiB"),
+    ("limits.cpu", 1024, 1024.001, "must be at most 1024"),
+    ("limits.cpu", 0.01, 0.0099, "must be at least 0.01"),
+    ("limits.pids", 4_194_304, 4_194_305, "must be at most 4194304"),
+    ("limits.nofile", 1 << 20, (1 << 20) + 1, "must be at most 1048576"),
+    ("limits.nofile", 64, 63, "must be at least 64"),
+    ("limits.user", "4294967294", "4294967295", "a numeric uid must be at most 4294967294"),
+]
+
+
+def with_key(path: str, value: Any) -> dict[str, Any]:
+    if path.startswith("limits."):
+        return minimal(max_workers=1000, limits={path.split(".", 1)[1]: value})
+    return minimal(**{"max_workers": 1000, path: value})
+
+
+@pytest.mark.parametrize(("path", "ok", "bad", "message"), BOUNDS, ids=[f"{b[0]}={b[2]}" for b in BOUNDS])
+def test_every_bound_accepts_its_limit_and_refuses_the_next(tmp_path: Path, path: str, ok: Any, bad: Any,
+                                                            message: str) -> None:
+    parse_config(with_key(path, ok), tmp_path, {})
+    [problem] = problems_of(with_key(path, bad), tmp_path)
+    assert problem.path == f"{F}.{path}" and problem.message.startswith(message), problem
+
+
+@pytest.mark.parametrize("key", ["grace_period"])
+def test_supervisor_durations_are_bounded(tmp_path: Path, key: str) -> None:
+    parse_config({**minimal(), "supervisor": {key: "24h"}}, tmp_path, {})
+    [problem] = problems_of({**minimal(), "supervisor": {key: "1441m"}}, tmp_path)
+    assert problem == Problem(f"supervisor.{key}", "must be at most 24h, got '1441m'")
+
+
+def test_a_timeout_accepted_fits_every_field_it_goes_into(tmp_path: Path) -> None:
+    """The router sends int(timeout * 1000) in a uint32 and the manager jitters max_requests
+    into one: the largest accepted values must fit (1200h and 2**63-1 did not)."""
+    from supervisor.control.policy import jittered_max_requests
+    from supervisor.v1 import control_pb2 as cpb
+    from supervisor.v1 import worker_pb2 as wpb
+
+    f = parse_config(minimal(timeout="24h", max_requests=1_000_000_000), tmp_path, {}).functions["hello"]
+    assert wpb.Invoke(timeout_ms=int(f.timeout * 1000)).timeout_ms == 86_400_000
+    assert wpb.HttpRequest(timeout_ms=int(f.timeout * 1000)).timeout_ms == 86_400_000
+    assert cpb.WorkerAdded(max_requests=jittered_max_requests(f.max_requests, 0.999999)).max_requests > 10**9
+    smallest = parse_config(minimal(timeout="1ms"), tmp_path, {}).functions["hello"]
+    assert wpb.Invoke(timeout_ms=int(smallest.timeout * 1000)).timeout_ms == 1  # never 0
+
+
+@pytest.mark.parametrize(
+    ("function", "path", "message"),
+    [
+        ({"timeout": "9" * 400 + "s"}, f"{F}.timeout", "must be at most 24h"),
+        ({"timeout": "9" * 5000 + "s"}, f"{F}.timeout", "more than 1000 characters"),
+        ({"max_body": "9" * 5000}, f"{F}.max_body", "more than 1000 characters"),
+        ({"timeout": float("inf")}, f"{F}.timeout", "a duration needs a unit"),
+        ({"max_requests": 2**63 - 1}, f"{F}.max_requests", "must be at most 1000000000"),
+        ({"max_requests": 10**400}, f"{F}.max_requests", "must be at most 1000000000, got an integer of 401 digits"),
+        ({"limits": {"pids": 2**63 - 1}}, f"{F}.limits.pids", "must be at most 4194304"),
+        ({"limits": {"cpu": 1e300}}, f"{F}.limits.cpu", "must be at most 1024, got 1e+300"),
+        ({"limits": {"cpu": float("inf")}}, f"{F}.limits.cpu", "expected a finite number"),
+        ({"limits": {"user": ""}}, f"{F}.limits.user", "must not be an empty string"),
+        ({"limits": {"user": "no\0body"}}, f"{F}.limits.user", "expected a user name"),
+        ({"limits": {"user": "nobody\n"}}, f"{F}.limits.user", "expected a user name"),
+        ({"limits": {"user": "a" * 33}}, f"{F}.limits.user", "expected a user name"),
+        ({"limits": {"user": "١٢"}}, f"{F}.limits.user", "expected a user name"),
+        ({"limits": {"user": "99999999999"}}, f"{F}.limits.user", "a numeric uid must be at most 4294967294"),
+        ({"env": {"A": "x\0y"}}, f"{F}.env.A", "contains a NUL character, which cannot be in an environment variable"),
+        ({"env": {"A": "x" * (128 << 10)}}, f"{F}.env.A", "must be less than 128KiB"),
+        ({"env": {f"V{i}": "x" * 100_000 for i in range(11)}}, f"{F}.env", "must be at most 1MiB together"),
+        ({"env": {"A=B": "x"}}, f'{F}.env."A=B"', "not a valid environment variable name"),
+        ({"env": {"A\0": "x"}}, f'{F}.env."A\\u0000"', "not a valid environment variable name"),
+        ({"env": {"A\n": "x"}}, f'{F}.env."A\\n"', "not a valid environment variable name"),
+        ({"runtime": "custom", "handler": None, "command": ["./run", "a\0b"]}, f"{F}.command[1]", "NUL"),
+        ({"runtime": "custom", "handler": None, "command": [""]}, f"{F}.command", "must not be an empty string"),
+        ({"runtime": "lambda", "handler": "app.h\0", "command": ["x"]}, f"{F}.handler", "NUL"),
+        ({"runtime": "custom", "handler": None, "command": ["x"], "ready": "http:/a b"}, f"{F}.ready",
+         "printable ASCII without spaces"),
+        ({"runtime": "custom", "handler": None, "command": ["x"], "ready": "http:/\r\nX: y"}, f"{F}.ready",
+         "printable ASCII"),
+        ({"runtime": "custom", "handler": None, "command": ["x"], "ready": "http:/é"}, f"{F}.ready",
+         "printable ASCII"),
+        ({"code_dir": "a\0b"}, f"{F}.code_dir", "contains a NUL character"),
+        ({"code_dir": "~no-such-user-here/x"}, f"{F}.code_dir", "cannot expand"),
+    ],
+)
+def test_values_that_cannot_reach_their_use_are_refused(tmp_path: Path, function: dict[str, Any], path: str,
+                                                        message: str) -> None:
+    problems = problems_of(minimal(**function), tmp_path)
+    assert [p.path for p in problems] == [path], problems
+    assert message in problems[0].message, problems[0]
+
+
+def test_the_largest_env_value_is_accepted(tmp_path: Path) -> None:
+    value = "x" * ((128 << 10) - 1 - len("A="))  # "A=value" and its NUL: exactly the kernel's 128 KiB
+    assert parse_config(minimal(env={"A": value}), tmp_path, {}).functions["hello"].env["A"] == value
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "127.0.0.1", "::", "::1", "fe80::1%lo", "localhost", "my-host.example.",
+                                  "a" * 63])
+def test_hosts_accepted(tmp_path: Path, host: str) -> None:
+    assert parse_config({**minimal(), "supervisor": {"host": host}}, tmp_path, {}).supervisor.host == host
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1\0x", "a b", "-bad", "a" * 64, "a..b", "héllo", "http://x", "1.2.3.4:80"])
+def test_hosts_refused(tmp_path: Path, host: str) -> None:
+    [problem] = problems_of({**minimal(), "supervisor": {"host": host}}, tmp_path)
+    assert problem.path == "supervisor.host" and "expected an IP address or host name" in problem.message
+
+
+def test_a_run_dir_too_long_for_its_sockets_is_refused(tmp_path: Path) -> None:
+    fits = "/r" + "d" * (107 - len("/r/control.sock"))
+    assert parse_config({**minimal(), "supervisor": {"run_dir": fits}}, tmp_path, {}).supervisor.run_dir == Path(fits)
+    [problem] = problems_of({**minimal(), "supervisor": {"run_dir": fits + "d"}}, tmp_path)
+    assert problem.path == "supervisor.run_dir" and "108 bytes, at most 107" in problem.message
+    [problem] = problems_of(minimal(), tmp_path, {"SUPERVISOR_RUN_DIR": fits + "d"})
+    assert problem.path == "env.SUPERVISOR_RUN_DIR"
+    [problem] = problems_of({**minimal(), "supervisor": {"run_dir": "/r\0"}}, tmp_path)
+    assert problem.path == "supervisor.run_dir" and "NUL" in problem.message
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("x = " + "[" * 33 + "]" * 33, "nested more than 32 deep"),
+     ("x = " + "[" * 5000 + "]" * 5000, "nested more than 32 deep"),  # tomllib's own RecursionError
+     ("x = " + "{ a = " * 2000 + "1" + " }" * 2000, "nested more than 32 deep"),
+     ("x = " + "9" * 5000, "an integer has more digits than can be read"),
+     ("x = [", "not valid TOML")],
+)
+def test_toml_that_cannot_be_read_is_one_problem(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config_text(text, tmp_path, tmp_path / "s.toml", {})
+    [problem] = caught.value.problems
+    assert problem.path == str(tmp_path / "s.toml") and message in problem.message, problem
+
+
+def test_nesting_up_to_the_bound_is_read(tmp_path: Path) -> None:
+    text = 'x = ' + "[" * 31 + "]" * 31  # 32 with the top table: read, then refused as an unknown key
+    with pytest.raises(ConfigError) as caught:
+        parse_config_text(text, tmp_path, None, {})
+    assert paths_of(caught.value.problems)[0] == "x"
+
+
+@pytest.mark.parametrize(("n", "text"), [(1 << 30, "1GiB"), (1 << 40, "1TiB"), (3 * MiB, "3MiB"), (1000, "1000B"),
+                                         (2048, "2KiB")])
+def test_show_size(n: int, text: str) -> None:
+    assert show_size(n) == text and parse_size(text) == n
+
+
+@pytest.mark.parametrize(("seconds", "text"), [(86400, "24h"), (Fraction(1, 1000), "1ms"), (90, "90s"), (120, "2m"),
+                                               (1.5, "1.5s")])
+def test_show_duration(seconds: Any, text: str) -> None:
+    assert show_duration(seconds) == text and parse_duration(text) == float(seconds)
