@@ -423,8 +423,7 @@ class Served:
 
     async def __aenter__(self) -> Served:
         await self.server.start()
-        assert self.server.server is not None
-        port = self.server.server.sockets[0].getsockname()[1]
+        port = self.server.servers[0].sockets[0].getsockname()[1]
         self.client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=DEADLINE_S)
         return self
 

@@ -2,9 +2,12 @@
 
 ``runtime = "lambda"`` and ``runtime = "scf"`` run the user's ``command``
 (``python -m awslambdaric app.handler``, an SCF ``bootstrap``...) as a child
-of the worker and serve it a runtime API on a private loopback port
-(``lambda_api`` or ``scf_api``). An invocation becomes the next event the
-runtime pulls; the runtime's answer becomes the invocation's ``Result``.
+of the worker and serve it a runtime API on a loopback port
+(``lambda_api`` or ``scf_api``) that only the worker's own processes may use
+(``gate``: the worker's network namespace when it has one, and always a check
+that each connection comes from the runtime's process tree). An invocation
+becomes the next event the runtime pulls; the runtime's answer becomes the
+invocation's ``Result``.
 
 The pieces and their rules:
 
@@ -45,7 +48,6 @@ from typing import Any, Protocol
 
 import psutil
 
-from supervisor.data.http_server import HttpServer
 from supervisor.v1 import worker_pb2 as wpb
 from worker.host import HttpExchange, StartupError
 from worker.python.host import Invocation
@@ -57,8 +59,8 @@ from worker.runtimes.events import (
     Scope,
     Send,
 )
+from worker.runtimes.gate import LOOPBACK, PrivateApiServer
 
-LOOPBACK = "127.0.0.1"
 STOP_GRACE_S = 2.0  # SIGTERM to SIGKILL for the runtime when the worker exits
 SERVER_SHUTDOWN_S = 0.5  # the runtime is gone by then: what remains are idle long polls
 DEFAULT_MAX_BODY = 6 * 1024 * 1024
@@ -102,7 +104,7 @@ class PullHost:
         self.startup_timeout_s = float(spec.get("startup_timeout_s") or 10.0)
         self.queue = EventQueue()
         self.api: RuntimeApi | None = None
-        self.server: HttpServer | None = None
+        self.server: PrivateApiServer | None = None
         self.child: ChildProcess | None = None
         self.port = 0
         self._running: list[str] = []  # request ids of the invocations in run()
@@ -112,12 +114,9 @@ class PullHost:
 
     async def start(self) -> None:
         self.api = self._make_api()
-        # Port 0: the kernel picks a free port at bind time, so no other process
-        # can take it between choosing and binding.
-        self.server = HttpServer(self.api, LOOPBACK, 0)
+        self.server = PrivateApiServer(self.api)
         await self.server.start()
-        assert self.server.server is not None
-        self.port = int(self.server.server.sockets[0].getsockname()[1])
+        self.port = self.server.port
         self.child = ChildProcess(list(self.spec["command"]), self.code_dir, self.child_env(),
                                   f"{self.runtime}:{self.function}")
         try:
