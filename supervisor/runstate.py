@@ -38,6 +38,7 @@ import os
 import stat
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,6 +105,19 @@ def write_state(paths: RunPaths, data: dict[str, Any]) -> None:
 def read_state(paths: RunPaths) -> dict[str, Any] | None:
     """supervisor.json as a dict; None when it is missing, unreadable or not a JSON object."""
     return _read_json(paths.state)
+
+
+def stop_deadline(paths: RunPaths, grace_s: float) -> float:
+    """When a stop that began now must be over (``time.monotonic()``, the same clock in
+    every process): the supervisor's ``stop_deadline`` in supervisor.json, written
+    when it began stopping, so that both planes spend one budget between them; else
+    ``grace_s`` from now (a plane stopped by hand)."""
+    state = read_state(paths) or {}
+    deadline = state.get("stop_deadline")
+    now = time.monotonic()
+    if isinstance(deadline, (int, float)) and not isinstance(deadline, bool) and now - 3600 < deadline:
+        return min(float(deadline), now + grace_s)
+    return now + grace_s
 
 
 def _write_json(target: Path, data: Any, mode: int) -> None:

@@ -5,9 +5,12 @@ writes ``READY`` on ``$SUPERVISOR_NOTIFY_FD`` once its socket is bound (mode
 0600: only the supervisor's user may talk to it).
 
 SIGHUP (forwarded by the supervisor) reloads the config, like the Reload
-call. On SIGTERM/SIGINT it stops every worker gracefully (each finishes its
-in-flight work; SIGKILL after ``grace_period``) and exits 0. By then the
-supervisor has already drained the data plane, so no invocation is lost.
+call. On SIGTERM/SIGINT it stops every worker gracefully (SIGTERM; SIGKILL
+for those still running ``KILL_AFTER_S`` after the stop's deadline,
+``runstate.stop_deadline``, which the data plane's drain shared) and exits
+0. By then the supervisor has already drained the data plane, so no
+invocation is lost. A second signal kills the workers at once; only tasks
+this module started are cancelled (never gRPC's own).
 If this process dies instead, its workers get SIGTERM from the kernel
 (parent-death signal), finish what they have, and exit; the restarted
 control plane starts fresh ones.
@@ -19,6 +22,7 @@ import asyncio
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
@@ -32,6 +36,8 @@ from supervisor.output import flush_shared, shared_sink
 from supervisor.runstate import EXIT_BOOT_ERROR, RunPaths, load_plane_config, notify_ready
 
 log = get_logger()
+# Past the stop's deadline: when workers that ignored SIGTERM are killed.
+KILL_AFTER_S = 0.4
 
 
 async def amain(config_path: Path, run_dir: Path | None = None) -> int:
@@ -94,21 +100,28 @@ async def amain(config_path: Path, run_dir: Path | None = None) -> int:
         log.error("control plane task died", error=repr(failed.exception()))
         code = 1
     manager.draining = True
-    # A second signal during the stop means: now.
     # Removing the handler would restore SIGHUP's default (terminate) mid-stop.
     loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP while stopping: no reload"))
+    budget = runstate.stop_deadline(paths, config.supervisor.grace_period) + KILL_AFTER_S - time.monotonic()
+    stopping = asyncio.ensure_future(manager.stop_all(max(0.0, budget), "shutdown"))
+
+    def now() -> None:  # a second signal during the stop
+        log.warning("second stop signal: killing the workers now")
+        stopping.cancel()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda: [t.cancel() for t in asyncio.all_tasks()])
+        loop.add_signal_handler(sig, now)
     try:
-        stopped_count = await manager.stop_all(config.supervisor.grace_period, "shutdown")
+        stopped_count = await stopping
         log.info("workers stopped", count=stopped_count)
     except asyncio.CancelledError:
         for record in list(manager.by_id.values()):
             manager.kill(record, "shutdown")
     for task in background:
         task.cancel()
+    await asyncio.gather(*background, return_exceptions=True)
     manager.release_cgroups()
-    await server.stop(1.0)
+    await server.stop(0.5)
     log.info("control plane stopped")
     return code
 

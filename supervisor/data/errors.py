@@ -34,6 +34,12 @@ def shutting_down() -> InvocationError:
                            "rejected", retry_after=5)
 
 
+def stopped_before_done(grace_s: float) -> InvocationError:
+    """An invocation still running (or queued) when the stop's grace period ran out."""
+    return InvocationError(503, "ShuttingDownError", f"this instance stopped: its grace_period ({grace_s:g}s) "
+                           "ended before the invocation finished", "cancelled", retry_after=1)
+
+
 def not_found(what: str) -> InvocationError:
     return InvocationError(404, "FunctionNotFoundError", what, "rejected")
 

@@ -32,6 +32,8 @@ from uvicorn.server import ServerState
 
 # How long a cut connection may take to deliver what was already written.
 CUT_GRACE_S = 1.0
+# At shutdown, how long requests whose connection was cut get to end.
+CUT_WAIT_S = 0.1
 
 
 class CoalescingTransport:
@@ -209,14 +211,24 @@ class HttpServer:
             server.close()
 
     async def shutdown(self, timeout_s: float) -> None:
-        """Stops accepting, lets in-flight requests finish, closes the rest."""
+        """Stops accepting, lets in-flight requests finish within ``timeout_s``, then
+        cuts the connections still busy (their requests end as the client's
+        departure, quietly) and closes the rest."""
         self.stop_accepting()
         for connection in list(self.state.connections):
             connection.shutdown()
-        deadline = asyncio.get_running_loop().time() + timeout_s
-        while self.state.tasks and asyncio.get_running_loop().time() < deadline:
-            await asyncio.wait(list(self.state.tasks), timeout=max(0.0, deadline - asyncio.get_running_loop().time()))
+        await self._wait_tasks(timeout_s)
+        for connection in list(self.state.connections):
+            if isinstance(connection, CoalescingHttpToolsProtocol) and connection.cycle is not None:
+                connection.connection.abort()
+        await self._wait_tasks(CUT_WAIT_S)
         for task in list(self.state.tasks):
-            task.cancel()
+            task.cancel()  # still running after its connection was cut: a bug, and uvicorn logs it
         for connection in list(self.state.connections):
             connection.transport.close()
+
+    async def _wait_tasks(self, timeout_s: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self.state.tasks and loop.time() < deadline:
+            await asyncio.wait(list(self.state.tasks), timeout=max(0.0, deadline - loop.time()))

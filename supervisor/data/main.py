@@ -5,10 +5,14 @@ tells the supervisor it is up by writing ``READY`` on the file descriptor in
 ``$SUPERVISOR_NOTIFY_FD`` once its three listeners are bound.
 
 Shutdown (SIGTERM or SIGINT, from the supervisor): stop taking invocations
-(503 ShuttingDownError), let in-flight and queued ones finish within
-``grace_period``, then exit 0. A second signal exits at once. ``/pre-stop``
-does the same drain and also runs the ``pre_stop`` hooks and stops the
-workers, but keeps the plane up answering 503 until the platform's SIGTERM.
+(503 ShuttingDownError), let in-flight and queued ones finish until the
+stop's deadline (``runstate.stop_deadline``: ``grace_period`` after the
+supervisor began stopping, shared with the control plane), answer those
+still running then with 503 ShuttingDownError, close the connections once
+the answers are written, and exit 0. A second signal does the same at once.
+``/pre-stop`` does the same drain and also runs the ``pre_stop`` hooks and
+stops the workers, but keeps the plane up answering 503 until the
+platform's SIGTERM.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import asyncio
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +33,7 @@ from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPEN
 from supervisor import listeners, runstate
 from supervisor.clock import AwakeClock
 from supervisor.config import Config
+from supervisor.data import errors
 from supervisor.data.control_link import ControlLink
 from supervisor.data.errors import InvocationError
 from supervisor.data.front import Front, flush_stdio
@@ -49,6 +55,11 @@ from supervisor.runstate import (
 log = get_logger()
 INITIALIZE_TIMEOUT_S = 120.0  # FC's own limit for an instance's initialization
 BIND_RETRY_S = 3.0
+# Before the stop's deadline: when what still runs is answered (the answers
+# must be written before the supervisor kills this plane, DATA_KILL_S after it).
+ABORT_BEFORE_S = 0.25
+# How long written answers get to leave before the connections are closed.
+FLUSH_S = 0.2
 
 
 class DataPlane:
@@ -74,6 +85,7 @@ class DataPlane:
         self.worker_server: asyncio.Server | None = None
         self.stopped = asyncio.Event()
         self._stop_requests = 0
+        self._stopping: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._drain_lock = asyncio.Lock()
         self._workers_stopped = False
 
@@ -99,14 +111,16 @@ class DataPlane:
     # ---- lifecycle hooks (FC) ----------------------------------------------
 
     async def initialize(self, request_id: str) -> InvocationError | None:
-        log.info("FC Initialize Start RequestId: " + request_id, request_id=request_id)
+        log.info("FC Initialize Start RequestId: " + request_id, request_id=request_id,
+                 marker="start", kind="initialize")
         try:
             reply = await self.control.wait_ready(INITIALIZE_TIMEOUT_S)
         except grpc.aio.AioRpcError as exc:
             return InvocationError(503, "ControlPlaneUnavailableError",
                                    f"the control plane did not answer: {exc.code().name}", "rejected", retry_after=1)
         finally:
-            log.info("FC Initialize End RequestId: " + request_id, request_id=request_id)
+            log.info("FC Initialize End RequestId: " + request_id, request_id=request_id,
+                     marker="end", kind="initialize")
         if reply.ok:
             return None
         return InvocationError(404, "InitializationError",
@@ -114,7 +128,8 @@ class DataPlane:
                                f"{reply.error_type}: {reply.error_message}", "error")
 
     async def pre_freeze(self, request_id: str) -> None:
-        log.info("FC PreFreeze Start RequestId: " + request_id, request_id=request_id)
+        log.info("FC PreFreeze Start RequestId: " + request_id, request_id=request_id,
+                 marker="start", kind="pre_freeze")
         for worker, result in await self.router.run_hook("pre_freeze", request_id, self._hook_timeout()):
             if not result.ok:
                 log.error("pre_freeze hook failed", worker=worker, request_id=request_id,
@@ -122,11 +137,13 @@ class DataPlane:
         # Freeze-safety: timers measure awake time; note "now" so the pause
         # that follows counts as a freeze, not as work.
         self.clock.note()
-        log.info("FC PreFreeze End RequestId: " + request_id, request_id=request_id)
+        log.info("FC PreFreeze End RequestId: " + request_id, request_id=request_id,
+                 marker="end", kind="pre_freeze")
         await asyncio.to_thread(flush_stdio)
 
     async def pre_stop(self, request_id: str) -> None:
-        log.info("FC PreStop Start RequestId: " + request_id, request_id=request_id)
+        log.info("FC PreStop Start RequestId: " + request_id, request_id=request_id,
+                 marker="start", kind="pre_stop")
         await self.drain()
         if not self._workers_stopped:
             for worker, result in await self.router.run_hook("pre_stop", request_id, self._hook_timeout()):
@@ -138,20 +155,23 @@ class DataPlane:
                 self._workers_stopped = True
             except grpc.aio.AioRpcError as exc:
                 log.error("control plane did not stop the workers", code=exc.code().name)
-        log.info("FC PreStop End RequestId: " + request_id, request_id=request_id)
+        log.info("FC PreStop End RequestId: " + request_id, request_id=request_id,
+                 marker="end", kind="pre_stop")
         await asyncio.to_thread(flush_stdio)
 
     def _hook_timeout(self) -> float:
         return max(f.timeout for f in self.router.config.functions.values())
 
-    async def drain(self) -> bool:
-        """Takes no new invocations; waits for the accepted ones (grace_period)."""
+    async def drain(self, deadline: float | None = None) -> bool:
+        """Takes no new invocations; waits for the accepted ones until ``deadline``
+        (loop time; by default ``grace_period`` from now)."""
         async with self._drain_lock:
+            grace = self.router.config.supervisor.grace_period
             if not self.router.draining:
                 self.router.draining = True
-                log.info("draining", grace_period_s=self.router.config.supervisor.grace_period)
+                log.info("draining", grace_period_s=grace)
             loop = asyncio.get_running_loop()
-            clean = await self.router.wait_idle(loop.time() + self.router.config.supervisor.grace_period)
+            clean = await self.router.wait_idle(loop.time() + grace if deadline is None else deadline)
             if not clean:
                 log.warning("grace period over with invocations still running")
             return clean
@@ -193,14 +213,30 @@ class DataPlane:
     def request_stop(self) -> None:
         self._stop_requests += 1
         if self._stop_requests == 1:
-            asyncio.ensure_future(self._graceful_stop())
+            self._stopping = asyncio.ensure_future(self._graceful_stop())
         else:
-            log.warning("second stop signal: exiting now")
-            self.stopped.set()
+            log.warning("second stop signal: answering what still runs and exiting now")
+            self._stopping.cancel()
+            self._stopping = asyncio.ensure_future(self._end_now())
 
     async def _graceful_stop(self) -> None:
-        await self.drain()
-        await self.front.shutdown(5.0)
+        grace = self.router.config.supervisor.grace_period
+        loop = asyncio.get_running_loop()
+        remaining = runstate.stop_deadline(self.paths, grace) - time.monotonic()
+        if not await self.drain(loop.time() + remaining - ABORT_BEFORE_S):
+            await self._end_now()
+            return
+        await self.front.shutdown(FLUSH_S)
+        self.stopped.set()
+
+    async def _end_now(self) -> None:
+        """Answers every invocation still running or queued, lets the answers
+        leave, closes the connections: no client is left without its answer."""
+        self.router.draining = True
+        answered = self.router.abort_all(errors.stopped_before_done(self.router.config.supervisor.grace_period))
+        if answered:
+            log.warning("stopping: answered the invocations still running", count=answered)
+        await self.front.shutdown(FLUSH_S)
         self.stopped.set()
 
 

@@ -623,6 +623,22 @@ class Router:
                 pass
         return True
 
+    def abort_all(self, failure: errors.InvocationError) -> int:
+        """Fails every invocation in flight or queued with ``failure`` (the end of a
+        stop's grace period): each client gets its answer now. Returns how many."""
+        count = 0
+        for function in self.functions.values():
+            for waiter in function.pool.take_waiters():
+                if not waiter.token.done():
+                    waiter.token.set_exception(failure)
+                    count += 1
+        for link in self.links.values():
+            for call in link.pending.values():
+                if not call.future.done():
+                    call.future.set_exception(failure)
+                    count += 1
+        return count
+
     # ==== views ===========================================================
 
     def ready(self) -> bool:

@@ -20,8 +20,14 @@ Small and single-threaded, never on the request path. It:
   and exits non-zero when one is FATAL;
 - on SIGTERM/SIGINT drains in order: the data plane first (it stops taking
   invocations and waits for the in-flight ones), then the control plane
-  (it stops the workers), then exits 0. A second signal is a fast shutdown:
-  the planes are told again (they exit at once), SIGKILL follows.
+  (it stops the workers), then exits 0. The whole stop has one budget,
+  ``grace_period``, written as ``stop_deadline`` in supervisor.json so
+  that both planes spend it between them: at its end the data plane
+  answers what still runs (503 ShuttingDownError) and the control plane
+  kills the workers that did not stop; a plane still running after
+  ``DATA_KILL_S`` / ``CONTROL_KILL_S`` more is killed, and the supervisor
+  exits within ``grace_period`` + 1 s. A second signal is a fast shutdown
+  with a budget of ``FAST_STOP_S``.
 
 Signal handlers only record: ``signal.set_wakeup_fd`` writes each signal's
 number into a pipe that the loop reads, and the loop acts.
@@ -52,8 +58,12 @@ from supervisor.runstate import NOTIFY_ENV, AlreadyRunning, RunPaths, forget_acc
 PR_SET_CHILD_SUBREAPER = 36
 PR_SET_NAME = 15
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1, signal.SIGUSR2)
-FORCE_KILL_AFTER_S = 10.0
-FAST_STOP_S = 2.0
+FAST_STOP_S = 1.0
+# Past the stop's deadline: when each plane is killed if still running, and when
+# leftover processes are (the control plane kills its workers at deadline + 0.4 s).
+DATA_KILL_S = 0.5
+CONTROL_KILL_S = 0.8
+LEFTOVER_KILL_S = 0.95
 EXIT_FATAL = 1
 
 log = get_logger()
@@ -80,7 +90,9 @@ class Supervisor:
         self.notify: dict[int, Component] = {}  # read end of a READY pipe -> component
         self.state = "starting"
         self.stop_signals = 0
-        self.stop_deadline: float | None = None
+        self.stop_by: float | None = None  # the stop's budget ends (monotonic); planes read it from the state
+        self.stop_deadline: float | None = None  # when the current stop phase's plane is killed
+        self._stop_phase = "data"
         self.exit_code = 0
 
     # ---- the loop ----------------------------------------------------------
@@ -296,12 +308,15 @@ class Supervisor:
             self._begin_stop(fatal=False)
         else:
             log.warning("second stop signal: fast shutdown", signal=name)
+            self.stop_by = min(self.stop_by or float("inf"), time.monotonic() + FAST_STOP_S)
+            self._write_state()
             for component in self.components:
                 self._kill(component, signal.SIGTERM)  # a plane's second signal means "now"
-            self.stop_deadline = time.monotonic() + FAST_STOP_S
+            self._set_phase_deadline()
 
     def _begin_stop(self, fatal: bool) -> None:
         self.state = "draining"
+        self.stop_by = time.monotonic() + self.config.supervisor.grace_period
         # The ports close with the data plane's copies now: a stopping instance
         # refuses new connections instead of parking them in a backlog.
         self._close_listeners()
@@ -314,12 +329,13 @@ class Supervisor:
 
     def _signal_phase(self) -> None:
         component = self.data if self._stop_phase == "data" else self.control
-        if self.stop_signals >= 2:  # fast: no drain budget for the next phase either
-            self.stop_deadline = time.monotonic() + FAST_STOP_S
-        else:
-            self.stop_deadline = time.monotonic() + self.config.supervisor.grace_period + FORCE_KILL_AFTER_S
+        self._set_phase_deadline()
         if component.pid is not None:
             self._kill(component, signal.SIGTERM)
+
+    def _set_phase_deadline(self) -> None:
+        assert self.stop_by is not None
+        self.stop_deadline = self.stop_by + (DATA_KILL_S if self._stop_phase == "data" else CONTROL_KILL_S)
 
     def _stop_progress(self, now: float) -> bool:
         component = self.data if self._stop_phase == "data" else self.control
@@ -334,12 +350,13 @@ class Supervisor:
         if self.stop_deadline is not None and now >= self.stop_deadline:
             log.error("component did not stop in time; killing it", component=component.name)
             self._kill(component, signal.SIGKILL)
-            self.stop_deadline = now + 5.0
+            self.stop_deadline = now + 5.0  # SIGKILL cannot be refused: only the reap is waited for
         return False
 
     def _finish(self) -> bool:
         """Everything stopped; wait briefly for stragglers (orphans) and reap them."""
-        deadline = time.monotonic() + 2.0
+        now = time.monotonic()
+        deadline = max(now + 0.1, (self.stop_by or now) + LEFTOVER_KILL_S)
         while time.monotonic() < deadline:
             self._reap()
             if not _children():
@@ -368,7 +385,7 @@ class Supervisor:
             write_state(self.paths, {
                 "pid": os.getpid(), "ca_port": settings.ca_port, "host": settings.host,
                 "metrics_port": settings.metrics_port, "config": str(self.config_path), "state": self.state,
-                "components": [c.record() for c in self.components]})
+                "stop_deadline": self.stop_by, "components": [c.record() for c in self.components]})
         except OSError as exc:
             log.error("could not write the state file", path=str(self.paths.state), error=str(exc))
 

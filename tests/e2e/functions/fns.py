@@ -140,5 +140,12 @@ def pre_stop(context: Any) -> None:
     hook_file(context, "pre_stop")
 
 
+def stubborn_init(context: Any) -> None:
+    """A worker that ignores SIGTERM (a graceful stop cannot end it)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def slow_init(context: Any) -> None:
     time.sleep(float(os.environ.get("INIT_SECONDS", "1.5")))
