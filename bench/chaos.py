@@ -77,6 +77,7 @@ import io
 import json
 import os
 import random
+import shlex
 import shutil
 import signal
 import statistics
@@ -145,7 +146,7 @@ def use_source(at: str, work: Path) -> dict[str, Any]:
     if not all(p.startswith(str(src)) for p in where.stdout.split()) or len(where.stdout.split()) != 2:
         raise SystemExit(f"the exported source is not what a child imports: {where.stdout or where.stderr}")
     subject = common.run_text(["git", "-C", str(ROOT), "log", "-1", "--format=%s", full])
-    return {"src": str(src), "commit": full[:7], "commit_full": full, "subject": subject[:100], "exported": True}
+    return {"src": str(src), "commit": full[:7], "commit_full": full, "subject": subject, "exported": True}
 
 
 def start_supervisor(name: str, workdir: Path) -> pools.Supervisor:
@@ -470,14 +471,18 @@ def run_kills(work: Path, args: argparse.Namespace, source: dict[str, Any]) -> d
         load.wait_serving()
         out["load_started"] = time.monotonic()
         kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
-        for i in range(args.kills):
-            for kind in kinds:
-                say(f"  round {i + 1}/{args.kills}: {kind} ...")
-                rec = one_kill(kind, i + 1, sup, probe, load, args, rng)
-                out["kills"].append(rec)
-                say("    " + brief(rec))
-                if "supervisor_exit" in rec:
-                    raise Abort(f"the supervisor exited {rec['supervisor_exit']} after the kill of {rec.get('victim')}")
+        watch = common.CpuWatch([sup, load.proc], reaped=True)
+        with watch:
+            for i in range(args.kills):
+                for kind in kinds:
+                    say(f"  round {i + 1}/{args.kills}: {kind} ...")
+                    rec = one_kill(kind, i + 1, sup, probe, load, args, rng)
+                    out["kills"].append(rec)
+                    say("    " + brief(rec))
+                    if "supervisor_exit" in rec:
+                        raise Abort(f"the supervisor exited {rec['supervisor_exit']} after the kill of "
+                                    f"{rec.get('victim')}")
+        out["cpu"] = watch.result
         # let the last kill's consequences show before the load stops
         end = time.monotonic() + args.settle
         while time.monotonic() < end:
@@ -657,6 +662,8 @@ def run_soak(work: Path, args: argparse.Namespace, source: dict[str, Any]) -> di
         t0 = time.monotonic()
         end = t0 + args.soak
         out["warmup_s"] = t0 - t_load
+        watch = common.CpuWatch([sup, load.proc], reaped=True)
+        watch.__enter__()
         while True:
             now = time.monotonic()
             sample: dict[str, Any] = {"t": now - t0, "ok": int(load.last.get("ok", 0)),
@@ -673,6 +680,8 @@ def run_soak(work: Path, args: argparse.Namespace, source: dict[str, Any]) -> di
                 sleep_watching(sup, load, 5.0)
                 continue
             sleep_watching(sup, load, min(every, end - now))
+        watch.__exit__(None, None, None)
+        out["cpu"] = watch.result
         out["status_at_end"] = sup.status()
     except (Abort, pools.Deadline, RuntimeError, OSError, subprocess.SubprocessError, ValueError) as exc:
         out["failures"].append(f"soak: {exc}")
@@ -743,7 +752,9 @@ def soak_verdicts(out: dict[str, Any]) -> dict[str, Any]:
             row["fds_ok"] = row["fds_growth"] <= 0
             trend = [s["usage"][role]["rss"] for s in samples if role in s["usage"]
                      and s["usage"][role]["pid"] == a["pid"]]
-            row["rss_trend_mib"] = [round(x / MIB, 2) for x in trend]
+            row["rss_trend_mib"] = [x / MIB for x in trend]
+            # a leak keeps growing; a warm-up flattens: the growth over the second half of the samples
+            row["rss_growth_second_half"] = (trend[-1] - trend[len(trend) // 2]) / a["rss"] if a["rss"] else float("nan")
         rows.append(row)
     judged = [r for r in rows if r["same_process"]]
     replaced_roles = [r["role"] for r in rows if not r["same_process"]]
@@ -781,8 +792,13 @@ def counts(c: dict[str, int]) -> str:
 def header(r: dict[str, Any], part: str) -> list[str]:
     m, src = r["machine"], r["source"]
     w: list[str] = []
-    w.append(f"`.venv/bin/python bench/chaos.py {r['argv']}`, {m['date_utc']}; code measured: commit **{src['commit']}**"
-             + (f" (\"{src['subject']}\", exported with git archive)" if src.get("exported") else " (the work tree)")
+    argv = list(r["argv"]) if isinstance(r["argv"], list) else str(r["argv"]).split()
+    if "--note" in argv[:-1]:
+        argv[argv.index("--note") + 1] = "..."  # it is printed in bold below
+    cmd = shlex.join(argv).replace("'...'", "...")
+    w.append(f"`.venv/bin/python bench/chaos.py {cmd}`, {m['date_utc']}; code measured: commit **{src['commit']}**"
+             + (f" (\"{shorten(src['subject'])}\", exported with git archive)" if src.get("exported")
+                else " (the work tree)")
              + f"; {m['cpu_model']}, {m['nproc']} cores, {m['memory']}, kernel {m['kernel']}, Python {m['python']}"
              + f"; run as {'root' if os.geteuid() == 0 else 'uid ' + str(os.geteuid())}.")
     w.append("")
@@ -797,6 +813,17 @@ def header(r: dict[str, Any], part: str) -> list[str]:
     return w
 
 
+def cpu_line(part: dict[str, Any]) -> str:
+    cpu = part.get("cpu")
+    if not cpu:
+        return ""
+    return (f"The machine was busy {cpu['machine_busy_cores']:.2f} of {common.NCPU} cores on average meanwhile: the "
+            f"supervisor's tree and the load client {cpu['target_cores']:.2f}, other processes "
+            f"{cpu['other_cores']:.2f} ({cpu['other_pct']:.0f} % of the machine; 1-min load average "
+            f"{cpu['loadavg1_before']:.2f} before)." + (" **The machine was shared with other work: times are "
+                                                        "pessimistic.**" if cpu["other_pct"] >= 5 else ""))
+
+
 def render_kills(r: dict[str, Any]) -> str:
     k = r["kills"]
     o = r["options"]
@@ -808,7 +835,10 @@ def render_kills(r: dict[str, Any]) -> str:
              + ("a closed loop (the next request as soon as the answer is read)" if o["rate"] <= 0
                 else f"{o['rate']:g} req/s") + ". Before each kill: everything running and "
              f"`supervisor_capacity_slots` at {target_capacity(o['rate']):g} for {o['settle']:g} s on end; a plane or the "
-             f"seed up for {o['min_uptime']:g} s (so each kill is a first crash, restarted without backoff), a worker "
+             f"seed up for {o['min_uptime']:g} s "
+             + ("(so each kill is a first crash: a plane is restarted at once, the seed after its first-failure backoff "
+                "of 0.5 s)" if o["min_uptime"] >= 30 else "(**under 30 s: restarts may back off, unlike a first crash**)")
+             + ", a worker "
              f"{MIN_WORKER_AGE_S:g} s (a crash while serving, not right after READY). Victims' pids from "
              f"`supervisor status --json`; then a metrics scrape and a GetStatus every {o['poll'] * 1000:.0f} ms.")
     if load:
@@ -816,6 +846,8 @@ def render_kills(r: dict[str, Any]) -> str:
                  f"{load['failed']:,} failed requests in {load['duration_s']:.0f} s; the load client used "
                  f"{load['client_cpu_s'] / max(1e-9, load['duration_s']):.2f} cores. Failures before the first kill: "
                  f"{counts(load['failures_before_first_kill'])}.")
+    if cpu_line(k):
+        w.append(cpu_line(k))
     w.append("")
     w.append("Columns: *failed* = requests that failed between this kill and the next (refused and reset/closed are "
              "connections, `http ...` answers); *gap* = longest time without any ok answer from the kill to full "
@@ -861,6 +893,10 @@ def render_kills(r: dict[str, Any]) -> str:
     return "\n".join(w) + "\n"
 
 
+def shorten(text: str, n: int = 80) -> str:
+    return text if len(text) <= n else text[: n - 3].rstrip() + "..."
+
+
 def fmt(x: Any) -> str:
     return "-" if x is None else f"{x:g}" if isinstance(x, float) else str(x)
 
@@ -879,11 +915,14 @@ def checks(part: dict[str, Any]) -> list[str]:
         w.append(f"The supervisor's stdout: {log['stdout_lines']:,} lines, {log['unparsable_lines']} not JSON; "
                  f"worker exits by reason: {counts(log['worker_exits'])}.")
         if log["problems"]:
+            grouped: Counter[str] = Counter()
+            for p, c in log["problems"].items():  # by the event's first line ("Task ... Task-8 ..." differ)
+                grouped[" ".join(p.splitlines()[0].split())[:110].replace("`", "'")] += c
             w.append("")
-            w.append("Warnings and errors it logged (count, event):")
+            w.append("Warnings and errors it logged (count, event's first line):")
             w.append("")
-            for p, c in sorted(log["problems"].items(), key=lambda kv: -kv[1])[:15]:
-                w.append(f"- {c} x `{' '.join(p.split())[:110].replace('`', chr(39))}`")
+            for p, c in grouped.most_common(15):
+                w.append(f"- {c} x `{p}`")
     err = part.get("stderr", {})
     w.append("")
     if err.get("bytes"):
@@ -920,20 +959,25 @@ def render_soak(r: dict[str, Any]) -> str:
     if load:
         w.append(f"Requests: {load['ok']:,} ok, {load['failed']:,} failed ({counts(load['failed_by'])}) in "
                  f"{load['duration_s']:.0f} s.")
+    if cpu_line(s):
+        w.append(cpu_line(s))
     w.append("")
-    v = s.get("verdicts", {})
+    v = soak_verdicts(s)  # from the samples, so a re-render (--render) applies the current rules
     rows = v.get("processes", [])
     if rows:
-        w.append("| process | pid | RSS start MiB | RSS end MiB | growth | fds start | fds end | RSS | fds |")
-        w.append("|---|---|---|---|---|---|---|---|---|")
+        w.append("| process | pid | RSS start MiB | RSS end MiB | growth | of which in the 2nd half | fds start | fds end "
+                 "| RSS | fds |")
+        w.append("|---|---|---|---|---|---|---|---|---|---|")
         for row in rows:
             a, b = row["start"], row["end"]
             if not row["same_process"]:
                 what = "started during the soak" if a is None else "gone during the soak" if b is None else "replaced"
                 w.append(f"| {row['role']} | {a['pid'] if a else '-'} / {b['pid'] if b else '-'} | "
-                         f"{rss(a)} | {rss(b)} | {what} | {a['fds'] if a else '-'} | {b['fds'] if b else '-'} | - | - |")
+                         f"{rss(a)} | {rss(b)} | {what} | - | {a['fds'] if a else '-'} | {b['fds'] if b else '-'} "
+                         "| - | - |")
                 continue
             w.append(f"| {row['role']} | {a['pid']} | {rss(a)} | {rss(b)} | {row['rss_growth'] * 100:+.2f} % | "
+                     f"{row['rss_growth_second_half'] * 100:+.2f} % | "
                      f"{a['fds']} | {b['fds']} | {'pass' if row['rss_ok'] else '**fail**'} | "
                      f"{'pass' if row['fds_ok'] else '**fail**'} |")
         w.append("")
@@ -949,11 +993,11 @@ def render_soak(r: dict[str, Any]) -> str:
                     "; the pool had not been stable for 10 s when the soak started")
                  + ".")
         w.append("")
-        w.append("RSS at each sample (MiB): ")
+        w.append("RSS at each sample (MiB):")
         w.append("")
         for row in rows:
             if row.get("rss_trend_mib"):
-                w.append(f"- {row['role']}: " + ", ".join(f"{x:.1f}" for x in row["rss_trend_mib"]))
+                w.append(f"- {row['role']}: " + ", ".join(f"{x:.2f}" for x in row["rss_trend_mib"]))
         w.append("")
     before = s.get("before_load") or {}
     if before:
@@ -966,7 +1010,7 @@ def render_soak(r: dict[str, Any]) -> str:
 
 
 def rss(u: dict[str, Any] | None) -> str:
-    return "-" if not u else f"{u['rss'] / MIB:.1f}"
+    return "-" if not u else f"{u['rss'] / MIB:.2f}"
 
 
 # ---------------------------------------------------------------------------
@@ -1003,7 +1047,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="the JSON file --write puts its part into, under \"chaos\" (default: %(default)s)")
     ap.add_argument("--json", metavar="PATH", help="also write the raw results (with a sample of the failures) as JSON")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs, load records)")
+    ap.add_argument("--render", metavar="JSON", help="only render (and with --write, write) the sections of a run "
+                    "saved with --json; nothing is measured")
     args = ap.parse_args(argv)
+    if args.render:
+        report(json.loads(Path(args.render).read_text()), args)
+        return 0
     args.kills = args.kills if args.kills is not None else (2 if args.quick else 10)
     args.soak = args.soak if args.soak is not None else (20.0 if args.quick else 600.0)
     args.settle = args.settle if args.settle is not None else (1.0 if args.quick else 2.0)
@@ -1019,8 +1068,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="ca-chaos-", dir="/var/tmp"))
     say(f"work dir {work}")
-    shown = " ".join(argv if argv is not None else sys.argv[1:])
-    r: dict[str, Any] = {"argv": shown, "note": args.note,
+    r: dict[str, Any] = {"argv": list(argv if argv is not None else sys.argv[1:]), "note": args.note,
                          "options": {k: v for k, v in vars(args).items()
                                      if k not in ("write", "json", "keep", "note", "results", "results_json")}}
     code = 0
@@ -1052,6 +1100,15 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(work, ignore_errors=True)
     r["elapsed_s"] = time.monotonic() - t0
+    if args.json:
+        Path(args.json).write_text(json.dumps(r, indent=1, default=str))
+    report(r, args)
+    say(f"done in {r['elapsed_s']:.0f} s")
+    return code
+
+
+def report(r: dict[str, Any], args: argparse.Namespace) -> None:
+    """Prints each part's section; with --write, puts them into RESULTS.md and results.json."""
     sections = {}
     if "kills" in r:
         sections["kills"] = render_kills(r)
@@ -1059,21 +1116,18 @@ def main(argv: list[str] | None = None) -> int:
         sections["soak"] = render_soak(r)
     for text in sections.values():
         print(text)
+    if not args.write:
+        return
     saved = json.loads(json.dumps(r, default=str))
     if "kills" in saved:
         (saved["kills"].get("load") or {}).pop("failures_sample", None)
-    if args.json:
-        Path(args.json).write_text(json.dumps(r, indent=1, default=str))
-    if args.write:
-        results_json = Path(args.results_json)
-        for part, text in sections.items():
-            start, end = MARKS[part]
-            say(f"{pools.write_section(text, Path(args.results), start, end)} the chaos {part} section of {args.results}")
-            meta = {k: v for k, v in saved.items() if k not in ("kills", "soak")}
-            common.save_results_part("chaos", {**_old_chaos(results_json), part: meta | saved[part]}, results_json)
-        say(f"updated {results_json}")
-    say(f"done in {r['elapsed_s']:.0f} s")
-    return code
+    results_json = Path(args.results_json)
+    for part, text in sections.items():
+        start, end = MARKS[part]
+        say(f"{pools.write_section(text, Path(args.results), start, end)} the chaos {part} section of {args.results}")
+        meta = {k: v for k, v in saved.items() if k not in ("kills", "soak")}
+        common.save_results_part("chaos", {**_old_chaos(results_json), part: meta | saved[part]}, results_json)
+    say(f"updated {results_json}")
 
 
 def _old_chaos(path: Path) -> dict[str, Any]:
