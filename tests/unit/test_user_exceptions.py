@@ -123,3 +123,22 @@ def test_error_result_never_raises_even_when_str_does() -> None:
         result = error_result(exc)
     assert result.error.error_type == "BadStr"
     assert "str() failed" in result.error.error_message and "BadStr" in result.error.stack_trace
+
+
+@pytest.mark.parametrize("raised", [SystemExit, KeyboardInterrupt, asyncio.CancelledError], ids=lambda c: c.__name__)
+def test_an_asgi_lifespan_raising_anything_is_a_failed_startup_not_the_loops_end(
+        raised: type[BaseException]) -> None:
+    from worker.python.lifespan import Lifespan
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()  # it speaks lifespan: it took lifespan.startup
+        raise raised("on purpose")
+
+    async def main() -> str:
+        # Awaited in this task, as the worker does (wait_for's own task would end the loop on KeyboardInterrupt).
+        with pytest.raises(raised):
+            async with asyncio.timeout(5.0):
+                await Lifespan(app, {}).startup()
+        return "the loop lives on"
+
+    assert asyncio.run(main()) == "the loop lives on"
