@@ -8,7 +8,8 @@
 
 ``--write`` puts each part into bench/RESULTS.md between ``<!-- chaos-kills:start/end -->`` and
 ``<!-- chaos-soak:start/end -->`` (appended when absent; bench/run.py carries both over) and under
-``"chaos"`` in bench/results.json (``kills`` and ``soak``; bench/run.py keeps that key too).
+``"chaos"`` in bench/results.json (``kills`` and ``soak``; bench/run.py keeps that key too). ``--tag after``
+writes ``chaos-kills-after`` / ``kills-after`` instead, leaving the untagged ("before") sections alone.
 
 What runs: ``supervisor run`` (bench/pools.py's ``Supervisor``: JSON logs, its own ports, its run_dir
 under a work dir in /var/tmp) with one Python event function, bench/handlers/trivial.py, ``min_warm =
@@ -827,7 +828,7 @@ def cpu_line(part: dict[str, Any]) -> str:
 def render_kills(r: dict[str, Any]) -> str:
     k = r["kills"]
     o = r["options"]
-    w: list[str] = ["## Chaos: kill -9 under steady load", ""]
+    w: list[str] = ["## Chaos: kill -9 under steady load" + (f" ({r['tag']})" if r.get("tag") else ""), ""]
     w += header(r, "kills")
     load = k.get("load", {})
     w.append("")
@@ -948,7 +949,7 @@ def checks(part: dict[str, Any]) -> list[str]:
 def render_soak(r: dict[str, Any]) -> str:
     s = r["soak"]
     o = r["options"]
-    w: list[str] = ["## Soak: RSS and open fds under moderate load", ""]
+    w: list[str] = ["## Soak: RSS and open fds under moderate load" + (f" ({r['tag']})" if r.get("tag") else ""), ""]
     w += header(r, "soak")
     load = s.get("load", {})
     w.append("")
@@ -1047,11 +1048,16 @@ def main(argv: list[str] | None = None) -> int:
                     help="the JSON file --write puts its part into, under \"chaos\" (default: %(default)s)")
     ap.add_argument("--json", metavar="PATH", help="also write the raw results (with a sample of the failures) as JSON")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs, load records)")
+    ap.add_argument("--tag", default="", type=_tag, help="a word (e.g. after) that gives the sections written their "
+                    "own markers, title and results.json key, so that they do not replace the untagged ones")
     ap.add_argument("--render", metavar="JSON", help="only render (and with --write, write) the sections of a run "
                     "saved with --json; nothing is measured")
     args = ap.parse_args(argv)
     if args.render:
-        report(json.loads(Path(args.render).read_text()), args)
+        saved = json.loads(Path(args.render).read_text())
+        saved["tag"] = args.tag or saved.get("tag", "")
+        args.tag = saved["tag"]
+        report(saved, args)
         return 0
     args.kills = args.kills if args.kills is not None else (2 if args.quick else 10)
     args.soak = args.soak if args.soak is not None else (20.0 if args.quick else 600.0)
@@ -1068,9 +1074,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="ca-chaos-", dir="/var/tmp"))
     say(f"work dir {work}")
-    r: dict[str, Any] = {"argv": list(argv if argv is not None else sys.argv[1:]), "note": args.note,
+    r: dict[str, Any] = {"argv": list(argv if argv is not None else sys.argv[1:]), "note": args.note, "tag": args.tag,
                          "options": {k: v for k, v in vars(args).items()
-                                     if k not in ("write", "json", "keep", "note", "results", "results_json")}}
+                                     if k not in ("write", "json", "keep", "note", "results", "results_json", "tag", "render")}}
     code = 0
     try:
         r["source"] = use_source(args.at, work)
@@ -1122,12 +1128,22 @@ def report(r: dict[str, Any], args: argparse.Namespace) -> None:
     if "kills" in saved:
         (saved["kills"].get("load") or {}).pop("failures_sample", None)
     results_json = Path(args.results_json)
+    tag = getattr(args, "tag", "") or ""
     for part, text in sections.items():
         start, end = MARKS[part]
-        say(f"{pools.write_section(text, Path(args.results), start, end)} the chaos {part} section of {args.results}")
+        key = part
+        if tag:  # its own markers and key: a tagged run (before / after) leaves the others' sections alone
+            start, end, key = start.replace(":", f"-{tag}:"), end.replace(":", f"-{tag}:"), f"{part}-{tag}"
+        say(f"{pools.write_section(text, Path(args.results), start, end)} the chaos {key} section of {args.results}")
         meta = {k: v for k, v in saved.items() if k not in ("kills", "soak")}
-        common.save_results_part("chaos", {**_old_chaos(results_json), part: meta | saved[part]}, results_json)
+        common.save_results_part("chaos", {**_old_chaos(results_json), key: meta | saved[part]}, results_json)
     say(f"updated {results_json}")
+
+
+def _tag(text: str) -> str:
+    if text and not text.replace("-", "").isalnum():
+        raise argparse.ArgumentTypeError("letters, digits and '-' only")
+    return text
 
 
 def _old_chaos(path: Path) -> dict[str, Any]:
