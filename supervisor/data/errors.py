@@ -40,6 +40,11 @@ def stopped_before_done(grace_s: float) -> InvocationError:
                            "ended before the invocation finished", "cancelled", retry_after=1)
 
 
+def method_not_allowed(method: str, path: str, allowed: str) -> InvocationError:
+    return InvocationError(405, "MethodNotAllowedError", f"{method} {path}: only {allowed} is allowed here",
+                           "rejected", headers=[(b"allow", allowed.encode())])
+
+
 def not_found(what: str) -> InvocationError:
     return InvocationError(404, "FunctionNotFoundError", what, "rejected")
 

@@ -1,8 +1,10 @@
 """The front HTTP server on the CA port: FC's contract as a raw ASGI callable.
 
 Served by uvicorn's httptools protocol (no web framework on the hot path).
-Routes: ``/invoke`` (event invocation), ``/initialize``, ``/pre-freeze``,
-``/pre-stop`` (lifecycle hooks, GET or POST), anything else an HTTP-trigger
+Routes: ``/invoke`` (event invocation, POST only), ``/initialize``,
+``/pre-freeze``, ``/pre-stop`` (lifecycle hooks, GET or POST; any other
+method on these four is 405 ``MethodNotAllowedError`` with ``Allow``,
+and reaches no worker), anything else an HTTP-trigger
 request for the function named by ``x-fc-function-name`` (else the default
 one), streamed to it when it serves HTTP (``exchange.py``); otherwise 404.
 
@@ -95,8 +97,12 @@ class Front:
         path = scope["path"]
         try:
             if path == "/invoke":
+                if scope["method"] != "POST":
+                    raise errors.method_not_allowed(scope["method"], path, "POST")
                 await self._invoke(function_name, request_id, rid, fc_headers, content_length, receive, send)
             elif path in HOOK_PATHS:
+                if scope["method"] not in ("GET", "POST"):
+                    raise errors.method_not_allowed(scope["method"], path, "GET, POST")
                 await self._hook(HOOK_PATHS[path], request_id, rid, send)
             else:
                 await self._http(scope, function_name, request_id, rid, fc_headers, content_length, receive, send)

@@ -87,6 +87,7 @@ class DataPlane:
         self._stop_requests = 0
         self._stopping: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._drain_lock = asyncio.Lock()
+        self._draining = asyncio.Event()  # set with router.draining: wakes a waiting /initialize
         self._workers_stopped = False
 
     # ---- startup -----------------------------------------------------------
@@ -114,7 +115,19 @@ class DataPlane:
         log.info("FC Initialize Start RequestId: " + request_id, request_id=request_id,
                  marker="start", kind="initialize")
         try:
-            reply = await self.control.wait_ready(INITIALIZE_TIMEOUT_S)
+            if self.router.draining:  # after /pre-stop: no worker will ever get ready
+                return errors.shutting_down()
+            waiting = asyncio.ensure_future(self.control.wait_ready(INITIALIZE_TIMEOUT_S))
+            drained = asyncio.ensure_future(self._draining.wait())
+            try:
+                await asyncio.wait((waiting, drained), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                drained.cancel()
+                if not waiting.done():
+                    waiting.cancel()
+            if not waiting.done() or waiting.cancelled():
+                return errors.shutting_down()
+            reply = waiting.result()
         except grpc.aio.AioRpcError as exc:
             return InvocationError(503, "ControlPlaneUnavailableError",
                                    f"the control plane did not answer: {exc.code().name}", "rejected", retry_after=1)
@@ -169,6 +182,7 @@ class DataPlane:
             grace = self.router.config.supervisor.grace_period
             if not self.router.draining:
                 self.router.draining = True
+                self._draining.set()
                 log.info("draining", grace_period_s=grace)
             loop = asyncio.get_running_loop()
             clean = await self.router.wait_idle(loop.time() + grace if deadline is None else deadline)
@@ -233,6 +247,7 @@ class DataPlane:
         """Answers every invocation still running or queued, lets the answers
         leave, closes the connections: no client is left without its answer."""
         self.router.draining = True
+        self._draining.set()
         answered = self.router.abort_all(errors.stopped_before_done(self.router.config.supervisor.grace_period))
         if answered:
             log.warning("stopping: answered the invocations still running", count=answered)

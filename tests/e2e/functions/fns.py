@@ -97,12 +97,17 @@ def handler(event: bytes, context: Any) -> Any:
         return "plain text"
     if op == "none":
         return None
+    if op == "count":  # how many invocations this worker has run, this one included
+        global _count
+        _count += 1
+        return {"count": _count, "pid": os.getpid()}
     if op == "random":
         return {"r": random.random(), "pid": os.getpid()}
     return req
 
 
 _arrived = 0
+_count = 0
 
 
 async def async_handler(event: bytes, context: Any) -> Any:
