@@ -16,6 +16,13 @@ Contract (DESIGN.md, "Contract: logs"):
   path that bypasses the processor chain (it runs for every line a worker
   prints) but writes the same field names and timestamp format. The worker's
   text is only ever the value of ``event``, so a worker cannot forge fields.
+* FC's markers (``FC Invoke Start RequestId: <id>`` ...) are only written by
+  :func:`emit_marker_line` (the control plane, on the data plane's word) and
+  by plane code that logs one with a ``marker`` field. Everywhere else in
+  JSON output, ``RequestId:`` is written with its colon escaped
+  (``RequestId\\u003a``): the line decodes to the very same text, but a raw
+  grep of stdout for FC's marker text (what FC's log service does) finds
+  only real markers, whatever a handler prints or puts in an error message.
 
 :func:`configure_logging` can be called again at any time (tests do): loggers
 obtained before, even ones already cached by ``cache_logger_on_first_use``,
@@ -43,7 +50,9 @@ __all__ = [
     "LineSink",
     "Logger",
     "configure_logging",
+    "emit_marker_line",
     "emit_worker_line",
+    "marker_text",
     "get_logger",
     "is_sensitive_key",
     "redact",
@@ -254,13 +263,16 @@ _PROCESSORS: list[Processor] = []
 def _json_serializer(obj: Any, **kw: Any) -> bytes:
     default = kw.get("default")
     try:
-        return orjson.dumps(obj, default=default)
+        line = orjson.dumps(obj, default=default)
     except orjson.JSONEncodeError:
         # What orjson refuses (non-str keys, ints beyond 64 bits) is rare, and
         # a log call must not raise: the stdlib takes those, slowly.
-        return json.dumps(
+        line = json.dumps(
             obj, default=default, skipkeys=True, ensure_ascii=False, separators=(",", ":")
         ).encode("utf-8", "replace")
+    if _MARKER_COLON in line and not (isinstance(obj, dict) and "marker" in obj):
+        line = line.replace(_MARKER_COLON, _ESCAPED_COLON)
+    return line
 
 
 _format = "json"
@@ -356,6 +368,11 @@ def get_logger(**bound: Any) -> Logger:
 # --- the per-line fast path for workers' output -------------------------------
 
 _LEVEL_BY_STREAM = {"stdout": "info", "stderr": "warning"}
+# Inside a JSON string, "RequestId:" can only be text: the escaped colon is the
+# same text to any JSON reader, and no longer FC's marker to a raw grep.
+_MARKER_COLON = b"RequestId:"
+_ESCAPED_COLON = b"RequestId\\u003a"
+_MARKER_KINDS = {"invoke": "Invoke", "initialize": "Initialize", "pre_freeze": "PreFreeze", "pre_stop": "PreStop"}
 
 
 def emit_worker_line(
@@ -408,4 +425,50 @@ def emit_worker_line(
     # Not OPT_APPEND_NEWLINE: orjson's result keeps a ~4 KiB allocation
     # (measured: 4.1 KiB of RSS per queued 175-byte line), and the sink may
     # hold thousands of lines. The concatenation is a right-sized copy.
-    sink.write_line(orjson.dumps(line) + b"\n")
+    data = orjson.dumps(line)
+    if _MARKER_COLON in data:
+        data = data.replace(_MARKER_COLON, _ESCAPED_COLON)
+    sink.write_line(data + b"\n")
+
+
+def marker_text(kind: str, phase: str, request_id: str) -> str:
+    """FC's text for a marker: ``marker_text("invoke", "start", "r1")`` is
+    ``"FC Invoke Start RequestId: r1"``."""
+    return f"FC {_MARKER_KINDS[kind]} {'Start' if phase == 'start' else 'End'} RequestId: {request_id}"
+
+
+def emit_marker_line(
+    sink: LineSink,
+    *,
+    kind: str,
+    phase: str,
+    request_id: str,
+    function: str,
+    worker: str,
+    fmt: str | None = None,
+    component: str = "control-plane",
+) -> None:
+    """One of FC's markers for one worker's invocation, as one log line into ``sink``.
+
+    ``kind`` is invoke, initialize, pre_freeze or pre_stop; ``phase`` start
+    or end. The line carries ``marker`` (the phase) and ``kind``, which no
+    worker line has, and FC's text as ``event``, unescaped.
+    """
+    event = marker_text(kind, phase, request_id)
+    timestamp = utc_timestamp()
+    if (fmt or _format) == "console":
+        sink.write_line(
+            (f"{timestamp} [info     ] {event}  component={component} function={function} worker={worker}"
+             f" request_id={request_id} marker={phase} kind={kind}\n").encode("utf-8", "replace"))
+        return
+    sink.write_line(orjson.dumps({
+        "timestamp": timestamp,
+        "level": "info",
+        "event": event,
+        "component": component,
+        "function": function,
+        "worker": worker,
+        "request_id": request_id,
+        "marker": phase,
+        "kind": kind,
+    }) + b"\n")

@@ -25,6 +25,8 @@ format of `supervisor.json`; nothing else spells them out. The rules:
   computes the uptime as `time.monotonic() - started_monotonic`.
 * `control.sock` (the control plane's gRPC server, mode 0600) and
   `worker.sock` (where workers dial the data plane).
+* `marks.fifo` (mode 0600): the data plane tells the control plane which
+  invocation runs on which worker, for FC's markers (`supervisor.marks`).
 * A supervisor is alive only when all three agree (`supervisor_alive`): the
   state file exists, its pid is alive, and the lock is held.
 """
@@ -53,6 +55,7 @@ ACCEPTED_CONFIG_NAME = "config.accepted.json"
 SEEDS_NAME = "seeds.json"
 CONTROL_SOCK_NAME = "control.sock"
 WORKER_SOCK_NAME = "worker.sock"
+MARKS_FIFO_NAME = "marks.fifo"
 
 # Readable by everyone: the state file holds no secrets, and an operator's
 # `supervisor status` may run as another user than the supervisor.
@@ -85,6 +88,10 @@ class RunPaths:
     @property
     def worker_sock(self) -> Path:
         return self.run_dir / WORKER_SOCK_NAME
+
+    @property
+    def marks_fifo(self) -> Path:
+        return self.run_dir / MARKS_FIFO_NAME
 
     @property
     def accepted_config(self) -> Path:

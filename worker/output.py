@@ -19,11 +19,16 @@ Rules and invariants:
   one ``write()`` call goes out in one syscall; ``flush()`` writes a partial
   line (its continuation then gets no second tag). A partial line is also
   written once it passes 64 KiB, so the buffer stays bounded.
-* :func:`marker` writes ``FC <kind> <phase> RequestId: <id>`` untagged on
-  stdout, through the same lock and in order with everything else. It ends a
-  partial line first so a marker is always a line of its own.
+* :func:`marker` writes the boundary record of an invocation or hook,
+  ``b"\\x1c" + (b"S" | b"E") + b"\\x1f" + request_id``, untagged on stdout,
+  through the same lock and in order with everything else. It ends a partial
+  line first so a record is always a line of its own. The log pump uses
+  these records to attribute untagged lines (C code, subprocesses) and to
+  place FC's markers, which the control plane writes on the data plane's
+  word (:mod:`supervisor.control.output`): nothing the worker writes is a
+  marker, so user code that prints one only prints a line.
 * ``sys.stdout.buffer`` takes bytes, written at once and untagged (the pump
-  attributes them by markers), after any buffered text.
+  attributes them by the boundary records), after any buffered text.
 """
 
 from __future__ import annotations
@@ -252,15 +257,16 @@ def install(stream_fd_out: int = 1, stream_fd_err: int = 2) -> None:
 
 
 def marker(kind: str, request_id: str, phase: str) -> None:
-    """Write ``FC <kind> <phase> RequestId: <request_id>`` on stdout, untagged.
+    """Write the boundary record of ``phase`` (Start, End) of ``request_id`` on stdout.
 
-    Raises ValueError for an unknown kind or phase or an id the pump would
-    not recognise (ids come from a header: one with a newline must not be
-    able to forge lines).
+    ``kind`` is FC's (Invoke, Initialize, PreFreeze, PreStop); the record
+    does not carry it (the data plane's word does). Raises ValueError for an
+    unknown kind or phase or an id the pump would not recognise (ids come
+    from a header: one with a newline must not be able to forge lines).
     """
     if kind not in _KINDS or phase not in _PHASES or not _VALID_ID.fullmatch(request_id):
         raise ValueError(f"bad marker: {kind!r} {phase!r} {request_id!r}")
-    line = f"FC {kind} {phase} RequestId: {request_id}\n".encode("ascii")
+    line = f"\x1c{phase[0]}\x1f{request_id}\n".encode("ascii")
     if _stdout is not None:
         _stdout.write_raw(line, end_line=True)
     else:

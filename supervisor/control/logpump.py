@@ -16,14 +16,26 @@ Rules and invariants (DESIGN.md, "Contract: logs"):
   the request id as a tag: ``b"\\x1e" + request_id + b"\\x1f" + text``
   (see :mod:`worker.output`). A tag is valid when the id is 1..127 bytes of
   ``[A-Za-z0-9._:-]``; anything else is plain text, kept as it is. Untagged
-  lines (C code, subprocesses) are attributed by the FC markers the worker
-  writes untagged on stdout, ``FC <Invoke|Initialize|PreFreeze|PreStop>
-  <Start|End> RequestId: <id>``: between a Start and its End, untagged lines
-  get that id. When several requests are open at once (concurrency > 1) an
-  untagged line could belong to any of them, so it gets none rather than a
-  guess. Tagged text that looks like a marker is not a marker, and markers
-  only count on stdout. Stdout and stderr of one worker share one
-  :class:`Attributor`.
+  lines (C code, subprocesses) are attributed by the boundary records the
+  worker runtime writes on stdout around each invocation and hook,
+  ``b"\\x1c" + (b"S" | b"E") + b"\\x1f" + request_id``: between a start and
+  its end, untagged lines get that id. When several requests are open at
+  once (concurrency > 1) an untagged line could belong to any of them, so it
+  gets none rather than a guess. Records only count on stdout, untagged and
+  at the start of a line; they are never logged themselves (they go to
+  ``on_boundary``). User code can write them too: that only confuses the
+  attribution of its own lines. FC's markers are not the worker's text:
+  :mod:`supervisor.control.output` places them on the data plane's word, and
+  a worker line that reads like one is logged as that worker's line.
+* Hooks for the markers: ``after_read`` runs after every read of the pipe
+  and before the lines of that read are handled (the control plane reads the
+  data plane's assertions there); ``before_lines`` runs after a wake-up's
+  read, before its lines (the stderr pump catches the stdout pump up to its
+  next end boundary there: a raw write to fd 2 came after the boundaries
+  already in the stdout pipe). :meth:`Pump.drain` reads and handles what the
+  pipe holds now, :meth:`Pump.catch_up` the same up to the next end
+  boundary, both at once, from outside the pump's own wake-ups; neither
+  runs while the pump is handling lines (it would overtake them).
 * Cost. After a read that drained the pipe the pump pauses for
   ``BATCH_DELAY_S`` so that lines gather (a pipe of ``PIPE_SIZE`` holds
   them); one wake-up then handles many lines instead of one each. A worker
@@ -31,7 +43,7 @@ Rules and invariants (DESIGN.md, "Contract: logs"):
 * Order. Two pipes give no order between them, so the worker writes its
   Python-level stderr into the stdout pipe as ``b"\\x1d" + id + b"\\x1f" +
   text`` (empty id outside a request): such a line is logged with
-  ``stream: "stderr"`` and keeps its place between the markers. Only raw
+  ``stream: "stderr"`` and keeps its place between the boundaries. Only raw
   writes to fd 2 (C code, child processes) use the stderr pipe.
 """
 
@@ -41,27 +53,28 @@ import asyncio
 import fcntl
 import os
 import re
+from collections.abc import Callable
 
 from supervisor.logs import LineSink, emit_worker_line
 
-__all__ = ["DEFAULT_MAX_LINE", "READ_SIZE", "Attributor", "LineSplitter", "pump"]
+__all__ = ["DEFAULT_MAX_LINE", "READ_SIZE", "Attributor", "LineSplitter", "Pump", "parse_boundary", "pump"]
 
 DEFAULT_MAX_LINE = 16 * 1024
 READ_SIZE = 64 * 1024
 
 TAG_START = b"\x1e"
 STDERR_TAG_START = b"\x1d"  # a sys.stderr line carried on the stdout pipe
+BOUNDARY_START = b"\x1c"  # the worker runtime's start/end of an invocation
 BATCH_DELAY_S = 0.005
 PIPE_SIZE = 1024 * 1024
 F_SETPIPE_SZ = 1031
+F_GETPIPE_SZ = 1032
 TAG_END = b"\x1f"
 MAX_TAG_ID = 127
 
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,127}")
-_MARKER = re.compile(
-    rb"FC (?:Invoke|Initialize|PreFreeze|PreStop) (Start|End) RequestId: ([A-Za-z0-9._:-]{1,127})\r?"
-)
-# Forged Start markers without an End must not grow memory.
+_BOUNDARY = re.compile(rb"\x1c([SE])\x1f([A-Za-z0-9._:-]{1,127})\r?")
+# Start records without an end (forged ones) must not grow memory.
 _MAX_OPEN_REQUESTS = 64
 
 
@@ -123,6 +136,14 @@ class LineSplitter:
             self._cut += len(piece) - room
 
 
+def parse_boundary(line: bytes) -> tuple[str, str] | None:
+    """``("S" | "E", request_id)`` for a boundary record line, else None."""
+    match = _BOUNDARY.fullmatch(line)
+    if match is None:
+        return None
+    return match.group(1).decode("ascii"), match.group(2).decode("ascii")
+
+
 class Attributor:
     """Which request a worker's output line belongs to (see the module docstring)."""
 
@@ -137,38 +158,37 @@ class Attributor:
         """The id untagged lines get now: the only open request, or None."""
         return self._current
 
-    def attribute(self, line: bytes, *, markers: bool = True) -> tuple[str | None, bytes]:
-        """Return ``(request_id, text)`` for one line (no trailing newline).
+    def boundary(self, phase: str, request_id: str) -> None:
+        """A start (``"S"``) or end (``"E"``) record for ``request_id``."""
+        if phase == "S":
+            self._open[request_id] = None
+            if len(self._open) > _MAX_OPEN_REQUESTS:
+                del self._open[next(iter(self._open))]
+        else:
+            self._open.pop(request_id, None)
+        self._current = next(iter(self._open)) if len(self._open) == 1 else None
 
-        ``markers`` says whether FC markers on this line count (stdout: yes).
-        """
+    def attribute(self, line: bytes) -> tuple[str | None, bytes]:
+        """Return ``(request_id, text)`` for one line (no trailing newline)."""
         if line.startswith(TAG_START):
             end = line.find(TAG_END, 1, MAX_TAG_ID + 2)
             if end > 1:
                 tagged = line[1:end]
                 if _REQUEST_ID.fullmatch(tagged):
                     return tagged.decode("ascii"), line[end + 1 :]
-        elif markers and line.startswith(b"FC "):
-            match = _MARKER.fullmatch(line)
-            if match is not None:
-                request_id = match.group(2).decode("ascii")
-                if match.group(1) == b"Start":
-                    self._open[request_id] = None
-                    if len(self._open) > _MAX_OPEN_REQUESTS:
-                        del self._open[next(iter(self._open))]
-                else:
-                    self._open.pop(request_id, None)
-                self._current = next(iter(self._open)) if len(self._open) == 1 else None
-                return request_id, line
         return self._current, line
 
 
-def _enlarge_pipe(fd: int) -> None:
-    """Room for what a worker writes while the pump gathers (best effort)."""
+def _enlarge_pipe(fd: int) -> int:
+    """Room for what a worker writes while the pump gathers (best effort); the pipe's size."""
     try:
         fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)
     except OSError:
         pass  # over /proc/sys/fs/pipe-max-size for an unprivileged user: keep the default
+    try:
+        return int(fcntl.fcntl(fd, F_GETPIPE_SZ))
+    except OSError:
+        return PIPE_SIZE  # not a pipe (a test's file): read this much at most per drain
 
 
 def _stderr_as_tagged(line: bytes) -> bytes:
@@ -185,6 +205,227 @@ def _stderr_as_tagged(line: bytes) -> bytes:
     return TAG_START + line[1:]
 
 
+class Pump:
+    """Re-emits every line read from ``fd`` (see :meth:`run`)."""
+
+    __slots__ = ("fd", "function", "worker", "stream", "sink", "fmt", "component", "capacity", "attributor",
+                 "on_boundary", "after_read", "before_lines", "_splitter", "_boundaries", "_held", "_busy",
+                 "_loop", "_finished", "_outcome", "closed")
+
+    def __init__(
+        self,
+        fd: int,
+        *,
+        function: str,
+        worker: str,
+        stream: str,
+        sink: LineSink,
+        fmt: str,
+        max_line: int = DEFAULT_MAX_LINE,
+        attributor: Attributor | None = None,
+        component: str = "worker",
+        on_boundary: Callable[[str, str], None] | None = None,
+        after_read: Callable[[], None] | None = None,
+        before_lines: Callable[[], None] | None = None,
+    ) -> None:
+        self.fd = fd
+        self.function = function
+        self.worker = worker
+        self.stream = stream
+        self.sink = sink
+        self.fmt = fmt
+        self.component = component
+        self.attributor = attributor if attributor is not None else Attributor()
+        self.on_boundary = on_boundary if on_boundary is not None else self.attributor.boundary
+        self.after_read = after_read
+        self.before_lines = before_lines
+        self._splitter = LineSplitter(max_line)
+        self._boundaries = stream == "stdout"
+        self._held: list[tuple[bytes, int]] = []  # lines read, not handled yet (see catch_up)
+        self._busy = False  # handling lines: a nested drain would overtake them
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._finished: asyncio.Future[None] | None = None
+        self._outcome: BaseException | None | bool = False  # False: still reading
+        self.closed = False
+        # Non-blocking at once: drain() may run before run() does. Safe: no
+        # other process shares this end's file description.
+        os.set_blocking(fd, False)
+        self.capacity = _enlarge_pipe(fd)
+
+    async def run(self) -> None:
+        """Re-emit every line until EOF (or cancellation), then close ``fd``.
+
+        ``stream`` is ``"stdout"`` or ``"stderr"``; pass the same
+        ``attributor`` to both pumps of one worker. On EOF or cancellation the
+        unterminated last line is emitted too. A worker's child that
+        inherited the pipe keeps it open after the worker exits: the caller
+        cancels the pump after a grace period then.
+        """
+        loop = self._loop = asyncio.get_running_loop()
+        self._finished = loop.create_future()
+        try:
+            if self._outcome is False:
+                loop.add_reader(self.fd, self._on_readable)
+                await self._finished
+            elif isinstance(self._outcome, BaseException):
+                raise self._outcome
+        finally:
+            self._close()
+
+    def drain(self, limit: int | None = None) -> None:
+        """Reads and re-emits what the pipe holds now (at most ``limit`` bytes,
+        by default the pipe's size: what it held before the call), without
+        waiting for more. Does nothing while this pump is handling lines."""
+        if self._busy:
+            return
+        self._handle()
+        limit = self.capacity if limit is None else limit
+        taken = 0
+        while taken < limit:
+            size = self._read()
+            self._handle()
+            taken += size
+            if size < READ_SIZE:
+                return
+
+    def catch_up(self) -> None:
+        """Like :meth:`drain`, but stops before the first end boundary: what
+        the other pipe of the worker holds may have been written before it."""
+        if self._busy or not self._handle(until_end=True):
+            return
+        taken = 0
+        while taken < self.capacity:
+            size = self._read()
+            if not self._handle(until_end=True):
+                return
+            taken += size
+            if size < READ_SIZE:
+                return
+
+    # ---- internals ------------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        # One read per wake-up: with many workers, the loop round-robins
+        # between their pipes instead of draining one flood first.
+        size = self._read()
+        if self.before_lines is not None and size:
+            self._busy = True  # what before_lines handles must not drain this pipe past the lines just read
+            try:
+                self.before_lines()
+            finally:
+                self._busy = False
+        self._handle()
+        if 0 < size < READ_SIZE and self._outcome is False and self._loop is not None:
+            # The pipe is drained: let lines gather for a moment instead of
+            # waking for each one (a handler's few lines and the worker's two
+            # boundaries would otherwise cost several wake-ups of this process
+            # per invocation). A flood keeps full reads coming without pause.
+            self._loop.remove_reader(self.fd)
+            self._loop.call_later(BATCH_DELAY_S, self._resume)
+
+    def _resume(self) -> None:
+        if self._outcome is False and not self.closed and self._loop is not None:
+            self._loop.add_reader(self.fd, self._on_readable)
+
+    def _read(self) -> int:
+        """One read into the held lines; its size (0: nothing now, or the end)."""
+        if self._outcome is not False or self.closed:
+            return 0
+        try:
+            data = os.read(self.fd, READ_SIZE)
+        except BlockingIOError:
+            return 0
+        except OSError:
+            data = b""  # EIO and the like: nothing more will come
+        if not data:
+            self._end(None)
+            return 0
+        try:
+            if self.after_read is not None:
+                self.after_read()
+            self._held += self._splitter.feed(data)
+        except Exception as exc:
+            self._end(exc)
+            return 0
+        return len(data)
+
+    def _handle(self, until_end: bool = False) -> bool:
+        """Emits the held lines, or with ``until_end`` those before the first
+        end boundary; False when it stopped there."""
+        if not self._held or self._busy:
+            return True
+        lines, self._held = self._held, []
+        self._busy = True
+        try:
+            done = self._emit(lines, until_end)
+        except Exception as exc:
+            # A bug here must end the pump visibly, not fail on every wake-up.
+            self._end(exc)
+            return True
+        finally:
+            self._busy = False
+        if done < len(lines):
+            self._held = lines[done:] + self._held
+            return False
+        return True
+
+    def _end(self, exc: BaseException | None) -> None:
+        if self._outcome is not False:
+            return
+        self._outcome = exc
+        if self._loop is not None:
+            self._loop.remove_reader(self.fd)
+        finished = self._finished
+        if finished is not None and not finished.done():
+            if exc is None:
+                finished.set_result(None)
+            else:
+                finished.set_exception(exc)
+
+    def _close(self) -> None:
+        if self.closed:
+            return
+        if self._loop is not None:
+            self._loop.remove_reader(self.fd)
+        try:
+            self._held += self._splitter.flush()
+            self._handle()
+        finally:
+            self.closed = True
+            os.close(self.fd)
+
+    def _emit(self, lines: list[tuple[bytes, int]], until_end: bool) -> int:
+        """Emits ``lines`` in order; returns how many (fewer when it stopped before an end boundary)."""
+        boundaries = self._boundaries
+        attribute = self.attributor.attribute
+        for index, (line, truncated) in enumerate(lines):
+            line_stream = self.stream
+            if boundaries:
+                lead = line[:1]
+                if lead == STDERR_TAG_START:
+                    line_stream, line = "stderr", _stderr_as_tagged(line)
+                elif lead == BOUNDARY_START and not truncated:
+                    boundary = parse_boundary(line)
+                    if boundary is not None:
+                        if until_end and boundary[0] == "E":
+                            return index
+                        self.on_boundary(*boundary)
+                        continue
+            request_id, text = attribute(line)
+            emit_worker_line(
+                self.sink,
+                function=self.function,
+                worker=self.worker,
+                stream=line_stream,
+                text=text,
+                request_id=request_id,
+                truncated=truncated,
+                fmt=self.fmt,
+                component=self.component,
+            )
+        return len(lines)
+
+
 async def pump(
     fd: int,
     *,
@@ -197,82 +438,10 @@ async def pump(
     attributor: Attributor | None = None,
     component: str = "worker",
 ) -> None:
-    """Re-emit every line read from ``fd`` until EOF (or cancellation).
+    """Re-emit every line read from ``fd`` until EOF (or cancellation): :meth:`Pump.run`.
 
     ``fd`` is the read end of the worker's stdout or stderr pipe; the pump
-    owns it: it makes it non-blocking (safe: no other process shares this
-    end's file description) and closes it when done. ``stream`` is
-    ``"stdout"`` or ``"stderr"``; pass the same ``attributor`` to both pumps
-    of one worker. On EOF or cancellation the unterminated last line is
-    emitted too. A worker's child that inherited the pipe keeps it open after
-    the worker exits: the caller cancels the pump after a grace period then.
+    owns it and closes it when done.
     """
-    loop = asyncio.get_running_loop()
-    splitter = LineSplitter(max_line)
-    attribute = (attributor if attributor is not None else Attributor()).attribute
-    markers = stream == "stdout"
-    finished: asyncio.Future[None] = loop.create_future()
-
-    def emit(lines: list[tuple[bytes, int]]) -> None:
-        for line, truncated in lines:
-            line_stream = stream
-            if line.startswith(STDERR_TAG_START) and markers:
-                line_stream, line = "stderr", _stderr_as_tagged(line)
-            request_id, text = attribute(line, markers=markers and line_stream == "stdout")
-            emit_worker_line(
-                sink,
-                function=function,
-                worker=worker,
-                stream=line_stream,
-                text=text,
-                request_id=request_id,
-                truncated=truncated,
-                fmt=fmt,
-                component=component,
-            )
-
-    def resume() -> None:
-        if not finished.done():
-            loop.add_reader(fd, on_readable)
-
-    def on_readable() -> None:
-        # One read per wake-up: with many workers, the loop round-robins
-        # between their pipes instead of draining one flood first.
-        try:
-            data = os.read(fd, READ_SIZE)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""  # EIO and the like: nothing more will come
-        if not data:
-            loop.remove_reader(fd)
-            if not finished.done():
-                finished.set_result(None)
-            return
-        try:
-            emit(splitter.feed(data))
-        except Exception as exc:
-            # A bug here must end the pump visibly, not fail on every wake-up.
-            loop.remove_reader(fd)
-            if not finished.done():
-                finished.set_exception(exc)
-            return
-        if len(data) < READ_SIZE:
-            # The pipe is drained: let lines gather for a moment instead of
-            # waking for each one (two FC markers per invocation would
-            # otherwise cost two wake-ups of this process per invocation).
-            # A flood keeps full reads coming and is read without pause.
-            loop.remove_reader(fd)
-            loop.call_later(BATCH_DELAY_S, resume)
-
-    os.set_blocking(fd, False)
-    _enlarge_pipe(fd)
-    loop.add_reader(fd, on_readable)
-    try:
-        await finished
-    finally:
-        loop.remove_reader(fd)
-        try:
-            emit(splitter.flush())
-        finally:
-            os.close(fd)
+    await Pump(fd, function=function, worker=worker, stream=stream, sink=sink, fmt=fmt, max_line=max_line,
+               attributor=attributor, component=component).run()

@@ -29,6 +29,7 @@ from prometheus_client import CollectorRegistry
 
 from supervisor import runstate
 from supervisor.control.manager import PoolManager
+from supervisor.control.output import listen_for_marks
 from supervisor.control.sandbox import Isolation
 from supervisor.logs import configure_logging, get_logger
 from supervisor.metrics import ControlPlaneMetrics
@@ -46,6 +47,7 @@ async def amain(config_path: Path, run_dir: Path | None = None) -> int:
         return EXIT_BOOT_ERROR
     configure_logging("control-plane", config.supervisor.log_format, sink=shared_sink("control-plane"))
     paths = RunPaths(config.supervisor.run_dir)
+    listen_for_marks(paths.marks_fifo)  # before any worker: FC's markers come from the data plane's word
     registry = CollectorRegistry(auto_describe=True)
     # Probed before gRPC starts any thread; v2: the tree is prepared here (only this
     # process makes worker cgroups).

@@ -10,11 +10,16 @@ Rules:
 - After authentication the frame cap is the function's ``max_body`` plus
   overhead: a worker cannot make the data plane buffer more than that.
 - The peer's pid and uid come from SO_PEERCRED, never from what the worker says.
+- FC's markers: every invocation and hook is told to the control plane
+  (``supervisor.marks``) before its frame is queued, and its end once its
+  future is done (result, timeout, loss); so is a worker's initializer,
+  from WELCOME to READY (or INIT_ERROR, or the link's loss).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import socket
 import struct
 from collections import deque
@@ -23,7 +28,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from google.protobuf.message import DecodeError
 
-from supervisor import wire
+from supervisor import marks, wire
 from supervisor.data.dispatcher import Slotted, WorkerState
 from supervisor.v1 import worker_pb2 as wpb
 
@@ -213,10 +218,13 @@ class WorkerLink(Slotted, asyncio.Protocol):
                         call.on_frame(kind, payload)
                     # else: the stream has ended (timed out, say); its late frames mean nothing
                 elif kind == wire.Kind.READY:
+                    self._initialized()
                     self.router.on_ready(self)
                 elif kind == wire.Kind.DRAINING:
+                    self._initialized()
                     self.router.on_draining(self)
                 elif kind == wire.Kind.INIT_ERROR:
+                    self._initialized()
                     self.router.on_init_error(self, wpb.ErrorInfo.FromString(payload))
                 else:
                     raise wire.ProtocolError(f"unexpected frame kind {kind}")
@@ -225,6 +233,8 @@ class WorkerLink(Slotted, asyncio.Protocol):
             self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.authenticated:
+            self._initialized()
         self.router.on_lost(self)
 
     # ---- commands --------------------------------------------------------
@@ -234,6 +244,12 @@ class WorkerLink(Slotted, asyncio.Protocol):
         self.function = function
         self.authenticated = True
         self.decoder = wire.FrameDecoder(max_frame)
+        # FC's markers: the worker runs its initializer after WELCOME, until READY
+        # (see supervisor.marks; on a reconnect it does not, and none are shown).
+        state = self.router.functions.get(function)
+        writer = marks.use(self.router.config.supervisor.run_dir)
+        if state is not None and state.config.has_hook("initialize"):
+            writer.start(worker_id, "initialize", f"init-{worker_id}")
         self.send(wire.Kind.WELCOME, 0, wpb.WorkerWelcome(next_token=next_token).SerializeToString())
 
     def reject(self, reason: str) -> None:
@@ -256,6 +272,7 @@ class WorkerLink(Slotted, asyncio.Protocol):
         stream = self._stream_id()
         future: asyncio.Future[bytes] = loop.create_future()
         self.pending[stream] = Pending(future, deadline, message.request_id)
+        _mark(self.worker_id, message.kind, message.request_id, future)
         self.send(wire.Kind.INVOKE, stream, message.SerializeToString())
         return future
 
@@ -264,6 +281,7 @@ class WorkerLink(Slotted, asyncio.Protocol):
         call = HttpCall(self, self._stream_id(), deadline, request.request_id, loop)
         call.credit -= len(request.body)
         self.pending[call.stream] = call
+        _mark(self.worker_id, "invoke", request.request_id, call.future)
         self.send(wire.Kind.HTTP_REQUEST, call.stream, request.SerializeToString())
         return call
 
@@ -273,3 +291,22 @@ class WorkerLink(Slotted, asyncio.Protocol):
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
+
+    def _initialized(self) -> None:
+        """Its initializer is over (READY, INIT_ERROR, or the link is gone)."""
+        writer = marks.writer()
+        if writer is not None:
+            writer.end(self.worker_id, f"init-{self.worker_id}")
+
+
+def _mark(worker_id: str, kind: str, request_id: str, future: asyncio.Future[bytes]) -> None:
+    """Tells the control plane, for FC's markers, that ``request_id`` is sent to
+    the worker now (before its frame is queued) and when it is over."""
+    writer = marks.writer()
+    if writer is not None:
+        writer.start(worker_id, kind, request_id)
+        future.add_done_callback(functools.partial(_marked_over, writer, worker_id, request_id))
+
+
+def _marked_over(writer: marks.MarkWriter, worker_id: str, request_id: str, _future: object) -> None:
+    writer.end(worker_id, request_id)

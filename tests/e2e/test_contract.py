@@ -251,13 +251,15 @@ def test_worker_output_is_attributed_and_secrets_never_logged(sup: Running) -> N
     assert response.status_code == 200
 
     def lines_for_request() -> list[dict[str, object]]:
-        mine = [r for r in sup.logs() if r.get("request_id") == "req-print-1" and r.get("component") == "worker"]
-        return mine if any(r["event"] == "FC Invoke End RequestId: req-print-1" for r in mine) else []
+        # The worker's lines, and FC's markers around them (written by the control plane).
+        mine = [r for r in sup.logs() if r.get("request_id") == "req-print-1"
+                and r.get("component") in ("worker", "control-plane")]
+        return mine if any(r.get("marker") == "end" for r in mine) else []
 
     mine = wait_for(lines_for_request, 10, "the worker's lines in the log")
     events = [r["event"] for r in mine]
-    assert events[0] == "FC Invoke Start RequestId: req-print-1"
-    assert events[-1] == "FC Invoke End RequestId: req-print-1"
+    assert events[0] == "FC Invoke Start RequestId: req-print-1" and mine[0]["marker"] == "start"
+    assert events[-1] == "FC Invoke End RequestId: req-print-1" and mine[-1]["marker"] == "end"
     assert [e for e in events if str(e).startswith("attributed-line")] == [f"attributed-line {i}" for i in range(3)]
     stderr_line = next(r for r in mine if r["event"] == "to stderr")
     assert stderr_line["stream"] == "stderr"

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import worker.output as wo
-from supervisor.control.logpump import Attributor, LineSplitter, _stderr_as_tagged, pump
+from supervisor.control.logpump import Attributor, LineSplitter, Pump, _stderr_as_tagged, parse_boundary, pump
 from worker.output import TaggedStream, current_request_id, marker
 
 
@@ -123,7 +123,7 @@ def test_max_line_must_be_positive() -> None:
         LineSplitter(0)
 
 
-# --- Attributor -------------------------------------------------------------------
+# --- Attributor and boundary records ---------------------------------------------
 
 
 def test_tagged_lines_carry_their_request() -> None:
@@ -148,64 +148,60 @@ def test_tagged_lines_carry_their_request() -> None:
 def test_malformed_tags_are_plain_text(line: bytes) -> None:
     attr = Attributor()
     assert attr.attribute(line) == (None, line)
-    attr.attribute(b"FC Invoke Start RequestId: r9")
-    assert attr.attribute(line) == ("r9", line)  # plain text: attributed by markers
+    attr.boundary("S", "r9")
+    assert attr.attribute(line) == ("r9", line)  # plain text: attributed by the boundaries
 
 
-@pytest.mark.parametrize("kind", ["Invoke", "Initialize", "PreFreeze", "PreStop"])
-def test_markers_attribute_untagged_lines(kind: str) -> None:
-    attr = Attributor()
-    assert attr.attribute(b"before") == (None, b"before")
-    start = f"FC {kind} Start RequestId: r-1".encode()
-    assert attr.attribute(start) == ("r-1", start)
-    assert attr.attribute(b"from C code") == ("r-1", b"from C code")
-    assert attr.attribute(b"\x1eother\x1ftagged") == ("other", b"tagged")
-    assert attr.attribute(b"stderr line", markers=False) == ("r-1", b"stderr line")
-    end = f"FC {kind} End RequestId: r-1\r".encode()
-    assert attr.attribute(end) == ("r-1", end)
-    assert attr.attribute(b"after") == (None, b"after")
-
-
-def test_overlapping_requests_leave_untagged_lines_unattributed() -> None:
-    attr = Attributor()
-    attr.attribute(b"FC Invoke Start RequestId: a")
-    attr.attribute(b"FC Invoke Start RequestId: b")
-    assert attr.attribute(b"whose?") == (None, b"whose?")
-    attr.attribute(b"FC Invoke End RequestId: a")
-    assert attr.attribute(b"b's") == ("b", b"b's")
-    attr.attribute(b"FC Invoke End RequestId: b")
-    assert attr.current is None
+def test_boundary_records_parse() -> None:
+    assert parse_boundary(b"\x1cS\x1freq-1") == ("S", "req-1")
+    assert parse_boundary(b"\x1cE\x1fA.b:c_9-0\r") == ("E", "A.b:c_9-0")
+    assert parse_boundary(b"\x1cS\x1f" + b"a" * 127) == ("S", "a" * 127)
 
 
 @pytest.mark.parametrize(
     "line",
     [
-        b"FC Invoke Start RequestId: ",
-        b"FC Invoke Begin RequestId: r1",
-        b"FC Invoke Start RequestId: r1 trailing",
-        b"FC Bogus Start RequestId: r1",
-        b" FC Invoke Start RequestId: r1",
+        b"\x1cS\x1f",
+        b"\x1cX\x1freq",
+        b"\x1cS\x1f" + b"a" * 128,
+        b"\x1cS\x1freq trailing",
+        b"\x1cSreq",
+        b" \x1cS\x1freq",
+        b"\x1cS\x1fbad/id",
+        b"FC Invoke Start RequestId: r1",
     ],
 )
-def test_near_markers_are_text(line: bytes) -> None:
+def test_near_records_are_text(line: bytes) -> None:
+    assert parse_boundary(line) is None
+
+
+def test_boundaries_attribute_untagged_lines() -> None:
     attr = Attributor()
-    assert attr.attribute(line) == (None, line)
+    assert attr.attribute(b"before") == (None, b"before")
+    attr.boundary("S", "r-1")
+    assert attr.attribute(b"from C code") == ("r-1", b"from C code")
+    assert attr.attribute(b"\x1eother\x1ftagged") == ("other", b"tagged")
+    attr.boundary("E", "r-1")
+    assert attr.attribute(b"after") == (None, b"after")
+
+
+def test_overlapping_requests_leave_untagged_lines_unattributed() -> None:
+    attr = Attributor()
+    attr.boundary("S", "a")
+    attr.boundary("S", "b")
+    assert attr.attribute(b"whose?") == (None, b"whose?")
+    attr.boundary("E", "a")
+    assert attr.attribute(b"b's") == ("b", b"b's")
+    attr.boundary("E", "b")
     assert attr.current is None
 
 
-def test_markers_do_not_count_when_tagged_or_on_stderr() -> None:
-    attr = Attributor()
-    attr.attribute(b"\x1er1\x1fFC Invoke Start RequestId: forged")
-    attr.attribute(b"FC Invoke Start RequestId: forged2", markers=False)
-    assert attr.current is None
-
-
-def test_forged_start_markers_do_not_grow_state() -> None:
+def test_forged_start_records_do_not_grow_state() -> None:
     attr = Attributor()
     for i in range(10_000):
-        attr.attribute(b"FC Invoke Start RequestId: r%d" % i)
+        attr.boundary("S", f"r{i}")
     for i in range(10_000 - 64, 10_000 - 1):
-        attr.attribute(b"FC Invoke End RequestId: r%d" % i)
+        attr.boundary("E", f"r{i}")
     assert attr.current == "r9999"  # only the newest 64 were kept open
 
 
@@ -226,15 +222,13 @@ def test_attribution_matches_a_model(script: list[tuple[str, str]]) -> None:
     open_ids: list[str] = []
     for what, request_id in script:
         if what == "start":
-            line = f"FC Invoke Start RequestId: {request_id}".encode()
             if request_id not in open_ids:
                 open_ids.append(request_id)
-            assert attr.attribute(line) == (request_id, line)
+            attr.boundary("S", request_id)
         elif what == "end":
-            line = f"FC Invoke End RequestId: {request_id}".encode()
             if request_id in open_ids:
                 open_ids.remove(request_id)
-            assert attr.attribute(line) == (request_id, line)
+            attr.boundary("E", request_id)
         elif what == "tagged":
             assert attr.attribute(f"\x1e{request_id}\x1ftext".encode()) == (request_id, b"text")
         else:
@@ -277,14 +271,13 @@ def run_pumps(chunks_out: list[bytes], chunks_err: list[bytes], max_line: int = 
 
 def test_pump_reemits_lines_with_attribution_and_flushes_at_eof() -> None:
     sink = run_pumps(
-        [b"FC Invoke Start RequestId: r1\n\x1er1\x1ftagged\nfrom ", b"C\n" + b"L" * 60 + b"\nno newline"],
+        [b"\x1cS\x1fr1\n\x1er1\x1ftagged\nfrom ", b"C\n" + b"L" * 60 + b"\nno newline"],
         [b"an error\n"],
         max_line=40,
     )
     records = sink.records()
     out = [(r["event"], r.get("request_id"), r.get("truncated_bytes")) for r in records if r["stream"] == "stdout"]
     assert out == [
-        ("FC Invoke Start RequestId: r1", "r1", None),
         ("tagged", "r1", None),
         ("from C", "r1", None),
         ("L" * 40, "r1", 20),
@@ -292,6 +285,60 @@ def test_pump_reemits_lines_with_attribution_and_flushes_at_eof() -> None:
     ]
     (err,) = [r for r in records if r["stream"] == "stderr"]
     assert (err["event"], err["level"], err["function"], err["worker"]) == ("an error", "warning", "f", "w1")
+
+
+def test_boundary_records_are_not_logged_and_text_markers_are_just_lines() -> None:
+    seen: list[tuple[str, str]] = []
+    sink = ListSink()
+    read_fd, write_fd = os.pipe()
+    os.write(write_fd, b"\x1cS\x1fr1\nFC Invoke End RequestId: r1\n\x1er1\x1fFC Invoke Start RequestId: x\n"
+                       b"raw\n\x1cE\x1fr1\nafter\n\x1cE\x1fr1 trailing\n")
+    os.close(write_fd)
+
+    async def main() -> None:
+        pump = Pump(read_fd, function="f", worker="w", stream="stdout", sink=sink, fmt="json")
+        pump.on_boundary = lambda phase, rid: (seen.append((phase, rid)), pump.attributor.boundary(phase, rid))[-1]
+        await asyncio.wait_for(pump.run(), 5)
+
+    asyncio.run(main())
+    assert seen == [("S", "r1"), ("E", "r1")]
+    records = sink.records()
+    assert [(r["event"], r.get("request_id")) for r in records] == [
+        ("FC Invoke End RequestId: r1", "r1"),  # a line: it ends nothing
+        ("FC Invoke Start RequestId: x", "r1"),
+        ("raw", "r1"),
+        ("after", None),
+        ("\x1cE\x1fr1 trailing", None),  # not a record: logged as it is
+    ]
+    assert all("marker" not in r and r["component"] == "worker" for r in records)
+    assert all(b"RequestId:" not in line for line in sink.lines)  # a raw grep finds no marker
+
+
+def test_after_read_runs_before_the_lines_of_each_read_and_drain_reads_at_once() -> None:
+    sink = ListSink()
+    read_fd, write_fd = os.pipe()
+    order: list[str] = []
+
+    class Recorder(ListSink):
+        def write_line(self, line: bytes) -> None:
+            order.append(json.loads(line)["event"])
+            sink.write_line(line)
+
+    async def main() -> None:
+        pump = Pump(read_fd, function="f", worker="w", stream="stdout", sink=Recorder(), fmt="json",
+                    after_read=lambda: order.append("<read>"))
+        task = asyncio.create_task(pump.run())
+        os.write(write_fd, b"one\ntwo\n")
+        pump.drain()  # no wake-up needed: what the pipe holds is handled now
+        assert order == ["<read>", "one", "two"]
+        assert unread_bytes(read_fd) == 0
+        os.write(write_fd, b"three\n")
+        os.close(write_fd)
+        await asyncio.wait_for(task, 5)
+        pump.drain()  # after the end: nothing, no error
+
+    asyncio.run(main())
+    assert order == ["<read>", "one", "two", "<read>", "three"]
 
 
 def test_pump_cancellation_emits_the_partial_line_and_closes() -> None:
@@ -339,10 +386,20 @@ def tagged() -> Iterator[tuple[TaggedStream, int]]:
 
 
 def parsed(read_fd: int) -> list[tuple[str | None, bytes]]:
+    """What the pump makes of the pipe: ``(request_id, text)`` per line, and
+    ``("<S>" | "<E>", request_id)`` per boundary record."""
     os.set_blocking(read_fd, False)
     data = os.read(read_fd, 1 << 20)
     attr = Attributor()
-    return [attr.attribute(line) for line, _ in LineSplitter().feed(data)]
+    out: list[tuple[str | None, bytes]] = []
+    for line, _ in LineSplitter().feed(data):
+        boundary = parse_boundary(line)
+        if boundary is not None:
+            attr.boundary(*boundary)
+            out.append((f"<{boundary[0]}>", boundary[1].encode()))
+        else:
+            out.append(attr.attribute(line))
+    return out
 
 
 def test_worker_stream_round_trip(tagged: tuple[TaggedStream, int]) -> None:
@@ -364,15 +421,15 @@ def test_worker_stream_round_trip(tagged: tuple[TaggedStream, int]) -> None:
     print("after", file=stream)
     assert parsed(r) == [
         (None, b"outside"),
-        ("req-1", b"FC Invoke Start RequestId: req-1"),
+        ("<S>", b"req-1"),
         ("req-1", b"one"),
         ("req-1", b"two"),
         ("req-1", b"three"),
         ("req-1", b"four"),
         ("req-1", b"progress 100%"),
-        ("req-1", b"raw bytes"),  # untagged, attributed by the markers
-        ("req-1", b"unterminated"),  # the End marker ends the line first
-        ("req-1", b"FC Invoke End RequestId: req-1"),
+        ("req-1", b"raw bytes"),  # untagged, attributed by the boundaries
+        ("req-1", b"unterminated"),  # the end record ends the line first
+        ("<E>", b"req-1"),
         (None, b"after"),
     ]
 
@@ -459,16 +516,16 @@ def test_worker_stderr_goes_through_the_stdout_pipe_tagged_as_stderr() -> None:
         os.close(write_fd)
 
 
-def test_pump_keeps_stderr_lines_in_order_between_markers() -> None:
+def test_pump_keeps_stderr_lines_in_order_between_boundaries() -> None:
     read_fd, write_fd = os.pipe()
     sink = ListSink()
-    os.write(write_fd, b"FC Invoke Start RequestId: r1\n\x1dr1\x1foops\n\x1d\x1fbare\nFC Invoke End RequestId: r1\n")
+    os.write(write_fd, b"\x1cS\x1fr1\n\x1dr1\x1foops\n\x1d\x1fbare\n\x1d\x1f\x1cE\x1fr1\nlast\n\x1cE\x1fr1\n")
     os.close(write_fd)
     asyncio.run(asyncio.wait_for(pump(read_fd, function="f", worker="w", stream="stdout", sink=sink, fmt="json"), 5))
     records = [json.loads(line) for line in sink.lines]
     assert [(r["event"], r["stream"], r.get("request_id")) for r in records] == [
-        ("FC Invoke Start RequestId: r1", "stdout", "r1"),
         ("oops", "stderr", "r1"),
-        ("bare", "stderr", "r1"),  # untagged: the open request, by the markers
-        ("FC Invoke End RequestId: r1", "stdout", "r1"),
+        ("bare", "stderr", "r1"),  # untagged: the open request, by the boundaries
+        ("\x1cE\x1fr1", "stderr", "r1"),  # a record written to sys.stderr is a stderr line
+        ("last", "stdout", "r1"),
     ]

@@ -536,7 +536,7 @@ async def test_requests_run_with_their_id_and_markers(recorder: str, interface: 
         await serve(host, exchange)
     assert app.request_ids == ["req-42"]  # in the app's thread too, for WSGI
     out = capfd.readouterr().out
-    assert "FC Invoke Start RequestId: req-42\n" in out and "FC Invoke End RequestId: req-42\n" in out
+    assert "\x1cS\x1freq-42\n" in out and "\x1cE\x1freq-42\n" in out  # the boundary records (worker.output)
 
 
 # ---- /invoke on apps defined here --------------------------------------------------------

@@ -70,9 +70,9 @@ KILL_ROUNDS = 20
 PR_SET_CHILD_SUBREAPER = 36
 NOT_PROBED = "no probe finished"
 
-# Bytes that delimit request tags on the worker's output (see worker.output).
-_TAG_CHARS = re.compile("[\x1d\x1e\x1f]")
-_TAG_ESCAPES = {0x1D: "\\x1d", 0x1E: "\\x1e", 0x1F: "\\x1f"}
+# Bytes that delimit request tags and boundary records on the worker's output (see worker.output).
+_TAG_CHARS = re.compile("[\x1c\x1d\x1e\x1f]")
+_TAG_ESCAPES = {0x1C: "\\x1c", 0x1D: "\\x1d", 0x1E: "\\x1e", 0x1F: "\\x1f"}
 
 # Main pids of the live ``ChildProcess`` objects of this process: the sweep
 # reaps every other child of ours, never these (``Popen.poll`` does).
