@@ -91,13 +91,15 @@ MAX_WORKERS = 1000
 MAX_QUEUE = 100_000
 MAX_REQUESTS = 1_000_000_000  # plus up to 10 % jitter, still inside WorkerAdded's uint32
 MAX_BODY = 1 * GiB  # the data plane holds a body whole; a frame's length is a uint32 (FC itself: 32 MB)
-MIN_MEMORY, MAX_MEMORY = 1 * MiB, 1 * TiB  # memory_limit_mb >= 1; cgroup and RLIMIT_DATA take far more
+MIN_MEMORY, MAX_MEMORY = 16 * MiB, 1 * TiB  # a worker is a Python process (~10 MiB); cgroups take far more
 MIN_CPU, MAX_CPU = 0.01, 1024.0  # a CFS quota of 1ms per 100ms period, and 1024 cores
-MAX_PIDS = 4_194_304  # PID_MAX_LIMIT: the most pids.max takes
+MIN_PIDS, MAX_PIDS = 4, 4_194_304  # a worker's own threads; PID_MAX_LIMIT, the most pids.max takes
 MIN_NOFILE, MAX_NOFILE = 64, 1 << 20  # a worker's own descriptors; fs.nr_open's default
 MAX_UID = (1 << 32) - 2  # (uid_t)-1 means "no change" to setuid
 MAX_ENV_ENTRY = 128 * KiB  # MAX_ARG_STRLEN: one "NAME=value" (with its NUL) in an exec
 MAX_EXEC_BYTES = 1 * MiB  # env + command of one function: half the usual ARG_MAX (2 MiB)
+MAX_COMMAND = 16 * KiB  # with the handler and paths, a worker's start spec must fit a pipe's 64 KiB buffer
+MAX_ENTRY = 1024  # a handler or hook name (characters)
 MAX_NAME = 64  # a function's name (FC's limit); it names cgroup directories too
 MAX_NESTING = 32  # tables and arrays in one file (the contract needs 4)
 MAX_NUMBER_TEXT = 1000  # digits of a duration or size written as a string
@@ -342,7 +344,7 @@ class Limits(BaseModel):
 
     memory: Annotated[int, BeforeValidator(_size_in(MIN_MEMORY, MAX_MEMORY))] | None = None  # bytes
     cpu: Annotated[float, Field(ge=MIN_CPU, le=MAX_CPU)] | None = None  # cores
-    pids: Annotated[int, Field(ge=1, le=MAX_PIDS)] | None = None
+    pids: Annotated[int, Field(ge=MIN_PIDS, le=MAX_PIDS)] | None = None
     nofile: Annotated[int, Field(ge=MIN_NOFILE, le=MAX_NOFILE)] | None = None
     user: Annotated[str | None, AfterValidator(_user)] = None
     network: Literal["inherit", "none"] = "inherit"
@@ -395,6 +397,8 @@ class FunctionConfig(BaseModel):
     @field_validator("handler", "initializer", "pre_freeze", "pre_stop")
     @classmethod
     def _entry_point(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and len(value) > MAX_ENTRY:
+            raise ValueError(f"must be at most {MAX_ENTRY} characters, got {len(value)}")
         if info.field_name == "handler" and info.data.get("runtime") in PULL_RUNTIMES:
             # The runtime's own handler name (Lambda's _HANDLER, e.g. "app.handler"), passed as it is.
             if value is not None and not value.strip():
@@ -418,6 +422,9 @@ class FunctionConfig(BaseModel):
     def _program(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
         if value is not None and value[0] == "":
             raise ValueError("the program (the command's first item) must not be an empty string")
+        size = sum(len(os.fsencode(item)) + 1 for item in value or ())
+        if size > MAX_COMMAND:
+            raise ValueError(f"must be at most {show_size(MAX_COMMAND)} all together, got {size} bytes")
         return value
 
 

@@ -130,7 +130,9 @@ def test_a_config_at_every_maximum_validates_runs_and_serves(tmp_path: Path) -> 
     functions = {"edge": at_max(),
                  # One slot only: if an invocation with the longest timeout leaked its slot,
                  # the next one would wait forever.
-                 "one": function(timeout=MAX_TIMEOUT, concurrency=1, min_warm=1, max_workers=1)}
+                 "one": function(timeout=MAX_TIMEOUT, concurrency=1, min_warm=1, max_workers=1),
+                 # The smallest limits still start a worker (cpu's 0.01 would too, at 1% of a core: slowly).
+                 "low": function(limits={"memory": "16MiB", "pids": 4, "nofile": 64})}
     config = write(tmp_path / "supervisor.toml", settings(tmp_path, grace_period="24h"), functions)
     validated = cli("validate", "--config", str(config))
     assert validated.returncode == 0, validated.stderr
@@ -144,6 +146,7 @@ def test_a_config_at_every_maximum_validates_runs_and_serves(tmp_path: Path) -> 
             response = sup.invoke({"echo": i}, "one", timeout=30)
             assert response.status_code == 200, (i, response.text)
             assert response.json() == {"echo": i}
+        assert sup.invoke({"echo": "low"}, "low").json() == {"echo": "low"}
         context = sup.invoke({"op": "context"}, "edge").json()
         assert context["env_greeting"] == "x" * 100_000 and context["timeout_s"] == 86400
 
@@ -169,7 +172,8 @@ JUST_PAST: dict[str, str] = {
     "functions.high.limits.user": "at most 4294967294",
     "functions.low.timeout": "at least 1ms",
     "functions.low.startup_timeout": "at least 1ms",
-    "functions.low.limits.memory": "at least 1MiB",
+    "functions.low.limits.memory": "at least 16MiB",
+    "functions.low.limits.pids": "at least 4",
     "functions.low.limits.cpu": "at least 0.01",
     "functions.low.limits.nofile": "at least 64",
     "functions.low.limits.user": "must not be an empty string",
@@ -184,7 +188,7 @@ def just_past(tmp_path: Path) -> Path:
                      limits={"memory": (1 << 40) + 1, "cpu": 1024.001, "pids": 4_194_305, "nofile": 1_048_577,
                              "user": "4294967295"})
     low = function(timeout="0.9ms", startup_timeout="0.5ms", env={"HUGE": "x" * (128 << 10)},
-                   limits={"memory": "1023KiB", "cpu": 0.0099, "nofile": 63, "user": ""})
+                   limits={"memory": "16383KiB", "cpu": 0.0099, "pids": 3, "nofile": 63, "user": ""})
     return write(tmp_path / "supervisor.toml", settings(tmp_path, grace_period="86401s"), {"high": high, "low": low})
 
 

@@ -173,7 +173,7 @@ def test_relative_paths_start_at_the_config_file(tmp_path: Path, monkeypatch: py
 
 
 def test_other_runtimes_and_values(tmp_path: Path) -> None:
-    data = minimal(interface="asgi", hooks=[], limits={"cpu": 2, "memory": "1MiB", "network": "none"},
+    data = minimal(interface="asgi", hooks=[], limits={"cpu": 2, "memory": "16MiB", "network": "none"},
                    timeout="250ms", max_body="512KiB", recycle_memory_share=0)
     data["functions"]["srv"] = {"runtime": "custom", "command": ["./bootstrap"], "code_dir": ".", "ready": "tcp",
                                 "hooks": ["initialize", "pre-freeze", "pre-stop"]}
@@ -181,7 +181,7 @@ def test_other_runtimes_and_values(tmp_path: Path) -> None:
     config = parse_config(data, tmp_path, {})
     f, srv = config.functions["hello"], config.functions["srv"]
     assert (f.interface, f.timeout, f.max_body, f.recycle_memory_share) == ("asgi", 0.25, 512 * 1024, 0.0)
-    assert (f.limits.cpu, f.limits.memory, f.limits.network) == (2.0, MiB, "none")
+    assert (f.limits.cpu, f.limits.memory, f.limits.network) == (2.0, 16 * MiB, "none")
     assert (srv.ready, srv.hooks) == ("tcp", ("initialize", "pre-freeze", "pre-stop"))
     assert (config.supervisor.metrics_port, config.supervisor.grace_period) == (0, 90.0)
 
@@ -220,7 +220,7 @@ F = "functions.hello"
         ({"limits": {"cpu": 0}}, f"{F}.limits.cpu", "must be at least 0.01, got 0"),
         ({"limits": {"cpu": True}}, f"{F}.limits.cpu", "expected a number, got true"),
         ({"limits": {"cpu": float("nan")}}, f"{F}.limits.cpu", "expected a finite number"),
-        ({"limits": {"pids": 0}}, f"{F}.limits.pids", "must be at least 1"),
+        ({"limits": {"pids": 0}}, f"{F}.limits.pids", "must be at least 4"),
         ({"limits": {"nofile": "many"}}, f"{F}.limits.nofile", "expected an integer, got 'many'"),
         ({"limits": {"user": 0}}, f"{F}.limits.user", "expected a string, got 0"),
         ({"limits": {"network": "host"}}, f"{F}.limits.network", "expected 'inherit' or 'none', got 'host'"),
@@ -676,10 +676,11 @@ BOUNDS = [
     ("max_body", "1GiB", (1 << 30) + 1, "must be at most 1GiB"),
     ("max_body", 1, 0, "must be greater than 0"),
     ("limits.memory", "1TiB", "1025GiB", "must be at most 1TiB"),
-    ("limits.memory", "1MiB", "1023KiB", "must be at least 1MiB"),
+    ("limits.memory", "16MiB", "16383KiB", "must be at least 16MiB"),
     ("limits.cpu", 1024, 1024.001, "must be at most 1024"),
     ("limits.cpu", 0.01, 0.0099, "must be at least 0.01"),
     ("limits.pids", 4_194_304, 4_194_305, "must be at most 4194304"),
+    ("limits.pids", 4, 3, "must be at least 4"),
     ("limits.nofile", 1 << 20, (1 << 20) + 1, "must be at most 1048576"),
     ("limits.nofile", 64, 63, "must be at least 64"),
     ("limits.user", "4294967294", "4294967295", "a numeric uid must be at most 4294967294"),
@@ -749,6 +750,10 @@ def test_a_timeout_accepted_fits_every_field_it_goes_into(tmp_path: Path) -> Non
         ({"runtime": "custom", "handler": None, "command": ["./run", "a\0b"]}, f"{F}.command[1]", "NUL"),
         ({"runtime": "custom", "handler": None, "command": [""]}, f"{F}.command", "must not be an empty string"),
         ({"runtime": "lambda", "handler": "app.h\0", "command": ["x"]}, f"{F}.handler", "NUL"),
+        ({"runtime": "lambda", "handler": "h" * 1025, "command": ["x"]}, f"{F}.handler", "at most 1024 characters"),
+        ({"handler": "m:" + "h" * 1023}, f"{F}.handler", "at most 1024 characters"),
+        ({"runtime": "custom", "handler": None, "command": ["./run", "x" * (16 << 10)]}, f"{F}.command",
+         "must be at most 16KiB all together"),
         ({"runtime": "custom", "handler": None, "command": ["x"], "ready": "http:/a b"}, f"{F}.ready",
          "printable ASCII without spaces"),
         ({"runtime": "custom", "handler": None, "command": ["x"], "ready": "http:/\r\nX: y"}, f"{F}.ready",
