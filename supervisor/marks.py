@@ -67,7 +67,7 @@ READ_SIZE = 64 * 1024
 # A reader call takes at most this much, so that one call cannot hold the loop for long.
 READ_LIMIT = 1024 * 1024
 # How often a data plane with no control plane to tell tries the FIFO again.
-REOPEN_INTERVAL_S = 0.5
+REOPEN_INTERVAL_S = 0.05
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,127}")
 _WORKER_ID = re.compile(r"[A-Za-z0-9._:-]{1,255}")
@@ -107,10 +107,11 @@ def parse(line: bytes) -> Record | None:
 class MarkWriter:
     """The data plane's end: records in, never blocking (see the module docstring)."""
 
-    __slots__ = ("path", "_fd", "_retry_at", "_ends", "_scheduled", "dropped")
+    __slots__ = ("path", "_fd", "_retry_at", "_ends", "_scheduled", "_workers", "dropped")
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._workers: set[str] = set()  # worker ids already found valid
         self._fd: int | None = None
         self._retry_at = 0.0
         self._ends: list[bytes] = []
@@ -119,17 +120,23 @@ class MarkWriter:
 
     def start(self, worker: str, kind: str, request_id: str) -> None:
         """Invocation ``request_id`` of ``kind`` is being sent to ``worker``: written now."""
-        if kind not in KINDS or not _WORKER_ID.fullmatch(worker) or not _REQUEST_ID.fullmatch(request_id):
+        if kind not in KINDS or not self._valid(worker, request_id):
             return
         record = f"S {worker} {kind} {request_id}\n".encode("ascii")
         if self._ends:
             record = b"".join(self._ends) + record
             self._ends.clear()
+        elif self._fd is not None:
+            try:  # the common case: one record, one write
+                os.write(self._fd, record)
+                return
+            except OSError:
+                pass  # the slow path says what happened
         self._write(record)
 
     def end(self, worker: str, request_id: str) -> None:
         """Invocation ``request_id`` on ``worker`` is over: written by the end of this loop iteration."""
-        if not _WORKER_ID.fullmatch(worker) or not _REQUEST_ID.fullmatch(request_id):
+        if not self._valid(worker, request_id):
             return
         self._ends.append(f"E {worker} {request_id}\n".encode("ascii"))
         if not self._scheduled:
@@ -138,6 +145,16 @@ class MarkWriter:
                 self._scheduled = True
             except RuntimeError:  # no loop (shutting down): now
                 self.flush()
+
+    def _valid(self, worker: str, request_id: str) -> bool:
+        # Worker ids are few: each is checked once.
+        if worker not in self._workers:
+            if not _WORKER_ID.fullmatch(worker):
+                return False
+            if len(self._workers) > 4096:
+                self._workers.clear()
+            self._workers.add(worker)
+        return _REQUEST_ID.fullmatch(request_id) is not None
 
     def flush(self) -> None:
         self._scheduled = False

@@ -13,8 +13,11 @@ log for a marker finds only the real ones.
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -148,3 +151,24 @@ def test_hook_markers_come_from_the_data_plane(sup: Running) -> None:
     assert [(r["component"], r["marker"], r["kind"], r["event"]) for _, r in marks] == [
         ("data-plane", "start", "pre_freeze", "FC PreFreeze Start RequestId: mk-freeze"),
         ("data-plane", "end", "pre_freeze", "FC PreFreeze End RequestId: mk-freeze")]
+
+
+@pytest.mark.parametrize("plane", ["data-plane", "control-plane"])
+def test_markers_survive_a_restart_of_either_plane(tmp_path: Path, plane: str) -> None:
+    """The FIFO is made afresh by each control plane and reopened by the data
+    plane when it finds no reader: after either plane is killed, invocations
+    are framed as before, once each."""
+    with started(tmp_path, {"forger": FORGER}) as sup:
+        assert sup.invoke({}, headers={"x-fc-request-id": "before-kill"}).status_code == 200
+        wait_for(lambda: len(real_markers(sup.logs(), "before-kill")) == 2, 15, "the markers before the kill")
+        old = sup.component_pid(plane)
+        sup.remember_processes()
+        os.kill(old, signal.SIGKILL)
+        wait_for(lambda: any(c["name"] == plane and c["pid"] not in (None, old) and c["state"] == "running"
+                             for c in sup.status()["components"]), 30, f"a new {plane}")
+        wait_for(lambda: sup.invoke({}, headers={"x-fc-request-id": "after-kill"}).status_code == 200, 30,
+                 "an invocation after the restart")
+        records = wait_for(lambda: (rs := sup.logs()) and len(real_markers(rs, "after-kill")) >= 2 and rs, 15,
+                           "the markers after the restart")
+        check_real_pair(records, "after-kill")
+        check_real_pair(records, "before-kill")

@@ -245,7 +245,7 @@ def test_a_writer_finds_a_restarted_control_planes_new_fifo(tmp_path: Path) -> N
     writer.start("w-1", "invoke", "lost")  # no control plane yet: dropped, no error
     assert writer.dropped == 1
     first = marks.MarkReader.open(path)
-    writer._retry_at = 0.0  # its retry interval is 0.5 s; the test does not wait for it
+    writer._retry_at = 0.0  # its retry interval is 50 ms; the test does not wait for it
     writer.start("w-1", "invoke", "r1")
     assert [r.op for r in first.read()] == ["H", "S"]
     first.close()  # the control plane died: its FIFO has no reader
