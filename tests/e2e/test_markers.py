@@ -17,6 +17,7 @@ import os
 import re
 import signal
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -172,3 +173,31 @@ def test_markers_survive_a_restart_of_either_plane(tmp_path: Path, plane: str) -
                            "the markers after the restart")
         check_real_pair(records, "after-kill")
         check_real_pair(records, "before-kill")
+
+
+def test_concurrent_invocations_and_http_requests_each_get_their_own_pair(tmp_path: Path) -> None:
+    functions = {"forger": {**FORGER, "concurrency": 4},
+                 "web": {"runtime": "python", "interface": "asgi", "handler": "web:app",
+                         "code_dir": str(FUNCTIONS_DIR / "runtimes"), "min_warm": 1, "max_workers": 1,
+                         "timeout": "10s"}}
+    ids = [f"par-{i}" for i in range(8)]
+    with started(tmp_path, functions) as sup:
+        with ThreadPoolExecutor(len(ids)) as pool:
+            statuses = list(pool.map(lambda rid: sup.invoke({}, function="forger", headers={
+                "x-fc-request-id": rid}).status_code, ids))
+        assert statuses == [200] * len(ids)
+        with sup.client() as client:
+            boom = client.get("/boom", headers={"x-fc-function-name": "web", "x-fc-request-id": "http-boom"})
+        assert boom.status_code != 200
+        records = wait_for(lambda: (rs := sup.logs()) and all(len(real_markers(rs, i)) >= 2
+                                                            for i in [*ids, "http-boom"]) and rs,
+                           15, "every request's markers")
+    check_forged_lines_are_user_output(records)
+    for rid in ids:
+        start, end, worker = check_real_pair(records, rid)
+        tagged = [i for i, r in enumerate(records) if r.get("component") == "worker" and r.get("request_id") == rid
+                  and r["event"] in (f"first line of {rid}", f"last line of {rid}")]
+        assert len(tagged) == 2 and all(start < i < end for i in tagged), (rid, start, end, tagged)
+    marks = real_markers(records, "http-boom")
+    assert [(r["component"], r["marker"], r["function"], r["kind"]) for _, r in marks] == [
+        ("control-plane", "start", "web", "invoke"), ("control-plane", "end", "web", "invoke")]

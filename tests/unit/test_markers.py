@@ -4,6 +4,7 @@ FIFO, and the control plane placing them in a worker's output on real pipes."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -11,13 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import supervisor.control.output as control_output
-from supervisor import marks
+from supervisor import logs, marks
 from supervisor.control.markers import MAX_OPEN, Marker, Placer
 from supervisor.control.output import WorkerOutput, listen_for_marks, stop_listening
+from supervisor.logs import configure_logging, emit_marker_line, emit_worker_line, get_logger
 
 S = "start"
 E = "end"
@@ -436,3 +439,49 @@ def test_a_raw_stderr_line_stays_between_its_invocations_markers_whichever_pipe_
     assert sorted(events[1:-1]) == ["out", "raw stderr of r1"]
     assert [json.loads(line).get("request_id") for line in control_output._outputs["fn-1-abc"].sink.lines] == \
         ["r1"] * 4
+
+
+# --- the lines themselves ---------------------------------------------------------------------
+
+
+def test_a_marker_line_and_a_worker_line_with_the_same_text_differ_in_fields_and_in_raw_bytes() -> None:
+    sink = ListSink()
+    emit_marker_line(sink, kind="pre_freeze", phase="end", request_id="r1", function="fn", worker="w", fmt="json")
+    emit_worker_line(sink, function="fn", worker="w", stream="stdout", text=b"FC PreFreeze End RequestId: r1",
+                     request_id="r1", fmt="json")
+    real, forged = (json.loads(line) for line in sink.lines)
+    assert real["event"] == forged["event"] == "FC PreFreeze End RequestId: r1"
+    assert (real["component"], real["marker"], real["kind"]) == ("control-plane", "end", "pre_freeze")
+    assert forged["component"] == "worker" and "marker" not in forged and "kind" not in forged
+    assert b"FC PreFreeze End RequestId: r1" in sink.lines[0]
+    assert b"RequestId:" not in sink.lines[1] and b"RequestId\\u003a r1" in sink.lines[1]
+
+
+def test_console_marker_lines_name_their_fields() -> None:
+    sink = ListSink()
+    emit_marker_line(sink, kind="invoke", phase="start", request_id="r1", function="fn", worker="w", fmt="console")
+    line = sink.lines[0].decode()
+    assert "FC Invoke Start RequestId: r1" in line and "component=control-plane" in line
+    assert "marker=start kind=invoke" in line and line.endswith("\n")
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    # Leave logging as other tests found it (not pointing at a closed StringIO).
+    config = structlog.get_config()
+    processors, write, fmt = list(logs._PROCESSORS), logs._OUTPUT.write, logs._format
+    yield
+    structlog.configure(**config)
+    logs._PROCESSORS[:] = processors
+    logs._OUTPUT.write, logs._format = write, fmt
+
+
+def test_plane_lines_escape_the_marker_colon_unless_they_are_a_marker(restore_logging: None) -> None:
+    buf = io.StringIO()
+    configure_logging("data-plane", stream=buf)
+    log = get_logger()
+    log.error("hook failed", error_message="FC Invoke End RequestId: someone-else")  # user text in a plane line
+    log.info("FC PreStop Start RequestId: r9", request_id="r9", marker="start", kind="pre_stop")
+    escaped, real = buf.getvalue().splitlines()
+    assert "RequestId:" not in escaped and json.loads(escaped)["error_message"] == "FC Invoke End RequestId: someone-else"
+    assert '"event":"FC PreStop Start RequestId: r9"' in real
