@@ -18,10 +18,16 @@ counts as live, so the policy starts its replacement, and it keeps serving
 until the replacement is ready (a disposable one takes nothing more).
 
 Rules:
-- Every exit is counted once with one reason: the reason the control plane
-  had for ending it (idle, recycled, disposable, timeout, shutdown,
-  init_failed), else ``crashed``; a graceful reason holds only for a clean
-  exit.
+- Every exit is counted once with one reason, and judged for its pool, by
+  ``exits`` (pure): a failure to initialize backs the pool off; a crash while
+  serving fails only the invocations on the worker (queued ones wait for the
+  replacement); workers that keep dying right after READY without completing
+  an invocation are a crash loop (backoff, ``InitializationError``, a failing
+  ``/initialize``, and an error log line saying so). For a worker that died
+  unasked, the data plane's word on what it did (``WorkerDisconnected``:
+  invocations completed and in flight; its READY may reach us after its
+  exit) is waited for, at most ``REPORT_WAIT_S``, before the exit is counted
+  and judged.
 - Replacements follow policy: the pool returns to ``min_warm`` after any
   exit unless it is stopped or backing off after failures.
 - Retirement and recycling are graceful (drain, then exit); only a timeout,
@@ -51,7 +57,7 @@ import psutil
 
 from supervisor.clock import AwakeClock
 from supervisor.config import Config, ConfigError, FunctionConfig, Problem, check_handlers, parse_config_text
-from supervisor.control import launcher, policy
+from supervisor.control import exits, launcher, policy
 from supervisor.control.cgroups import Cgroup
 from supervisor.control.output import WorkerOutput
 from supervisor.control.sandbox import CPU_WINDOW_S, Isolation, Sandbox, cpu_over_limit, problems_of
@@ -64,11 +70,10 @@ from supervisor.v1 import control_pb2 as cpb
 log = get_logger()
 MEMORY_POLL_S = 2.0
 RECONCILE_S = 0.5
-INIT_DETAIL_WAIT_S = 0.5
-EARLY_CRASH_S = 1.0
+REPORT_WAIT_S = 0.5  # how long an unasked exit waits for the data plane's WorkerDisconnected
 SEED_WAIT_S = 3.0
 STRAY_S = 2.0  # how long a pool waits for its starting seed before it spawns instead
-GRACEFUL_REASONS = ("idle", "recycled", "disposable")
+GRACEFUL_REASONS = exits.GRACEFUL_REASONS
 # [supervisor] keys a reload can apply; the others need a new container.
 LIVE_SETTINGS = ("default_function",)
 SURGE_SHARE = 0.25  # replacements of due workers may exceed max_workers by this share (at least 1)
@@ -90,6 +95,11 @@ class WorkerRecord:
     served: int = 0
     rss: int = 0
     ready_at: float | None = None
+    ready_awake: float = 0.0  # awake time it became ready
+    completed: int = 0  # invocations it completed, at least (demand reports, WorkerDisconnected)
+    lost_inflight: int | None = None  # in flight when its connection ended (None: not reported)
+    exit_awake: float = 0.0  # awake time its exit was seen
+    oom_killed: bool = False  # its cgroup counted an OOM kill
     output: WorkerOutput | None = None
     sequence: int = 0
     due: str | None = None  # max_requests | memory | reload | disposable
@@ -98,6 +108,7 @@ class WorkerRecord:
     disposable: bool = False
     draining_since: float | None = None  # awake time a graceful stop was asked
     cgroup: Cgroup | None = None
+    born_in: Cgroup | None = None  # forked: the cgroup its seed sat in (it moves out as it starts)
     uid: int | None = None  # what it runs as (its connection must come from this uid)
     cpu_samples: list[tuple[float, float]] = field(default_factory=list)  # (awake time, CPU s), no cpu cgroup
 
@@ -118,6 +129,7 @@ class PoolRecord:
     queued: int = 0
     inflight: int = 0
     failures: int = 0
+    streak: int = 0  # ready workers in a row that died without completing an invocation (exits.judge)
     retry_at: float = 0.0
     last_error: cpb.WorkerInitFailed | None = None
     stopped: bool = False
@@ -140,6 +152,10 @@ class PoolRecord:
     @property
     def max_workers(self) -> int:
         return self.config.max_workers if self.max_workers_override is None else self.max_workers_override
+
+    @property
+    def crash_looping(self) -> bool:
+        return exits.in_crash_loop(self.streak)
 
     def facts(self, now: float) -> policy.PoolFacts:
         live = [w for w in self.workers.values() if w.state != "draining" and not w.due]
@@ -188,6 +204,8 @@ class PoolManager:
         self.pools: dict[str, PoolRecord] = {}
         self._reload_lock = asyncio.Lock()
         self._strays: dict[int, float] = {}  # unknown exited child -> when first seen
+        # Exits waiting for the data plane's WorkerDisconnected (see _on_exit).
+        self._awaiting: dict[str, tuple[PoolRecord, WorkerRecord, asyncio.TimerHandle]] = {}
         self._retired_seeds: list[SeedProcess] = []
         self._seed_restarts: dict[str, int] = {}
         self._frozen_seen = 0.0
@@ -235,10 +253,20 @@ class PoolManager:
         """Live seeds: one may wait in a cgroup a worker had (its next clone's)."""
         return {seed.pid for seed in [*self.seeds(), *self._retired_seeds] if seed.pid}
 
+    def _cgroup_busy(self, cgroup: Cgroup) -> bool:
+        """A seed sits in it, or a clone born there may not have moved out yet:
+        killing what is inside would kill them (``seeds``' rule)."""
+        return (any(seed.sits_in is cgroup for seed in [*self.seeds(), *self._retired_seeds])
+                or any(w.born_in is cgroup and w.state == "starting" for w in self.by_id.values()))
+
     def _release_cgroup(self, cgroup: Cgroup | None) -> None:
         """Kills what is left in it (a process that left the worker's group is still
-        in its cgroup) and removes it, now or on a later reconcile."""
+        in its cgroup) and removes it, now or on a later reconcile (also when it
+        is busy: see ``_cgroup_busy``)."""
         if cgroup is None:
+            return
+        if self._cgroup_busy(cgroup):
+            self._cgroups_to_remove.append(cgroup)
             return
         try:
             cgroup.kill(spare=self._seed_pids())
@@ -313,6 +341,9 @@ class PoolManager:
                 self._enforce_deadlines(pool, awake)
                 self._wind_down(name, pool)
                 continue
+            if pool.streak:
+                for record in list(pool.workers.values()):
+                    self._note_alive(pool, record)
             facts = pool.facts(now)
             count = policy.workers_to_start(facts)
             if count and policy.expands(facts) and policy.target_workers(facts) > max(
@@ -336,7 +367,8 @@ class PoolManager:
         self._reap_strays()
         if self._cgroups_to_remove:
             spare = self._seed_pids()
-            self._cgroups_to_remove = [cg for cg in self._cgroups_to_remove if not _removed(cg, spare)]
+            self._cgroups_to_remove = [cg for cg in self._cgroups_to_remove
+                                       if self._cgroup_busy(cg) or not _removed(cg, spare)]
 
     async def run(self) -> None:
         """Reconciles on every change, and at least every RECONCILE_S."""
@@ -395,6 +427,7 @@ class PoolManager:
                 os.close(err_w)
             if asked:
                 record.mode = "fork"
+                record.born_in = seed.sits_in
                 return
             os.close(out_r)
             os.close(err_r)
@@ -403,6 +436,7 @@ class PoolManager:
     def _spawn(self, pool: PoolRecord, record: WorkerRecord, spec: dict[str, Any]) -> None:
         fn = pool.config
         record.mode = "spawn"
+        record.born_in = None
         env = launcher.worker_env(fn, self.instance_id, self.base_env)
         try:
             process = launcher.spawn(spec, env, str(fn.code_dir))
@@ -558,12 +592,16 @@ class PoolManager:
             self._on_demand(event.demand)
         elif which == "session":
             record = self.by_id.get(event.session.worker_id)
-            if record is not None and event.session.next_token_digest:
-                record.token_digest = event.session.next_token_digest
+            if record is not None:
+                record.lost_inflight = None  # (re)connected: a loss reported before is over
+                if event.session.next_token_digest:
+                    record.token_digest = event.session.next_token_digest
         elif which == "ready":
             self._on_ready(event.ready.worker_id)
         elif which == "init_failed":
             self._on_init_failed(event.init_failed)
+        elif which == "disconnected":
+            self._on_disconnected(event.disconnected)
         elif which == "kill":
             record = self.by_id.get(event.kill.worker_id)
             if record is not None:
@@ -594,6 +632,9 @@ class PoolManager:
                     record.idle_since = awake
                 record.inflight = load.inflight
                 record.served = load.served
+                if load.completed > record.completed:
+                    record.completed = load.completed
+                    self._note_alive(pool, record)
         if grew or pool.removed:
             self.changed.set()
 
@@ -608,16 +649,25 @@ class PoolManager:
 
     def _on_ready(self, worker_id: str) -> None:
         record = self.by_id.get(worker_id)
+        awaited = self._awaiting.get(worker_id)
+        if record is None and awaited is not None and awaited[1].ready_at is None:
+            # It died before this news reached us: it was ready all the same.
+            awaited[1].ready_at, awaited[1].ready_awake = time.monotonic(), awaited[1].exit_awake
+            return
         if record is None or record.state != "starting":
             return
         record.state = "ready"
         record.ready_at = time.monotonic()
-        record.idle_since = self.clock.awake()
+        record.idle_since = record.ready_awake = self.clock.awake()
         pool = self.pools[record.function]
-        recovered = pool.failures > 0
-        pool.failures = 0
-        pool.retry_at = 0.0
-        pool.last_error = None
+        # It initialized: the pool's failures are over, unless it is in a crash
+        # loop (its workers get this far, then die): that ends with a worker
+        # that completes an invocation or stays up (_note_alive).
+        recovered = pool.failures > 0 and not pool.crash_looping
+        if not pool.crash_looping:
+            pool.failures = 0
+            pool.retry_at = 0.0
+            pool.last_error = None
         self._settle_seed(pool)
         self.metrics.start_seconds.labels(record.function, record.mode).observe(record.ready_at - record.decided_at)
         log.info("worker ready", function=record.function, worker=worker_id, pid=record.pid, mode=record.mode,
@@ -687,6 +737,7 @@ class PoolManager:
     def _on_exit(self, record: WorkerRecord) -> None:
         process = record.process
         assert process is not None and process.exit is not None
+        record.exit_awake = self.clock.awake()
         pool = self.pools.get(record.function)
         self.by_id.pop(record.worker_id, None)
         stale = record.due in ("reload", "removed")  # started under a config that is gone
@@ -699,27 +750,51 @@ class PoolManager:
             self._settle_seed(pool)
         if record.output is not None:
             record.output.close_when_drained()
-        reason = record.end_reason or "crashed"
         if record.cgroup is not None:
-            if reason not in ("timeout", "shutdown") and record.cgroup.oom_kills() > 0:
-                reason = "oom"  # the kernel's OOM killer, at the cgroup's memory limit
+            record.oom_killed = record.cgroup.oom_kills() > 0
             self._release_cgroup(record.cgroup)
             record.cgroup = None
-        if reason == "crashed" and record.due == "removed" and process.exit.code == 0:
-            reason = "shutdown"  # its function was removed; the data plane drained it
-        if reason == "crashed" and record.disposable and process.exit.code == 0:
-            # A worker exits 0 only once drained: this one served its invocation
-            # before the data plane's notices (ready, due) reached us.
-            reason = "disposable"
+        unasked = record.end_reason in (None, "crashed") or record.oom_killed
+        if (pool is not None and not stale and unasked and not record.completed and record.lost_inflight is None
+                and self.data_plane_attached):
+            # What it did (ready? invocations completed, in flight) may still be on
+            # its way from the data plane: its WorkerDisconnected says.
+            timer = asyncio.get_running_loop().call_later(REPORT_WAIT_S, self._finish_awaited, record.worker_id)
+            self._awaiting[record.worker_id] = (pool, record, timer)
+        else:
+            self._finish_exit(pool, record, stale)
+        self.changed.set()
+
+    def _on_disconnected(self, report: cpb.WorkerDisconnected) -> None:
+        record = self.by_id.get(report.worker_id)
+        awaited = self._awaiting.get(report.worker_id)
+        if record is None and awaited is not None:
+            record = awaited[1]
+        if record is None:
+            return
+        record.completed = max(record.completed, report.completed)
+        record.lost_inflight = report.inflight
+        if awaited is not None:
+            awaited[2].cancel()
+            self._finish_awaited(report.worker_id)
+
+    def _finish_awaited(self, worker_id: str) -> None:
+        awaited = self._awaiting.pop(worker_id, None)
+        if awaited is not None:
+            self._finish_exit(awaited[0], awaited[1], stale=False)
+            self.changed.set()
+
+    def _finish_exit(self, pool: PoolRecord | None, record: WorkerRecord, stale: bool) -> None:
+        """The exit's reason (metric, log line, the data plane's cause) and its judgement."""
+        process = record.process
+        assert process is not None and process.exit is not None
+        # The data plane may have seen READY (it gave the worker work) before we did.
+        ready = record.ready_at is not None or bool(record.lost_inflight) or record.completed > 0
+        reason = exits.exit_reason(exits.ExitFacts(
+            end_reason=record.end_reason, exit_code=process.exit.code, ready=ready,
+            oom_killed=record.oom_killed, disposable=record.disposable, removed=record.due == "removed"))
         if reason == "disposable":
             record.served = max(record.served, 1)
-        if reason in GRACEFUL_REASONS and process.exit.code != 0 and record.ready_at is not None:
-            reason = "crashed"  # it was meant to finish cleanly and did not
-        was_starting = record.ready_at is None
-        died_early = (reason == "crashed" and record.ready_at is not None
-                      and time.monotonic() - record.ready_at < EARLY_CRASH_S)
-        if reason == "crashed" and was_starting:
-            reason = "init_failed"
         self.metrics.exits.labels(record.function, reason).inc()
         try:
             self.metrics.memory.remove(record.function, record.worker_id)
@@ -730,29 +805,55 @@ class PoolManager:
               reason=reason, status=process.exit.describe(), served=record.served)
         self.sink(cpb.ControlEvent(removed=cpb.WorkerRemoved(
             worker_id=record.worker_id, reason=f"{reason}: {process.exit.describe()}",
-            crashed=reason in ("crashed", "oom"), oom=reason == "oom")))
-        if stale:
-            pass  # a failure under the old config neither backs off nor reports on the new one
-        elif pool is not None and was_starting and reason in ("init_failed", "oom") and not pool.stopped:
-            generic = cpb.WorkerInitFailed(worker_id=record.worker_id, error_type="WorkerExited",
-                                           error_message=f"the worker {process.exit.describe()} before it was ready")
-            if pool.last_error is not None and pool.last_error.worker_id == record.worker_id:
-                self._failed_to_start(pool, pool.last_error)
-            else:
-                # Its own report (through the data plane) may still be on the way.
-                asyncio.get_running_loop().call_later(
-                    INIT_DETAIL_WAIT_S, self._failed_late, pool, record.worker_id, generic)
-        elif pool is not None and died_early and not pool.stopped:
-            # Dying right after READY is a failure to start too: back off
-            # instead of respawning in a tight loop.
+            crashed=reason in exits.CRASH_REASONS, oom=reason == "oom")))
+        if pool is None or stale:
+            return  # a failure under the old config says nothing about the new one
+        ready_for = max(0.0, record.exit_awake - record.ready_awake) if ready else None
+        inflight = record.lost_inflight if record.lost_inflight is not None else record.inflight
+        life = exits.Life(ready_for_s=ready_for, completed=record.completed, inflight=inflight)
+        was_looping = pool.crash_looping
+        verdict = exits.judge(reason, life, pool.streak)
+        pool.streak = verdict.streak
+        if pool.stopped or pool.removed:
+            return
+        if verdict.kind == exits.Kind.INIT_FAILURE:
+            # Its own report (INIT_ERROR, through the data plane) came before its
+            # WorkerDisconnected, or it never connected.
+            error = pool.last_error
+            self._failed_to_start(pool, error if error is not None and error.worker_id == record.worker_id else
+                                  cpb.WorkerInitFailed(worker_id=record.worker_id, error_type="WorkerExited",
+                                                       error_message=f"the worker {process.exit.describe()} "
+                                                                     "before it was ready"))
+        elif verdict.backs_off:
+            delay = policy.backoff_delay(pool.failures + 1)
+            log.error("crash loop: workers keep dying right after they are ready, without completing an "
+                      "invocation; backing off", function=record.function, worker=record.worker_id,
+                      in_a_row=verdict.streak, last=process.exit.describe(), retry_in_s=delay)
             self._failed_to_start(pool, cpb.WorkerInitFailed(
-                worker_id=record.worker_id, error_type="WorkerExited",
-                error_message=f"the worker {process.exit.describe()} right after it was ready"))
-        self.changed.set()
+                worker_id=record.worker_id, error_type="WorkerCrashLoop",
+                error_message=f"crash loop: {verdict.streak} workers in a row died within {exits.STABLE_S:g}s "
+                              f"of becoming ready without completing an invocation (the last one "
+                              f"{process.exit.describe()}); retrying in {delay:g}s"))
+        elif was_looping and not verdict.crash_loop:
+            self._crash_loop_over(pool, "a worker completed an invocation or stayed up")
 
-    def _failed_late(self, pool: PoolRecord, worker_id: str, generic: cpb.WorkerInitFailed) -> None:
-        error = pool.last_error
-        self._failed_to_start(pool, error if error is not None and error.worker_id == worker_id else generic)
+    def _note_alive(self, pool: PoolRecord, record: WorkerRecord) -> None:
+        """A live ready worker that served or stayed up ends its pool's streak."""
+        if not pool.streak or record.ready_at is None or record.state == "starting":
+            return
+        life = exits.Life(ready_for_s=self.clock.awake() - record.ready_awake, completed=record.completed,
+                          inflight=record.inflight)
+        was_looping = pool.crash_looping
+        pool.streak = exits.streak_while_alive(pool.streak, life)
+        if was_looping and not pool.crash_looping:
+            self._crash_loop_over(pool, "a worker completed an invocation" if record.completed
+                                  else f"a worker stayed up {exits.STABLE_S:g}s")
+
+    def _crash_loop_over(self, pool: PoolRecord, why: str) -> None:
+        log.info("crash loop over", function=pool.config.name, why=why)
+        pool.failures, pool.retry_at, pool.last_error = 0, 0.0, None
+        self.sink(cpb.ControlEvent(health=pool.health()))
+        self.changed.set()
 
     # ---- reload and scale -------------------------------------------------------
 
@@ -842,7 +943,7 @@ class PoolManager:
                 pool.min_warm_override = pool.max_workers_override = None
             pool.config = fn
             pool.fingerprint = fingerprints[name]
-            pool.failures, pool.retry_at, pool.last_error = 0, 0.0, None
+            pool.failures, pool.retry_at, pool.last_error, pool.streak = 0, 0.0, None, 0
             self._retire_seed(pool)
             self._start_seed(pool)
         for name in added:
@@ -933,22 +1034,27 @@ class PoolManager:
             p.ready_count() >= p.min_warm for p in self.pools.values() if not p.removed)
 
     async def wait_ready(self, timeout_s: float) -> cpb.WaitReadyReply:
-        """For /initialize: min_warm everywhere, or the first failure."""
+        """For /initialize: min_warm everywhere, or the first failure.
+
+        A pool that failed to initialize is retried at once (the platform asks
+        again); one in a crash loop is not: it fails with the loop's error
+        (its workers do get ready, then die) and keeps its backoff.
+        """
         for pool in self.pools.values():
-            if pool.failures:
+            if pool.failures and not pool.crash_looping:
                 pool.retry_at = 0.0  # the platform asks again: retry now
                 pool.last_error = None
         self.changed.set()
         deadline = time.monotonic() + timeout_s
         while True:
             pools = [p for p in self.pools.values() if not p.removed]
-            if all(p.ready_count() >= p.min_warm for p in pools):
-                return cpb.WaitReadyReply(ok=True)
             for pool in pools:
-                if pool.last_error is not None and pool.ready_count() < pool.min_warm:
+                if pool.last_error is not None and (pool.ready_count() < pool.min_warm or pool.crash_looping):
                     error = pool.last_error
                     return cpb.WaitReadyReply(ok=False, function=pool.config.name,
                                               error_type=error.error_type, error_message=error.error_message)
+            if all(p.ready_count() >= p.min_warm and not p.crash_looping for p in pools):
+                return cpb.WaitReadyReply(ok=True)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 pending = [p.config.name for p in pools if p.ready_count() < p.min_warm]

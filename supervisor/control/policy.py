@@ -24,8 +24,9 @@ Rules:
   oldest first, ``filo`` newest first. A worker with work is never chosen.
 - A stopped pool (``/pre-stop``, shutdown, removed by a reload) starts
   nothing.
-- Failures back off: after ``n`` consecutive failures to become ready,
-  nothing starts until ``backoff_delay(n)`` has passed; then one probe
+- Failures back off: after ``n`` consecutive failures (to become ready, or
+  deaths in a crash loop: ``exits``), nothing starts until
+  ``backoff_delay(n)`` has passed; then one probe
   worker starts, not the whole pool, so a broken function does not spin.
 """
 
@@ -54,7 +55,7 @@ class PoolFacts:
     starting: int
     inflight: int
     queued: int
-    failures: int = 0  # consecutive failures to become ready
+    failures: int = 0  # consecutive failures to become ready (or deaths in a crash loop)
     backing_off: bool = False
     stopped: bool = False
     load: float = 0.0  # average in-flight over the last LOAD_WINDOW_S

@@ -16,6 +16,11 @@ Rules:
 - A request in flight when the seed dies is answered with an error, and the
   caller starts that worker by spawn: no start is lost.
 - Nothing here blocks: the socket is non-blocking and read on the loop.
+- ``sits_in`` is the cgroup the seed was last told to wait in, until it is
+  told another or exits: every clone it forks meanwhile is born there (one
+  meant for another cgroup moves itself out as it starts). That cgroup is
+  given to a worker too, so the caller neither kills nor removes it while the
+  seed sits in it or a clone born there is starting.
 """
 
 from __future__ import annotations
@@ -81,6 +86,7 @@ class SeedProcess:
         # born there (moving a process into a cgroup waits for an RCU grace period).
         self.next: Any = None
         self.next_sent = False
+        self.sits_in: Any = None  # the cgroup it was last told to wait in (its clones are born there)
 
     @property
     def pid(self) -> int:
@@ -105,6 +111,7 @@ class SeedProcess:
                 self.spec["isolation"] = plan
             self.next = self._prepare()
             self.next_sent = self.next is not None
+            self.sits_in = self.next
             self.spec["next_cgroup"] = self.next.procs_files if self.next is not None else []
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
@@ -191,6 +198,7 @@ class SeedProcess:
         try:
             self.sock.send(json.dumps({"wait_in": self.next.procs_files}).encode())
             self.next_sent = True
+            self.sits_in = self.next
         except OSError:
             pass  # it is gone or stuck: its next clone moves itself
 
@@ -257,6 +265,8 @@ class SeedProcess:
 
     def _on_exit(self, process: launcher.Process) -> None:
         self._close_socket()
+        if process is self.process:
+            self.sits_in = None  # it forks nothing more
         if self.release is not None and process is self.process:
             for cgroup in (self.cgroup, self.next):
                 self.release(cgroup)

@@ -173,7 +173,7 @@ def _resolve(waiter: asyncio.Future[None] | None) -> None:
 
 class WorkerLink(Slotted, asyncio.Protocol):
     __slots__ = ("router", "transport", "decoder", "pending", "next_stream", "peer_pid", "peer_uid",
-                 "authenticated", "mode", "writer", "max_requests", "due_sent")
+                 "authenticated", "mode", "writer", "max_requests", "due_sent", "completed")
 
     def __init__(self, router: Router) -> None:
         Slotted.__init__(self, "", "")
@@ -189,6 +189,7 @@ class WorkerLink(Slotted, asyncio.Protocol):
         self.writer = wire.FrameWriter()
         self.max_requests = 0  # report WorkerDue once it has served this many (0: never)
         self.due_sent = False
+        self.completed = 0  # invocations it answered (a RESULT) on this connection
 
     # ---- asyncio.Protocol ------------------------------------------------
 
@@ -205,8 +206,10 @@ class WorkerLink(Slotted, asyncio.Protocol):
             for kind, stream, payload in self.decoder.feed(data):
                 if kind == wire.Kind.RESULT:
                     call = self.pending.pop(stream, None)
-                    if call is not None and not call.future.done():
-                        call.future.set_result(payload)
+                    if call is not None:
+                        self.completed += 1
+                        if not call.future.done():
+                            call.future.set_result(payload)
                 elif not self.authenticated:
                     if kind != wire.Kind.HELLO or self.worker_id:
                         raise wire.ProtocolError(f"frame kind {kind} before authentication")

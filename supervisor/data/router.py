@@ -394,7 +394,9 @@ class Router:
         if function is not None:
             function.pool.remove(link)
             self._report_demand(function)
-        self.outbox(cpb.DataPlaneEvent(disconnected=cpb.WorkerDisconnected(worker_id=link.worker_id)))
+        # What it did on this connection: the control plane tells a crash from a crash loop by it.
+        self.outbox(cpb.DataPlaneEvent(disconnected=cpb.WorkerDisconnected(
+            worker_id=link.worker_id, completed=link.completed, inflight=len(link.pending))))
         if link.pending:
             asyncio.ensure_future(self._fail_pending(link))
 
@@ -543,7 +545,8 @@ class Router:
         return cpb.Demand(
             function=function.config.name, queue_depth=pool.queue_depth, inflight=pool.inflight,
             draining=self.draining, busy_seconds=function.busy_seconds(time.perf_counter()),
-            workers=[cpb.WorkerLoad(worker_id=w.worker_id, inflight=w.inflight, served=w.served)
+            workers=[cpb.WorkerLoad(worker_id=w.worker_id, inflight=w.inflight, served=w.served,
+                                    completed=w.completed)
                      for w in pool.workers.values() if isinstance(w, WorkerLink)])
 
     async def report_demand(self) -> None:

@@ -59,10 +59,14 @@ class WorkerInitFailed(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., error_type: _Optional[str] = ..., error_message: _Optional[str] = ..., stack_trace: _Optional[str] = ...) -> None: ...
 
 class WorkerDisconnected(_message.Message):
-    __slots__ = ("worker_id",)
+    __slots__ = ("worker_id", "completed", "inflight")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    COMPLETED_FIELD_NUMBER: _ClassVar[int]
+    INFLIGHT_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
-    def __init__(self, worker_id: _Optional[str] = ...) -> None: ...
+    completed: int
+    inflight: int
+    def __init__(self, worker_id: _Optional[str] = ..., completed: _Optional[int] = ..., inflight: _Optional[int] = ...) -> None: ...
 
 class KillWorker(_message.Message):
     __slots__ = ("worker_id", "reason")
@@ -73,14 +77,16 @@ class KillWorker(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class WorkerLoad(_message.Message):
-    __slots__ = ("worker_id", "inflight", "served")
+    __slots__ = ("worker_id", "inflight", "served", "completed")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     INFLIGHT_FIELD_NUMBER: _ClassVar[int]
     SERVED_FIELD_NUMBER: _ClassVar[int]
+    COMPLETED_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     inflight: int
     served: int
-    def __init__(self, worker_id: _Optional[str] = ..., inflight: _Optional[int] = ..., served: _Optional[int] = ...) -> None: ...
+    completed: int
+    def __init__(self, worker_id: _Optional[str] = ..., inflight: _Optional[int] = ..., served: _Optional[int] = ..., completed: _Optional[int] = ...) -> None: ...
 
 class Demand(_message.Message):
     __slots__ = ("function", "queue_depth", "inflight", "workers", "draining", "busy_seconds")
