@@ -288,19 +288,25 @@ class Pump:
             if size < READ_SIZE:
                 return
 
-    def catch_up(self) -> None:
+    def catch_up(self, limit: int = READ_SIZE) -> None:
         """Like :meth:`drain`, but stops before the first end boundary: what
-        the other pipe of the worker holds may have been written before it."""
-        if self._busy or not self._handle(until_end=True):
+        the other pipe of the worker holds may have been written before it.
+        One read by default, so that a flood does not take turns from other
+        workers' pipes."""
+        if self._busy:
             return
         taken = 0
-        while taken < self.capacity:
+        while self._handle(until_end=True):
+            if taken >= limit:
+                return
             size = self._read()
-            if not self._handle(until_end=True):
-                return
             taken += size
-            if size < READ_SIZE:
+            if size == 0:
                 return
+        # Stopped before an end boundary: the rest is handled right after the
+        # caller's lines, not only when this pipe wakes up again.
+        if self._loop is not None:
+            self._loop.call_soon(self._handle)
 
     # ---- internals ------------------------------------------------------------
 

@@ -22,9 +22,10 @@ Rules and invariants:
   readable: a Start is always known before the worker's lines for it are
   handled. Raw writes to fd 2 (the stderr pipe) keep their place between
   the boundaries: before each end boundary of a worker its stderr pipe is
-  read through, and before the stderr pump handles what it read, the stdout
-  pipe is handled up to its next end boundary (the start boundaries in it
-  were written before).
+  read, and before the stderr pump handles what it read, the stdout pipe is
+  handled up to its next end boundary (the start boundaries in it were
+  written before); one read each, so under a flood this order is best
+  effort and no worker takes more than its turn.
   An end asserted before the worker's end boundary was seen makes the
   worker's pipes be read through (up to their size: all they held when the
   end was asserted) on the next loop iteration, then shows the End.
@@ -40,7 +41,7 @@ import asyncio
 from pathlib import Path
 
 from supervisor import marks
-from supervisor.control.logpump import Attributor, Pump
+from supervisor.control.logpump import READ_SIZE, Attributor, Pump
 from supervisor.control.markers import Marker, Placer
 from supervisor.logs import emit_marker_line, get_logger
 from supervisor.output import shared_sink
@@ -113,6 +114,7 @@ class WorkerOutput:
         self.attributor = Attributor()
         self.placer = Placer()
         self._flush_pending = False
+        self._over = False  # both pipes closed
         self.stdout = Pump(stdout_fd, function=function, worker=worker, stream="stdout", sink=self.sink, fmt=fmt,
                            attributor=self.attributor, component=component, on_boundary=self._boundary,
                            after_read=read_marks)
@@ -157,8 +159,9 @@ class WorkerOutput:
         if phase == "S":
             self._show(self.placer.began(request_id))
         else:
-            # What the worker wrote to fd 2 before its end goes before it.
-            self.stderr.drain()
+            # What the worker wrote to fd 2 before its end goes before it (one
+            # read: under a flood of fd 2, the order of the two pipes is best effort).
+            self.stderr.drain(READ_SIZE)
             self._show(self.placer.ended(request_id))
         self.attributor.boundary(phase, request_id)
 
@@ -178,7 +181,8 @@ class WorkerOutput:
         self._show(self.placer.drained(position))
 
     def _pump_done(self, _task: asyncio.Future[None]) -> None:
-        if all(task.done() for task in self.tasks):
+        if all(task.done() for task in self.tasks) and not self._over:
+            self._over = True
             self._show(self.placer.output_over())
             asyncio.get_running_loop().call_later(RETAIN_S, self._retire)
 

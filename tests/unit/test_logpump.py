@@ -529,3 +529,36 @@ def test_pump_keeps_stderr_lines_in_order_between_boundaries() -> None:
         ("\x1cE\x1fr1", "stderr", "r1"),  # a record written to sys.stderr is a stderr line
         ("last", "stdout", "r1"),
     ]
+
+
+def test_stderr_lines_wait_for_stdout_up_to_its_next_end_boundary() -> None:
+    """A raw fd-2 line was written after the start boundaries already in the
+    stdout pipe: the stderr pump catches stdout up to its next end boundary
+    first, and stdout's rest follows right after, without another wake-up."""
+    sink = ListSink()
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    seen: list[tuple[str, str]] = []
+
+    async def main() -> None:
+        attr = Attributor()
+        out = Pump(out_r, function="f", worker="w", stream="stdout", sink=sink, fmt="json", attributor=attr)
+        out.on_boundary = lambda phase, rid: (seen.append((phase, rid)), attr.boundary(phase, rid))[-1]
+        err = Pump(err_r, function="f", worker="w", stream="stderr", sink=sink, fmt="json", attributor=attr,
+                   before_lines=out.catch_up)
+        tasks = [asyncio.create_task(out.run()), asyncio.create_task(err.run())]
+        await asyncio.sleep(0)  # both pumps registered
+        os.write(out_w, b"\x1cS\x1fr1\nout\n\x1cE\x1fr1\nnext\n")
+        os.write(err_w, b"raw err\n")
+        err._on_readable()  # the stderr pipe wakes first
+        assert [json.loads(line)["event"] for line in sink.lines] == ["out", "raw err"]
+        assert unread_bytes(out_r) == 0  # all read: no wake-up of stdout will come for the rest
+        await asyncio.sleep(0)
+        assert [json.loads(line)["event"] for line in sink.lines] == ["out", "raw err", "next"]
+        for fd in (out_w, err_w):
+            os.close(fd)
+        await asyncio.wait_for(asyncio.gather(*tasks), 5)
+
+    asyncio.run(main())
+    assert seen == [("S", "r1"), ("E", "r1")]
+    assert [json.loads(line).get("request_id") for line in sink.lines] == ["r1", "r1", None]
