@@ -102,6 +102,7 @@ MAX_COMMAND = 16 * KiB  # with the handler and paths, a worker's start spec must
 MAX_ENTRY = 1024  # a handler or hook name (characters)
 MAX_NAME = 64  # a function's name (FC's limit); it names cgroup directories too
 MAX_NESTING = 32  # tables and arrays in one file (the contract needs 4)
+MAX_FILE = 2 * MiB  # the planes pass the text of a reloaded file in one gRPC message (4 MiB at most)
 MAX_NUMBER_TEXT = 1000  # digits of a duration or size written as a string
 SUN_PATH_MAX = 107  # bytes of a unix socket path (sockaddr_un.sun_path, less its NUL)
 
@@ -695,12 +696,20 @@ def load_config(path: Path, env: Mapping[str, str] | None = None) -> Config:
     """Read and validate a TOML config file; env (default os.environ) overrides it."""
     path = Path(path).absolute()
     try:
-        text = path.read_bytes().decode("utf-8")
+        with path.open("rb") as file:
+            raw = file.read(MAX_FILE + 1)  # no more: what is past the bound is refused anyway
+        text = raw.decode("utf-8")
     except OSError as exc:
         raise ConfigError([Problem(str(path), f"cannot read the config file: {exc.strerror or exc}")]) from exc
     except UnicodeDecodeError as exc:
+        if len(raw) > MAX_FILE:  # cut in the middle of a character
+            raise ConfigError([_too_big(str(path))]) from None
         raise ConfigError([Problem(str(path), f"not valid TOML: the file is not UTF-8 ({exc})")]) from exc
     return parse_config_text(text, path.parent, path, env)
+
+
+def _too_big(where: str) -> Problem:
+    return Problem(where, f"a config file must be at most {show_size(MAX_FILE)}, got more")
 
 
 def parse_config_text(text: str, base_dir: Path, path: Path | None = None, env: Mapping[str, str] | None = None,
@@ -708,6 +717,8 @@ def parse_config_text(text: str, base_dir: Path, path: Path | None = None, env: 
     """Validate a config file's text; relative paths start at ``base_dir``."""
     where = str(path or "config")
     deep = f"not usable: tables and arrays are nested more than {MAX_NESTING} deep"
+    if len(text) > MAX_FILE or len(text.encode()) > MAX_FILE:
+        raise ConfigError([_too_big(where)])
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

@@ -814,6 +814,22 @@ def test_toml_that_cannot_be_read_is_one_problem(tmp_path: Path, text: str, mess
     assert problem.path == str(tmp_path / "s.toml") and message in problem.message, problem
 
 
+def test_a_file_is_at_most_2mib(tmp_path: Path) -> None:
+    """A reloaded file's text travels between the planes in one gRPC message (4 MiB at most)."""
+    body = 'handler = "hello:handler"\ncode_dir = "."\n'
+    fits = "[functions.hello]\n" + body + "#" * ((2 << 20) - len("[functions.hello]\n" + body) - 1) + "\n"
+    (tmp_path / "fits.toml").write_text(fits)
+    assert list(load_config(tmp_path / "fits.toml", env={}).functions) == ["hello"]
+    (tmp_path / "big.toml").write_text(fits + "#\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(tmp_path / "big.toml", env={})
+    assert caught.value.problems == [Problem(str(tmp_path / "big.toml"), "a config file must be at most 2MiB, got more")]
+    (tmp_path / "cut.toml").write_text(fits + "é\n")  # the bound falls inside the 2-byte character
+    with pytest.raises(ConfigError) as caught:
+        load_config(tmp_path / "cut.toml", env={})
+    assert caught.value.problems == [Problem(str(tmp_path / "cut.toml"), "a config file must be at most 2MiB, got more")]
+
+
 def test_nesting_up_to_the_bound_is_read(tmp_path: Path) -> None:
     text = 'x = ' + "[" * 31 + "]" * 31  # 32 with the top table: read, then refused as an unknown key
     with pytest.raises(ConfigError) as caught:
