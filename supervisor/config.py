@@ -439,6 +439,13 @@ class SupervisorSettings(BaseModel):
     log_format: Literal["json", "console"] = "json"
     default_function: str | None = None
     grace_period: Duration = 30.0
+    # Clients of the CA and metrics ports (data/http_server.py): a request head must arrive
+    # whole within client_header_timeout of its first byte (or of the connection, for its
+    # first request); a request body may stall at most client_body_timeout (then 408); an
+    # idle keep-alive connection is closed after keep_alive_timeout.
+    client_header_timeout: PositiveDuration = 10.0
+    client_body_timeout: PositiveDuration = 10.0
+    keep_alive_timeout: PositiveDuration = 75.0
 
 
 class Config(BaseModel):
