@@ -12,7 +12,7 @@ The contract is DESIGN.md, "Contract: configuration (TOML)". The rules:
 * Durations are strings with a unit (`"250ms"`, `"10s"`, `"1.5m"`, `"2h"`);
   a bare number is rejected because nobody can tell whether 10 means
   seconds or milliseconds. Sizes are bytes (a TOML integer or `"1024"`) or
-  strings with a binary unit (`B`, `KiB`, `MiB`, `GiB`); decimal units
+  strings with a binary unit (`B`, `KiB`, `MiB`, `GiB`, `TiB`); decimal units
   (`KB`, `MB`) are refused rather than guessed.
 * Relative paths (`code_dir`, `run_dir`) are relative to the config file's
   directory, so a config means the same thing whatever the current directory.
@@ -103,7 +103,7 @@ MAX_ENTRY = 1024  # a handler or hook name (characters)
 MAX_NAME = 64  # a function's name (FC's limit); it names cgroup directories too
 MAX_NESTING = 32  # tables and arrays in one file (the contract needs 4)
 MAX_FILE = 2 * MiB  # the planes pass the text of a reloaded file in one gRPC message (4 MiB at most)
-MAX_NUMBER_TEXT = 1000  # digits of a duration or size written as a string
+MAX_NUMBER_TEXT = 1000  # characters of a duration or size written as a string
 SUN_PATH_MAX = 107  # bytes of a unix socket path (sockaddr_un.sun_path, less its NUL)
 
 
@@ -285,7 +285,11 @@ def _exec_string(value: str, what: str = "an environment variable or a command l
 
 
 def _env_value(value: str) -> str:
-    return _exec_string(value, "an environment variable")
+    """No NUL, encodable; its size is judged with its name (``_function_checks``)."""
+    why = _unreachable(value, "an environment variable")
+    if why is not None:
+        raise ValueError(why)
+    return value
 
 
 _HOST_NAME_RE = re.compile(r"(?=.{1,253}\.?\Z)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
@@ -601,6 +605,13 @@ def _function_checks(prefix: str, raw: Mapping[str, Any], failed: set[str]) -> l
         problems.append(Problem(f"{prefix}.seed", f"only python functions have a seed; a {runtime} function starts its command"))
     if ok("min_warm", "max_workers") and values["min_warm"] > values["max_workers"]:
         problems.append(Problem(f"{prefix}.min_warm", f"min_warm ({values['min_warm']}) cannot exceed max_workers ({values['max_workers']})"))
+    if ok("env"):
+        for name, value in values["env"].items():
+            size = len(os.fsencode(f"{name}={value}")) + 1
+            if size > MAX_ENV_ENTRY:
+                problems.append(Problem(f"{prefix}.env.{toml_key(name)}", f"NAME=value and its NUL must be at most "
+                                        f"{show_size(MAX_ENV_ENTRY)} (the kernel's limit for one variable), got "
+                                        f"{size} bytes"))
     if ok("env", "command", "handler"):
         # What one exec of the function carries besides the supervisor's few variables.
         strings = [f"{name}={value}" for name, value in values["env"].items()] + list(values["command"] or ())

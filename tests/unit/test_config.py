@@ -742,7 +742,8 @@ def test_a_timeout_accepted_fits_every_field_it_goes_into(tmp_path: Path) -> Non
         ({"limits": {"user": "١٢"}}, f"{F}.limits.user", "expected a user name"),
         ({"limits": {"user": "99999999999"}}, f"{F}.limits.user", "a numeric uid must be at most 4294967294"),
         ({"env": {"A": "x\0y"}}, f"{F}.env.A", "contains a NUL character, which cannot be in an environment variable"),
-        ({"env": {"A": "x" * (128 << 10)}}, f"{F}.env.A", "must be less than 128KiB"),
+        ({"env": {"A": "x" * (128 << 10)}}, f"{F}.env.A", "NAME=value and its NUL must be at most 128KiB"),
+        ({"env": {"LONG_NAME": "x" * ((128 << 10) - 1)}}, f"{F}.env.LONG_NAME", "got 131082 bytes"),
         ({"env": {f"V{i}": "x" * 100_000 for i in range(11)}}, f"{F}.env", "must be at most 1MiB together"),
         ({"env": {"A=B": "x"}}, f'{F}.env."A=B"', "not a valid environment variable name"),
         ({"env": {"A\0": "x"}}, f'{F}.env."A\\u0000"', "not a valid environment variable name"),
@@ -774,6 +775,8 @@ def test_values_that_cannot_reach_their_use_are_refused(tmp_path: Path, function
 def test_the_largest_env_value_is_accepted(tmp_path: Path) -> None:
     value = "x" * ((128 << 10) - 1 - len("A="))  # "A=value" and its NUL: exactly the kernel's 128 KiB
     assert parse_config(minimal(env={"A": value}), tmp_path, {}).functions["hello"].env["A"] == value
+    [problem] = problems_of(minimal(env={"AB": value}), tmp_path)
+    assert problem.path == f"{F}.env.AB" and "got 131073 bytes" in problem.message
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "127.0.0.1", "::", "::1", "fe80::1%lo", "localhost", "my-host.example.",

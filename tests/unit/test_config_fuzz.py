@@ -92,7 +92,7 @@ NEW_KEYS = [("supervisor", "timout"), ("functions", "py", "env", "NEW"), ("funct
 HUGE_INTS = [0, 1, -1, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**53 + 1, 2**63 - 1, 2**63, -(2**63), 2**64,
              10**400, -(10**400), 10**4000]
 ODD_TEXT = ["", " ", "\0", "a\0b", "\n", "a\nb", "\r\n", "\t", "\x7f", "\x1b[31m", "🙂", "é", "\u2028", "\ufeff",
-            "x" * 200_000, "../..", "/", "~", "~nosuchuser/x", "auto", "root", "0", "4294967295", "-1", "nan",
+            "x" * 200_000, "x" * 131_071, "x" * (131_072 - len("GREETING=") - 1), "../..", "/", "~", "~nosuchuser/x", "auto", "root", "0", "4294967295", "-1", "nan",
             "inf", "1e400", "http:/", "http:/a b", "tcp", "0.0.0.0", "::", "localhost", "a" * 300]
 UNITS = ["", "ms", "s", "m", "h", "d", "B", "KiB", "MiB", "GiB", "TiB", "KB", "sec", " s", "s ", "µs"]
 # Either side of every bound: where "accepted" and "runnable" must agree exactly.
