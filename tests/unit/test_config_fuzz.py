@@ -266,16 +266,21 @@ class Hung(BaseException):
 
 @contextlib.contextmanager
 def deadline(seconds: float) -> Iterator[None]:
+    """A real deadline (SIGALRM); a timer already set (pytest-timeout's) is put back as it was."""
     def expired(signum: int, frame: Any) -> None:
         raise Hung(f"validation did not finish within {seconds}s")
 
+    started = time.monotonic()
+    outer, outer_interval = signal.getitimer(signal.ITIMER_REAL)
     previous = signal.signal(signal.SIGALRM, expired)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    signal.setitimer(signal.ITIMER_REAL, min(seconds, outer) if outer > 0 else seconds)
     try:
         yield
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+        if outer > 0:
+            signal.setitimer(signal.ITIMER_REAL, max(outer - (time.monotonic() - started), 0.001), outer_interval)
 
 
 def assert_problems_are_lines(problems: list[Any], file: Path) -> None:
