@@ -131,7 +131,7 @@ def test_a_config_at_every_maximum_validates_runs_and_serves(tmp_path: Path) -> 
                  # One slot only: if an invocation with the longest timeout leaked its slot,
                  # the next one would wait forever.
                  "one": function(timeout=MAX_TIMEOUT, concurrency=1, min_warm=1, max_workers=1),
-                 # The smallest limits still start a worker (cpu's 0.01 would too, at 1% of a core: slowly).
+                 # The smallest limits still start a worker (cpu's 0.01 is left out: it only slows it).
                  "low": function(limits={"memory": "16MiB", "pids": 4, "nofile": 64})}
     config = write(tmp_path / "supervisor.toml", settings(tmp_path, grace_period="24h"), functions)
     validated = cli("validate", "--config", str(config))
