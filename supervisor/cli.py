@@ -8,8 +8,9 @@ The contract is DESIGN.md, "Contract: command line". The rules:
   running; `invoke` 0 on a 2xx answer, 1 otherwise, 4 when no supervisor is
   running; `reload` and `scale` 0 when applied, 2 when the supervisor
   refused (the running config stays), 3 when its control plane does not
-  answer, 4 when no supervisor is running. Usage errors exit 2 (argparse's
-  convention).
+  answer, 4 when no supervisor is running; `reload --wait` 5 when the
+  config was applied but its new workers did not serve within `--timeout`
+  (or failed to initialize). Usage errors exit 2 (argparse's convention).
 * Commands that talk to a running supervisor find its run directory by
   `--run-dir`, else `$SUPERVISOR_RUN_DIR`, else the `run_dir` of the config
   they would load (else `/tmp/ca-supervisor`, the default, when that config
@@ -59,8 +60,10 @@ if TYPE_CHECKING:
 DEFAULT_RUN_DIR = Path("/tmp/ca-supervisor")
 STATUS_TIMEOUT_S = 2.0
 # The control plane answers Reload once the new config is accepted, without
-# waiting for new workers; the margin is for a loaded host.
+# waiting for new workers (unless --wait: then this comes on top of its wait);
+# the margin is for a loaded host.
 RELOAD_TIMEOUT_S = 60.0
+RELOAD_WAIT_S = 60.0  # reload --wait's default --timeout
 SCALE_TIMEOUT_S = 10.0
 UINT32_MAX = 2**32 - 1  # min_warm / max_workers travel as uint32
 
@@ -69,6 +72,7 @@ EXIT_INVOKE_FAILED = 1
 EXIT_INVALID = 2
 EXIT_NOT_RUNNING_WELL = 3
 EXIT_NO_SUPERVISOR = 4
+EXIT_NOT_SERVING = 5  # reload --wait: applied, but the new workers do not serve
 
 # The contract's keys, in the contract's order. Components and workers carry
 # exactly these; function objects may carry more (init_error, mode counts...).
@@ -342,7 +346,7 @@ def reload_document(reply: ReloadReply) -> dict[str, Any]:
         "changed": list(reply.changed),
         "unchanged": list(reply.unchanged),
         "generation": reply.generation,
-    }
+    } | ({"serving": reply.serving, "not_serving": reply.not_serving} if reply.waited else {})
 
 
 def render_reload(reply: ReloadReply) -> str:
@@ -409,15 +413,16 @@ def _rpc_failed(paths: RunPaths, rpc: str, exc: Exception, outcome: str = "") ->
     return EXIT_NOT_RUNNING_WELL
 
 
-def request_reload(paths: RunPaths, timeout_s: float = RELOAD_TIMEOUT_S) -> ReloadReply:
-    """Reload over the control socket; raises grpc.RpcError when it does not answer."""
+def request_reload(paths: RunPaths, timeout_s: float = RELOAD_TIMEOUT_S, wait_s: float = 0.0) -> ReloadReply:
+    """Reload over the control socket (``wait_s`` > 0: and wait until the new config
+    serves, at most that long); raises grpc.RpcError when it does not answer."""
     import grpc
 
     from supervisor.v1 import control_pb2, control_pb2_grpc
 
     with grpc.insecure_channel(paths.ctl_target, options=[("grpc.enable_http_proxy", 0)]) as channel:
         stub = control_pb2_grpc.ControlPlaneStub(channel)
-        reply: ReloadReply = stub.Reload(control_pb2.ReloadRequest(), timeout=timeout_s)
+        reply: ReloadReply = stub.Reload(control_pb2.ReloadRequest(wait_s=wait_s), timeout=timeout_s + wait_s)
         return reply
 
 
@@ -433,12 +438,23 @@ def request_scale(paths: RunPaths, request: ScaleRequest, timeout_s: float = SCA
         return reply
 
 
+def _wait_seconds(text: str) -> float:
+    """`reload --timeout`: positive seconds, at most a day."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value <= 86400:
+        raise argparse.ArgumentTypeError(f"must be more than 0 and at most 86400 seconds: {text!r}")
+    return value
+
+
 def cmd_reload(args: argparse.Namespace) -> int:
     paths = _live_paths(args)
     if paths is None:
         return EXIT_NO_SUPERVISOR
     try:
-        reply = request_reload(paths)
+        reply = request_reload(paths, wait_s=args.timeout if args.wait else 0.0)
     except Exception as exc:  # grpc.RpcError, or a socket path gRPC refuses
         # A deadline may pass after the control plane accepted the new config.
         return _rpc_failed(paths, "Reload", exc, "; whether the reload took effect is unknown: see `supervisor status`")
@@ -449,6 +465,9 @@ def cmd_reload(args: argparse.Namespace) -> int:
         return EXIT_INVALID
     if not args.json:
         sys.stdout.write(render_reload(reply))
+    if reply.waited and not reply.serving:
+        print(f"reload applied, but the new config does not serve: {reply.not_serving}", file=sys.stderr)
+        return EXIT_NOT_SERVING
     return EXIT_OK
 
 
@@ -641,8 +660,15 @@ def build_parser() -> argparse.ArgumentParser:
     invoke.set_defaults(handler=cmd_invoke)
 
     reload = commands.add_parser(
-        "reload", help="make a running supervisor re-read its config (exit 0 applied, 2 refused, 4 none)")
+        "reload", help="make a running supervisor re-read its config (exit 0 applied, 2 refused, 4 none, "
+                       "5 --wait: applied but not serving in time)")
     reload.add_argument("--json", action="store_true", help="print the reply as one JSON object")
+    reload.add_argument("--wait", action="store_true",
+                        help="return once every added or changed function serves the new config: its old workers "
+                             "gone, min_warm new ones ready (exit 5 when not within --timeout, or when they fail "
+                             "to initialize)")
+    reload.add_argument("--timeout", type=_wait_seconds, default=RELOAD_WAIT_S, metavar="SECONDS",
+                        help=f"how long --wait waits (default {RELOAD_WAIT_S:g})")
     reload.add_argument("--run-dir", metavar="DIR", help=run_dir_help)
     reload.add_argument("--config", metavar="PATH", help=find_config_help)
     reload.set_defaults(handler=cmd_reload)

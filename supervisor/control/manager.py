@@ -223,16 +223,22 @@ class PoolManager:
                 gaps = any("not enforced" in value or "cgroups: " in value for value in sandbox.summary.values())
                 (log.warning if gaps else log.info)("function isolation", function=name, **sandbox.summary)
 
-    def _new_cgroup(self, fn: FunctionConfig, leaf: str | None = None) -> Cgroup | None:
-        """A cgroup with ``fn``'s limits for one of its processes, when cgroups are used
-        here; its uid may move itself in. Raises OSError when it cannot be made."""
+    def _new_cgroup(self, fn: FunctionConfig, kind: str = "w") -> Cgroup | None:
+        """A cgroup with ``fn``'s limits for one of its processes (``kind``: ``w`` a
+        worker, ``seed`` a seed), when cgroups are used here; its uid may move
+        itself in. Raises OSError when it cannot be made.
+
+        Every cgroup has a name of its own, a seed's too: a reload starts the new
+        seed before the old one's exit is seen, and that exit removes the old
+        seed's cgroup (it used to be the same ``<function>/seed``, removed under
+        the new seed: "could not join the cgroup", workers by spawn)."""
         sandbox = self.sandboxes.get(fn.name)
         tree = self.isolation.tree if self.isolation is not None else None
         if sandbox is None or tree is None or sandbox.cgroup_limits is None:
             return None
         self._cgroup_sequence += 1
         owner = sandbox.identity.uid if sandbox.identity is not None else None
-        return tree.create(fn.name, leaf or f"w{self._cgroup_sequence}", sandbox.cgroup_limits, owner_uid=owner)
+        return tree.create(fn.name, f"{kind}{self._cgroup_sequence}", sandbox.cgroup_limits, owner_uid=owner)
 
     def _seed_isolation(self, fn: FunctionConfig) -> tuple[Cgroup | None, dict[str, Any] | None]:
         cgroup = self._new_cgroup(fn, "seed")
@@ -857,14 +863,54 @@ class PoolManager:
 
     # ---- reload and scale -------------------------------------------------------
 
-    async def reload(self) -> cpb.ReloadReply:
-        """Applies the config file again; refuses it whole when anything is wrong."""
+    async def reload(self, wait_s: float = 0.0) -> cpb.ReloadReply:
+        """Applies the config file again; refuses it whole when anything is wrong.
+
+        ``wait_s`` > 0: then waits (at most that long) until every added or
+        changed function serves the new config (``wait_serving``).
+        """
         async with self._reload_lock:
             reply = await self._reload()
         if not reply.ok:  # also when nobody waits for the answer (SIGHUP)
             log.warning("reload refused; the running config stays", generation=reply.generation,
                         problems=[f"{p.path}: {p.message}" if p.path else p.message for p in reply.problems])
+        elif wait_s > 0:
+            why = await self.wait_serving([*reply.added, *reply.changed], wait_s)
+            reply.waited, reply.serving, reply.not_serving = True, not why, why
+            if why:
+                log.warning("reload applied, but the new config does not serve yet", generation=reply.generation,
+                            why=why)
         return reply
+
+    async def wait_serving(self, names: list[str], timeout_s: float) -> str:
+        """Waits until each named function serves its current config: none of its
+        workers started under an older one is left (a worker exits only once the
+        data plane has drained it, so no invocation reaches old code after that)
+        and ``min_warm`` new ones are ready. Returns "" then, else why not: the
+        timeout, or a function's failure to initialize (at once)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.draining:
+                return "the supervisor is draining (pre-stop or shutdown)"
+            waiting = []
+            for name in names:
+                pool = self.pools.get(name)
+                if pool is None or pool.removed:
+                    continue  # removed by a later reload: nothing of it is to serve
+                old = sum(1 for w in pool.workers.values() if w.due in ("reload", "removed"))
+                fresh = sum(1 for w in pool.workers.values()
+                            if w.state == "ready" and w.due not in ("reload", "removed"))
+                error = pool.last_error
+                if pool.failures and error is not None and (fresh < pool.min_warm or pool.crash_looping):
+                    return f"{name}: {error.error_type}: {error.error_message}"
+                if old or fresh < pool.min_warm:
+                    waiting.append(f"{name} ({fresh} of {pool.min_warm} new workers ready, {old} old ones left)")
+            if not waiting:
+                return ""
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return f"not serving the new config within {timeout_s:g}s: {'; '.join(waiting)}"
+            await asyncio.sleep(min(0.02, remaining))
 
     async def _reload(self) -> cpb.ReloadReply:
         old = self.config

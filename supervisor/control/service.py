@@ -106,7 +106,7 @@ class ControlPlaneService(rpc.ControlPlaneServicer):  # type: ignore[misc]  # ge
         return self.manager.status()
 
     async def Reload(self, request: cpb.ReloadRequest, context: Any) -> cpb.ReloadReply:
-        return await self.manager.reload()
+        return await self.manager.reload(request.wait_s)
 
     async def Scale(self, request: cpb.ScaleRequest, context: Any) -> cpb.ScaleReply:
         return self.manager.scale(request)

@@ -320,8 +320,10 @@ class ComponentStatus(_message.Message):
     def __init__(self, name: _Optional[str] = ..., pid: _Optional[int] = ..., state: _Optional[str] = ..., restarts: _Optional[int] = ..., uptime_s: _Optional[float] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class ReloadRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("wait_s",)
+    WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    wait_s: float
+    def __init__(self, wait_s: _Optional[float] = ...) -> None: ...
 
 class ConfigProblem(_message.Message):
     __slots__ = ("path", "message")
@@ -332,7 +334,7 @@ class ConfigProblem(_message.Message):
     def __init__(self, path: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class ReloadReply(_message.Message):
-    __slots__ = ("ok", "problems", "added", "removed", "changed", "unchanged", "generation")
+    __slots__ = ("ok", "problems", "added", "removed", "changed", "unchanged", "generation", "waited", "serving", "not_serving")
     OK_FIELD_NUMBER: _ClassVar[int]
     PROBLEMS_FIELD_NUMBER: _ClassVar[int]
     ADDED_FIELD_NUMBER: _ClassVar[int]
@@ -340,6 +342,9 @@ class ReloadReply(_message.Message):
     CHANGED_FIELD_NUMBER: _ClassVar[int]
     UNCHANGED_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
+    WAITED_FIELD_NUMBER: _ClassVar[int]
+    SERVING_FIELD_NUMBER: _ClassVar[int]
+    NOT_SERVING_FIELD_NUMBER: _ClassVar[int]
     ok: bool
     problems: _containers.RepeatedCompositeFieldContainer[ConfigProblem]
     added: _containers.RepeatedScalarFieldContainer[str]
@@ -347,7 +352,10 @@ class ReloadReply(_message.Message):
     changed: _containers.RepeatedScalarFieldContainer[str]
     unchanged: _containers.RepeatedScalarFieldContainer[str]
     generation: int
-    def __init__(self, ok: _Optional[bool] = ..., problems: _Optional[_Iterable[_Union[ConfigProblem, _Mapping]]] = ..., added: _Optional[_Iterable[str]] = ..., removed: _Optional[_Iterable[str]] = ..., changed: _Optional[_Iterable[str]] = ..., unchanged: _Optional[_Iterable[str]] = ..., generation: _Optional[int] = ...) -> None: ...
+    waited: bool
+    serving: bool
+    not_serving: str
+    def __init__(self, ok: _Optional[bool] = ..., problems: _Optional[_Iterable[_Union[ConfigProblem, _Mapping]]] = ..., added: _Optional[_Iterable[str]] = ..., removed: _Optional[_Iterable[str]] = ..., changed: _Optional[_Iterable[str]] = ..., unchanged: _Optional[_Iterable[str]] = ..., generation: _Optional[int] = ..., waited: _Optional[bool] = ..., serving: _Optional[bool] = ..., not_serving: _Optional[str] = ...) -> None: ...
 
 class ScaleRequest(_message.Message):
     __slots__ = ("function", "min_warm", "max_workers")
