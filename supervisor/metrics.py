@@ -18,8 +18,8 @@ value other than the function and worker ids the supervisor assigned.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -69,6 +69,44 @@ class FunctionSeries:
 
 
 PoolView = tuple[str, dict[str, int], int, int, int]  # function, states, capacity, inflight, queue
+
+
+class ClientStatsSource(Protocol):
+    """A server's client counts (``data.http_server.HttpServer``)."""
+
+    name: str
+
+    @property
+    def stats(self) -> Any: ...
+
+    @property
+    def state(self) -> Any: ...
+
+
+class ClientCollector(Collector):
+    """What the front's servers did to their clients, read at scrape time: open
+    connections, answers the server gave on its own (malformed requests, heads too
+    large, unsupported encodings), connections shed at the connection limit, and
+    client timeouts."""
+
+    def __init__(self, servers: Sequence[ClientStatsSource]) -> None:
+        self._servers = servers
+
+    def collect(self) -> Iterator[Any]:
+        open_ = GaugeMetricFamily("supervisor_client_connections", "Open client connections.", labels=["port"])
+        refused = CounterMetricFamily("supervisor_client_refused", "Requests the server answered itself "
+                                      "(400, 414, 431, 501).", labels=["port", "reason"])
+        shed = CounterMetricFamily("supervisor_client_connections_shed", "Connections closed at the connection "
+                                   "limit, by what they were doing.", labels=["port", "state"])
+        timed_out = CounterMetricFamily("supervisor_client_timeouts", "Clients timed out, by phase.",
+                                        labels=["port", "phase"])
+        for server in self._servers:
+            stats = server.stats
+            open_.add_metric([server.name], len(server.state.connections))
+            for family, counts in ((refused, stats.refused), (shed, stats.shed), (timed_out, stats.timed_out)):
+                for key, count in sorted(counts.items()):
+                    family.add_metric([server.name, key], count)
+        yield from (open_, refused, shed, timed_out)
 
 
 class LiveCollector(Collector):

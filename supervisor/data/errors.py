@@ -40,6 +40,13 @@ def stopped_before_done(grace_s: float) -> InvocationError:
                            "ended before the invocation finished", "cancelled", retry_after=1)
 
 
+def body_stalled(function: str, timeout_s: float) -> InvocationError:
+    return InvocationError(408, "ClientTimeoutError",
+                           f"function {function!r}: the client stopped sending the request body for "
+                           f"{timeout_s:g}s (supervisor.client_body_timeout)", "cancelled",
+                           headers=[(b"connection", b"close")])
+
+
 def method_not_allowed(method: str, path: str, allowed: str) -> InvocationError:
     return InvocationError(405, "MethodNotAllowedError", f"{method} {path}: only {allowed} is allowed here",
                            "rejected", headers=[(b"allow", allowed.encode())])

@@ -157,6 +157,8 @@ class TriggerExchange:
             raise ClientGone()
         body: bytes = message.get("body", b"")
         more: bool = message.get("more_body", False)
+        if more and self.connection is not None and self.connection.stalled:
+            raise errors.body_stalled(config.name, self.connection.body_timeout_s)
         if len(body) > config.max_body:
             raise errors.payload_too_large(config.name, config.max_body)
         first, rest = body[:wire.MAX_CHUNK], body[wire.MAX_CHUNK:]
@@ -274,6 +276,8 @@ class TriggerExchange:
                 return call.fail(ClientGone())
             pending = message.get("body", b"")
             more = message.get("more_body", False)
+            if more and self.connection is not None and self.connection.stalled:
+                return call.fail(errors.body_stalled(self.function.config.name, self.connection.body_timeout_s))
             if not more and self.connection is not None:
                 self.connection.body_read()
             size += len(pending)

@@ -9,22 +9,19 @@ request for the function named by ``x-fc-function-name`` (else the default
 one), streamed to it when it serves HTTP (``exchange.py``); otherwise 404.
 
 Rules:
-- Every answer carries ``x-fc-request-id``: the caller's when it is 1-127
-  characters of ``[A-Za-z0-9._:-]`` (FC's ids are), else a generated one, so
-  an id can never forge or break a log line.
+- Every answer carries ``x-fc-request-id`` (``request_ids.py``).
 - Every failure is the contract's JSON (``errorType``, ``errorMessage``,
   ``stackTrace`` for handler exceptions) with ``x-fc-status: 404`` and the
   contract's status; see ``errors.py``.
 - A body over the function's ``max_body`` is refused from its Content-Length
   before anything is read, or as soon as the limit is passed while reading;
-  nothing beyond the limit is buffered.
+  nothing beyond the limit is buffered. A body the client stops sending for
+  ``client_body_timeout`` is 408 ``ClientTimeoutError`` (``http_server.py``
+  notices the stall).
 """
 
 from __future__ import annotations
 
-import itertools
-import os
-import re
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -34,6 +31,8 @@ import orjson
 from supervisor.data import errors
 from supervisor.data.errors import InvocationError
 from supervisor.data.exchange import ClientGone, TriggerExchange
+from supervisor.data.http_server import ClientConnection
+from supervisor.data.request_ids import SAFE_REQUEST_ID, RequestIds
 from supervisor.data.router import Router
 from supervisor.logs import get_logger
 from supervisor.output import flush_shared
@@ -45,7 +44,6 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 log = get_logger()
 
-SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,127}")
 HOOK_PATHS = {"/initialize": "initialize", "/pre-freeze": "pre_freeze", "/pre-stop": "pre_stop"}
 EMPTY_START_HEADERS: list[tuple[bytes, bytes]] = []
 
@@ -64,13 +62,7 @@ class Front:
     def __init__(self, router: Router, lifecycle: Lifecycle) -> None:
         self.router = router
         self.lifecycle = lifecycle
-        # Unique without a getrandom() per request: a random per-process
-        # prefix (a restarted plane gets a new one) and a counter.
-        self._id_prefix = os.urandom(8).hex()
-        self._id_counter = itertools.count(1)
-
-    def _new_request_id(self) -> str:
-        return f"{self._id_prefix}{next(self._id_counter):016x}"
+        self.request_ids = RequestIds()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -90,7 +82,7 @@ class Front:
             elif name == b"content-length":
                 content_length = int(value) if value.isdigit() else -1
         if not request_id:
-            request_id = self._new_request_id()
+            request_id = self.request_ids.new()
             fc_headers = [h for h in fc_headers if h.name != "x-fc-request-id"]
             fc_headers.append(wpb.Header(name="x-fc-request-id", value=request_id))
         rid = request_id.encode("latin-1")
@@ -99,7 +91,8 @@ class Front:
             if path == "/invoke":
                 if scope["method"] != "POST":
                     raise errors.method_not_allowed(scope["method"], path, "POST")
-                await self._invoke(function_name, request_id, rid, fc_headers, content_length, receive, send)
+                await self._invoke(function_name, request_id, rid, fc_headers, content_length, receive, send,
+                                   scope)
             elif path in HOOK_PATHS:
                 if scope["method"] not in ("GET", "POST"):
                     raise errors.method_not_allowed(scope["method"], path, "GET, POST")
@@ -120,7 +113,7 @@ class Front:
         return config.name if config is not None else function_name
 
     async def _invoke(self, function_name: str | None, request_id: str, rid: bytes, headers: list[wpb.Header],
-                      content_length: int, receive: Receive, send: Send) -> None:
+                      content_length: int, receive: Receive, send: Send, scope: Scope) -> None:
         config = self.router.config.function_for(function_name)
         if config is None:
             raise errors.not_found(f"no function named {function_name!r} is configured here"
@@ -130,7 +123,7 @@ class Front:
         try:
             if content_length > config.max_body:
                 raise errors.payload_too_large(config.name, config.max_body)
-            body = await read_body(receive, config.max_body, config.name)
+            body = await read_body(receive, config.max_body, config.name, connection_of(scope))
             result = await self.router.invoke(function, "invoke", request_id, headers, body)
         except InvocationError as exc:
             function.series.outcome[exc.outcome].inc()
@@ -191,8 +184,14 @@ class Front:
             return
 
 
-async def read_body(receive: Receive, limit: int, function: str) -> bytes:
-    """The whole request body, refusing it as soon as it passes ``limit``."""
+def connection_of(scope: Scope) -> ClientConnection | None:
+    extensions = scope.get("extensions") or {}
+    connection: ClientConnection | None = extensions.get("ca.connection")
+    return connection
+
+
+async def read_body(receive: Receive, limit: int, function: str, connection: ClientConnection | None = None) -> bytes:
+    """The whole request body, refusing it as soon as it passes ``limit`` or stalls."""
     message = await receive()
     if message["type"] == "http.disconnect":
         raise ClientGone()
@@ -204,6 +203,8 @@ async def read_body(receive: Receive, limit: int, function: str) -> bytes:
     chunks = [body]
     size = len(body)
     while True:
+        if connection is not None and connection.stalled:
+            raise errors.body_stalled(function, connection.body_timeout_s)
         message = await receive()
         if message["type"] == "http.disconnect":
             raise ClientGone()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import signal
 import sys
 import time
@@ -37,11 +38,11 @@ from supervisor.data import errors
 from supervisor.data.control_link import ControlLink
 from supervisor.data.errors import InvocationError
 from supervisor.data.front import Front, flush_stdio
-from supervisor.data.http_server import HttpServer
+from supervisor.data.http_server import ClientLimits, HttpServer
 from supervisor.data.links import WorkerLink
 from supervisor.data.router import Router
 from supervisor.logs import configure_logging, get_logger
-from supervisor.metrics import DataPlaneMetrics, LiveCollector, exposition, merge_expositions
+from supervisor.metrics import ClientCollector, DataPlaneMetrics, LiveCollector, exposition, merge_expositions
 from supervisor.output import shared_sink
 from supervisor.runstate import (
     EXIT_BOOT_ERROR,
@@ -60,6 +61,10 @@ BIND_RETRY_S = 3.0
 ABORT_BEFORE_S = 0.25
 # How long written answers get to leave before the connections are closed.
 FLUSH_S = 0.2
+# The descriptors kept out of the client connections' share (client_limits).
+FD_RESERVE = 128
+FD_PER_WORKER = 4
+METRICS_CONNECTIONS = 64
 
 
 class DataPlane:
@@ -77,11 +82,16 @@ class DataPlane:
         settings = config.supervisor
         # The supervisor's listening sockets (the ports outlive this plane), else bound here.
         handed = listeners.take_inherited()
-        self.front = HttpServer(Front(self.router, self), settings.host, settings.ca_port,
-                                sockets=handed.get("ca_port"))
+        front = Front(self.router, self)
+        ca_limits, metrics_limits = client_limits(config, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        self.front = HttpServer(front, settings.host, settings.ca_port, sockets=handed.get("ca_port"),
+                                limits=ca_limits, new_request_id=front.request_ids.new, name="ca")
         self.metrics_server = (HttpServer(self.metrics_app, settings.host, settings.metrics_port,
-                                          sockets=handed.get("metrics_port"))
+                                          sockets=handed.get("metrics_port"), limits=metrics_limits,
+                                          name="metrics")
                                if settings.metrics_port else None)
+        self.registry.register(ClientCollector(
+            [self.front] + ([self.metrics_server] if self.metrics_server is not None else [])))
         self.worker_server: asyncio.Server | None = None
         self.stopped = asyncio.Event()
         self._stop_requests = 0
@@ -253,6 +263,22 @@ class DataPlane:
             log.warning("stopping: answered the invocations still running", count=answered)
         await self.front.shutdown(FLUSH_S)
         self.stopped.set()
+
+
+def client_limits(config: Config, nofile: int) -> tuple[ClientLimits, ClientLimits]:
+    """The CA port's and the metrics port's client limits. Connections get what
+    the descriptor limit leaves after a reserve for this plane's own needs
+    (worker links, the control link, logs: ``FD_RESERVE`` plus
+    ``FD_PER_WORKER`` per possible worker) and the metrics port's own share,
+    so that accepting never fails for want of a descriptor."""
+    settings = config.supervisor
+    workers = sum(f.max_workers for f in config.functions.values())
+    spare = max(0, nofile - FD_RESERVE - FD_PER_WORKER * workers)
+    metrics_share = min(METRICS_CONNECTIONS, max(4, spare // 8))
+    timeouts = {"header_timeout_s": settings.client_header_timeout, "body_timeout_s": settings.client_body_timeout,
+                "keep_alive_s": settings.keep_alive_timeout}
+    return (ClientLimits(max_connections=max(8, spare - metrics_share), **timeouts),
+            ClientLimits(max_connections=metrics_share, **timeouts))
 
 
 class CannotListen(Exception):

@@ -39,6 +39,7 @@ import ctypes
 import errno
 import gc
 import os
+import resource
 import selectors
 import signal
 import socket
@@ -409,6 +410,19 @@ def _children() -> list[int]:
         return []
 
 
+def raise_nofile() -> None:
+    """The soft descriptor limit up to the hard one, for this process and the planes
+    (every client connection costs the data plane one): a soft limit of 1024 under a
+    hard one of a million would cap the CA port for nothing."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (OSError, ValueError) as exc:
+        log.warning("cannot raise the descriptor limit", soft=soft, hard=hard, error=str(exc))
+
+
 def become_subreaper() -> None:
     """Orphans re-parent to us even when we are not PID 1, so we reap them."""
     if os.getpid() == 1:
@@ -470,6 +484,7 @@ def run(config_path: Path) -> int:
             print(f"  {problem.path}: {problem.message}", file=sys.stderr)
         return 2
     configure_logging("supervisor", config.supervisor.log_format)
+    raise_nofile()
     paths = RunPaths(config.supervisor.run_dir)
     try:
         lock_fd = hold_lock(paths)

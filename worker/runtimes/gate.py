@@ -46,10 +46,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from uvicorn.config import Config as UvicornConfig
-from uvicorn.server import ServerState
-
-from supervisor.data.http_server import CoalescingHttpToolsProtocol
+from supervisor.data.http_server import CoalescingHttpToolsProtocol, HttpServer
 from worker.output import log_error
 from worker.runtimes.child import descendants_of
 
@@ -200,43 +197,22 @@ class _GatedProtocol(CoalescingHttpToolsProtocol):
 
 class PrivateApiServer:
     """An ASGI app served on a port of 127.0.0.1 the kernel picks, to this
-    worker's own processes only (see the module docstring)."""
+    worker's own processes only (see the module docstring): the front's
+    ``HttpServer`` (timeouts, contract-shaped refusals) with ``PeerGate``
+    in front of each connection."""
 
     def __init__(self, app: Any, gate: PeerGate | None = None) -> None:
         self.gate = gate or PeerGate()
-        self.config = UvicornConfig(app=app, http="httptools", interface="asgi3", lifespan="off", access_log=False,
-                                    log_config=None, proxy_headers=False, server_header=False,
-                                    date_header=False, timeout_keep_alive=75)
-        self.config.load()
-        self.state = ServerState()
-        self.server: asyncio.Server | None = None
+        protocol = type("PrivateApiProtocol", (_GatedProtocol,), {"gate": self.gate})
+        # Port 0: the kernel picks a free port at bind time, so no other process
+        # can take it between choosing and binding.
+        self.server = HttpServer(app, LOOPBACK, 0, protocol_base=protocol, name="runtime-api")
         self.port = 0
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        gate = self.gate
-
-        def protocol() -> _GatedProtocol:
-            proto = _GatedProtocol(config=self.config, server_state=self.state, app_state={}, _loop=loop)
-            proto.gate = gate
-            return proto
-
-        # Port 0: the kernel picks a free port at bind time, so no other process
-        # can take it between choosing and binding.
-        self.server = await loop.create_server(protocol, host=LOOPBACK, port=0)
-        self.port = int(self.server.sockets[0].getsockname()[1])
+        await self.server.start()
+        self.port = int(self.server.servers[0].sockets[0].getsockname()[1])
 
     async def shutdown(self, timeout_s: float) -> None:
         """Stops accepting, lets in-flight requests finish, closes the rest."""
-        if self.server is not None:
-            self.server.close()
-        for connection in list(self.state.connections):
-            connection.shutdown()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        while self.state.tasks and loop.time() < deadline:
-            await asyncio.wait(list(self.state.tasks), timeout=max(0.0, deadline - loop.time()))
-        for task in list(self.state.tasks):
-            task.cancel()
-        for connection in list(self.state.connections):
-            connection.transport.close()
+        await self.server.shutdown(timeout_s)
