@@ -55,7 +55,6 @@ from supervisor.runstate import (
 
 log = get_logger()
 INITIALIZE_TIMEOUT_S = 120.0  # FC's own limit for an instance's initialization
-BIND_RETRY_S = 3.0
 # Before the stop's deadline: when what still runs is answered (the answers
 # must be written before the supervisor kills this plane, DATA_KILL_S after it).
 ABORT_BEFORE_S = 0.25
@@ -281,21 +280,18 @@ def client_limits(config: Config, nofile: int) -> tuple[ClientLimits, ClientLimi
             ClientLimits(max_connections=metrics_share, **timeouts))
 
 
-class CannotListen(Exception):
-    pass
-
-
 async def listen(server: HttpServer, key: str) -> None:
-    """Binds, retrying briefly (a previous instance may still hold the port)."""
-    deadline = asyncio.get_running_loop().time() + BIND_RETRY_S
+    """Starts ``server`` on the supervisor's sockets or, for a plane started by hand,
+    binds its port, retrying briefly (a previous instance may still hold it)."""
+    deadline = asyncio.get_running_loop().time() + listeners.BIND_RETRY_S
     while True:
         try:
             await server.start()
             return
         except OSError as exc:
             if asyncio.get_running_loop().time() >= deadline:
-                raise CannotListen(f"cannot listen on {server.host}:{server.port} (supervisor.{key}): "
-                                   f"{exc.strerror or exc}") from exc
+                raise listeners.CannotListen(f"cannot listen on {server.host}:{server.port} "
+                                             f"(supervisor.{key}): {exc.strerror or exc}") from exc
             await asyncio.sleep(0.2)
 
 
@@ -310,7 +306,7 @@ async def amain(config_path: Path, run_dir: Path | None = None) -> int:
         loop.add_signal_handler(sig, plane.request_stop)
     try:
         await plane.start()
-    except CannotListen as exc:
+    except listeners.CannotListen as exc:
         log.critical("data plane cannot start", error=str(exc))
         return EXIT_BOOT_ERROR
     background = [asyncio.ensure_future(coro) for coro in (
