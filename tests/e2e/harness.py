@@ -30,7 +30,13 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+class Raw(str):
+    """A TOML fragment written as it is (what a dict cannot say: deep nesting, 400 digits)."""
+
+
 def toml_value(value: Any) -> str:
+    if isinstance(value, Raw):
+        return str(value)
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
@@ -54,6 +60,28 @@ def write_config(path: Path, supervisor: Mapping[str, Any], functions: Mapping[s
             lines.append(f"\n[functions.{name}.{key}]")
             lines += [f"{k} = {toml_value(v)}" for k, v in table.items()]
     path.write_text("\n".join(lines) + "\n")
+
+
+def send_raw(port: int, data: bytes, timeout: float = 10.0, shut_write: bool = False) -> bytes:
+    """Writes ``data`` on a new connection to 127.0.0.1:``port`` and reads until the server
+    closes it; fails when it stays open ``timeout`` s. ``shut_write``: half-close after
+    writing (the client has nothing more to send)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        try:
+            sock.sendall(data)
+            if shut_write:
+                sock.shutdown(socket.SHUT_WR)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server refused before reading it all: its answer may still be there
+        received = b""
+        try:
+            while chunk := sock.recv(65536):
+                received += chunk
+        except ConnectionResetError:
+            pass
+        except TimeoutError:
+            raise AssertionError(f"the server kept the connection open for {timeout}s: {received[:200]!r}") from None
+    return received
 
 
 def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:

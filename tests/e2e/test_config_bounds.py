@@ -33,40 +33,13 @@ import psutil
 import pytest
 
 from supervisor.control.sandbox import rlimit_ceiling
-from tests.e2e.harness import free_port, function, started, wait_for
+from tests.e2e.harness import Raw, free_port, function, started, wait_for, write_config
 
 MAX_TIMEOUT = "24h"
 
 
-class Raw(str):
-    """A TOML fragment written as it is (what a dict cannot say: deep nesting, 400 digits)."""
-
-
-def toml_value(value: Any) -> str:
-    if isinstance(value, Raw):
-        return str(value)
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # ASCII with \\uXXXX escapes: valid TOML for the BMP
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    if isinstance(value, Mapping):
-        return "{ " + ", ".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items()) + " }"
-    raise TypeError(value)
-
-
 def write(path: Path, settings: Mapping[str, Any], functions: Mapping[str, Mapping[str, Any]]) -> Path:
-    lines = ["[supervisor]"] + [f"{k} = {toml_value(v)}" for k, v in settings.items()]
-    for name, fn in functions.items():
-        lines.append(f"\n[functions.{name}]")
-        lines += [f"{k} = {toml_value(v)}" for k, v in fn.items() if k != "limits"]
-        if "limits" in fn:
-            lines.append(f"\n[functions.{name}.limits]")
-            lines += [f"{k} = {toml_value(v)}" for k, v in fn["limits"].items()]
-    path.write_text("\n".join(lines) + "\n")
+    write_config(path, settings, functions)
     return path
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import unquote
@@ -22,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import open_to_workers
-from tests.e2e.harness import FUNCTIONS_DIR, Running, function, started
+from tests.e2e.harness import FUNCTIONS_DIR, Running, function, send_raw, started
 
 EXAMPLES = int(os.environ.get("CA_FUZZ_EXAMPLES", "300"))
 
@@ -103,22 +102,6 @@ def requests(draw: st.DrawFn) -> bytes:
     return data
 
 
-def send(port: int, data: bytes) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
-        try:
-            sock.sendall(data)
-            sock.shutdown(socket.SHUT_WR)  # nothing more: a partial request is the client's
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-        received = b""
-        try:
-            while chunk := sock.recv(65536):
-                received += chunk
-        except ConnectionResetError:
-            pass
-    return received
-
-
 def strict_requests(data: bytes) -> list[tuple[bytes, bytes, bytes]]:
     """(method, target, body) of every whole request h11 reads from ``data``, in order."""
     conn = h11.Connection(h11.SERVER)
@@ -171,7 +154,7 @@ def test_every_answer_is_contract_shaped_and_workers_see_only_valid_requests(
         sup: tuple[Running, Path], data: bytes) -> None:
     running, records = sup
     before = {p: len(p.read_text().splitlines()) for p in records.iterdir()}
-    received = send(running.ca_port, data)
+    received = send_raw(running.ca_port, data, timeout=15, shut_write=True)
     recorded = [json.loads(line) for p in records.iterdir()
                 for line in p.read_text().splitlines()[before.get(p, 0):]]
     if received:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import Running, function, started, wait_for
+from tests.e2e.harness import Running, function, send_raw, started, wait_for
 
 TIMEOUTS = {"client_header_timeout": "1s", "client_body_timeout": "1s", "keep_alive_timeout": "2s"}
 
@@ -30,18 +30,7 @@ def sup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
 
 
 def exchange(port: int, data: bytes, wait_s: float = 10.0) -> bytes:
-    """Sends ``data`` and reads until the server closes (or ``wait_s`` passes: then fails)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=wait_s) as sock:
-        sock.sendall(data)
-        received = b""
-        try:
-            while chunk := sock.recv(65536):
-                received += chunk
-        except ConnectionResetError:
-            pass
-        except TimeoutError:
-            raise AssertionError(f"the server kept the connection open for {wait_s}s: {received[:200]!r}") from None
-    return received
+    return send_raw(port, data, wait_s)
 
 
 def parse(response: bytes) -> tuple[int, dict[str, str], bytes]:
