@@ -124,6 +124,22 @@ class Abort(Exception):
 # ---------------------------------------------------------------------------
 
 
+
+def wind_up(sup: Any, load: Any, out: dict[str, Any]) -> dict[str, Any]:
+    """Stops the load and the supervisor of a part (kills or soak) and notes how they
+    ended in ``out``; returns the load's records (empty when there was none)."""
+    records: dict[str, Any] = {}
+    if load is not None:
+        try:
+            records = load.stop()
+        except Abort as exc:
+            out["failures"].append(str(exc))
+    out["exit_code"] = sup.stop()
+    out["killed_at_stop"], out["leftovers"] = sup.killed, sup.leftovers
+    out["log"] = run.analyse_log(sup.log_path)
+    out["stderr"] = run.stderr_of(sup.dir)
+    return records
+
 def use_source(at: str, work: Path) -> dict[str, Any]:
     """Exports commit `at` (supervisor/ and worker/) into work/src and makes every process started from
     now on import it; `.` keeps the work tree. Returns what is measured."""
@@ -494,15 +510,7 @@ def run_kills(work: Path, args: argparse.Namespace, source: dict[str, Any]) -> d
         out["failures"].append(f"kills: {exc}")
         say(f"  kills failed: {exc}")
     finally:
-        if load is not None:
-            try:
-                records = load.stop()
-            except Abort as exc:
-                out["failures"].append(str(exc))
-        out["exit_code"] = sup.stop()
-        out["killed_at_stop"], out["leftovers"] = sup.killed, sup.leftovers
-        out["log"] = run.analyse_log(sup.log_path)
-        out["stderr"] = run.stderr_of(sup.dir)
+        records = wind_up(sup, load, out)
     if records:
         out["load"] = attribute(out, records)
     return out
@@ -688,15 +696,7 @@ def run_soak(work: Path, args: argparse.Namespace, source: dict[str, Any]) -> di
         out["failures"].append(f"soak: {exc}")
         say(f"  soak failed: {exc}")
     finally:
-        if load is not None:
-            try:
-                records = load.stop()
-            except Abort as exc:
-                out["failures"].append(str(exc))
-        out["exit_code"] = sup.stop()
-        out["killed_at_stop"], out["leftovers"] = sup.killed, sup.leftovers
-        out["log"] = run.analyse_log(sup.log_path)
-        out["stderr"] = run.stderr_of(sup.dir)
+        records = wind_up(sup, load, out)
     if records:
         out["load"] = {"options": records["options"], "ok": records["ok"], "failed": records["failed"],
                        "failed_by": dict(Counter(f[2] for f in records["failures"])),
