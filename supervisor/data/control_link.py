@@ -10,9 +10,11 @@ state (``Router.resend_state``) instead of replaying stale deltas.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
+from typing import Any
 
 import grpc
 
@@ -56,10 +58,15 @@ class ControlLink:
             if self._dropped in (1, 100, 10000):
                 log.warning("control plane outbox full; events dropped", dropped=self._dropped)
 
-    async def _events(self, outbox: asyncio.Queue[cpb.DataPlaneEvent]) -> AsyncIterator[cpb.DataPlaneEvent]:
-        yield cpb.DataPlaneEvent(hello=cpb.DataPlaneHello(pid=os.getpid()))
+    @staticmethod
+    async def _write_events(call: Any, outbox: asyncio.Queue[cpb.DataPlaneEvent]) -> None:
+        """The session's outgoing side, a task this plane owns: written with
+        ``call.write``, not handed to gRPC as a request iterator (gRPC's consumer
+        task for an iterator outlives a session the control plane ended, and
+        is then destroyed pending, or fails closing the generator)."""
+        await call.write(cpb.DataPlaneEvent(hello=cpb.DataPlaneHello(pid=os.getpid())))
         while True:
-            yield await outbox.get()
+            await call.write(await outbox.get())
 
     async def _wait_listening(self) -> None:
         """Returns once the control plane accepts connections on its socket.
@@ -83,7 +90,9 @@ class ControlLink:
         while True:
             await self._wait_listening()
             outbox: asyncio.Queue[cpb.DataPlaneEvent] = asyncio.Queue(OUTBOX_LIMIT)
-            call = self.stub.Attach(self._events(outbox), wait_for_ready=True)
+            call = self.stub.Attach(wait_for_ready=True)
+            writer = asyncio.ensure_future(self._write_events(call, outbox))
+            writer.add_done_callback(functools.partial(_end_call, call))  # a session that cannot send is over
             try:
                 first = True
                 async for event in call:
@@ -104,6 +113,9 @@ class ControlLink:
                 self._outbox = None
                 self.attached.clear()
                 call.cancel()
+                writer.cancel()
+                # Its end (cancelled, or the call's own error) is this session's: nothing to report.
+                await asyncio.gather(writer, return_exceptions=True)
             await asyncio.sleep(delay)
             delay = min(delay * 2, RECONNECT_MAX_S)
 
@@ -125,3 +137,7 @@ class ControlLink:
 
     async def close(self) -> None:
         await self.channel.close()
+
+
+def _end_call(call: Any, _writer: asyncio.Future[None]) -> None:
+    call.cancel()
