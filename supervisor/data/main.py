@@ -271,6 +271,8 @@ def client_limits(config: Config, nofile: int) -> tuple[ClientLimits, ClientLimi
     ``FD_PER_WORKER`` per possible worker) and the metrics port's own share,
     so that accepting never fails for want of a descriptor."""
     settings = config.supervisor
+    if nofile < 0:  # RLIM_INFINITY: not for descriptors on Linux, but never a limit of 8
+        nofile = 1 << 20
     workers = sum(f.max_workers for f in config.functions.values())
     spare = max(0, nofile - FD_RESERVE - FD_PER_WORKER * workers)
     metrics_share = min(METRICS_CONNECTIONS, max(4, spare // 8))
