@@ -16,7 +16,7 @@ that may be slow, silent, broken or hostile):
 - Every answer the server gives on its own is the contract's JSON
   (``errorType``, ``errorMessage``, ``x-fc-status: 404``,
   ``x-fc-request-id``), never uvicorn's plain text: 400 ``BadRequestError``
-  for what the parser refuses, 501 ``NotImplementedError`` for a
+  for what the parser refuses, 501 ``UnsupportedTransferEncodingError`` for a
   Transfer-Encoding other than ``chunked`` (a body still compressed, or
   encoded twice, would reach the handler as its event), 414/431, and 408
   ``ClientTimeoutError``. None of them is logged one by one: they are
@@ -73,7 +73,7 @@ REPORT_S = 10.0
 STATUS_TEXT = {400: b"Bad Request", 408: b"Request Timeout", 414: b"URI Too Long",
                431: b"Request Header Fields Too Large", 501: b"Not Implemented"}
 ERROR_TYPES = {400: "BadRequestError", 408: "ClientTimeoutError", 414: "URITooLongError",
-               431: "RequestHeaderFieldsTooLargeError", 501: "NotImplementedError"}
+               431: "RequestHeaderFieldsTooLargeError", 501: "UnsupportedTransferEncodingError"}
 
 
 @dataclasses.dataclass

@@ -94,14 +94,17 @@ def test_head_refusals_carry_the_request_id(sup: Running) -> None:
     assert headers["x-fc-request-id"] == "big-1"
 
 
-@pytest.mark.parametrize("coding", [b"gzip, chunked", b"chunked, chunked", b"identity", b"gzip"])
-def test_transfer_codings_other_than_chunked_are_refused(sup: Running, coding: bytes) -> None:
+@pytest.mark.parametrize(("coding", "status", "error_type"), [
+    (b"gzip, chunked", 501, "UnsupportedTransferEncodingError"),  # llhttp would decode the chunks, leave the gzip
+    (b"identity", 501, "UnsupportedTransferEncodingError"),
+    (b"gzip", 501, "UnsupportedTransferEncodingError"),
+    (b"chunked, chunked", 400, "BadRequestError"),  # llhttp itself refuses chunked twice
+])
+def test_transfer_codings_other_than_chunked_are_refused(sup: Running, coding: bytes, status: int,
+                                                        error_type: str) -> None:
     request = (b"POST /invoke HTTP/1.1\r\nhost: x\r\ntransfer-encoding: " + coding +
                b"\r\n\r\n2\r\n{}\r\n0\r\n\r\n")
-    response = exchange(sup.ca_port, request)
-    code, _, _ = parse(response)
-    assert code in (400, 501), response[:300]  # 501 when the parser got as far as reading the coding
-    assert_contract_error(response, code, "NotImplementedError" if code == 501 else "BadRequestError")
+    assert_contract_error(exchange(sup.ca_port, request), status, error_type)
 
 
 def test_a_connection_flood_is_shed_and_the_metrics_port_stays_up(tmp_path: Path) -> None:
