@@ -320,7 +320,9 @@ class Router:
             table.pop(key, None)
 
     async def _hello_later(self, link: WorkerLink, hello: wpb.WorkerHello) -> None:
-        await self._wait_keyed(self._known_waiters, hello.worker_id, UNKNOWN_WORKER_WAIT_S)
+        # Checked again here: the WorkerAdded may have landed before this task ran.
+        if hello.worker_id not in self.expected:
+            await self._wait_keyed(self._known_waiters, hello.worker_id, UNKNOWN_WORKER_WAIT_S)
         expected = self.expected.get(hello.worker_id)
         if expected is None:
             self._refuse(link, hello.worker_id, "unknown worker")

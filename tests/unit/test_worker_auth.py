@@ -87,3 +87,36 @@ def test_a_credential_is_spent_by_its_first_use(tmp_path: Path) -> None:
     first, second = run_gate(tmp_path, issue(token, uid=os.getuid()), token, attempts=2)
     assert first[0] == wire.Kind.WELCOME
     assert second[0] == wire.Kind.REJECT and wpb.WorkerReject.FromString(second[1]).reason == "bad credential"
+
+
+def test_a_hello_followed_at_once_by_its_worker_added_is_welcomed_without_waiting(tmp_path: Path, monkeypatch) -> None:
+    """The control plane's WorkerAdded can land in the same loop turn as the worker's
+    hello, before the task that waits for it has run: the hello must not then wait
+    out the unknown-worker deadline (it did: a replacement took 3 s to be ready, and
+    the worker it replaced served 86 invocations past its max_requests of 10)."""
+    import supervisor.data.router as router_module
+
+    monkeypatch.setattr(router_module, "UNKNOWN_WORKER_WAIT_S", 60.0)  # the bug: hello() times out after 5 s
+    (tmp_path / "fn").mkdir()
+    config = parse_config({"functions": {"fn": {"code_dir": "fn", "handler": "app:handler"}}}, tmp_path, {})
+    path = str(tmp_path / "worker.sock")
+    token = secrets.token_bytes(32)
+    issued = issue(token, uid=os.getuid())
+
+    async def main() -> tuple[int, bytes]:
+        router = Router(config, DataPlaneMetrics(CollectorRegistry()), AwakeClock(), lambda event: None)
+        on_hello = router.on_hello
+
+        def hello_then_added(link: WorkerLink, message: wpb.WorkerHello) -> None:
+            on_hello(link, message)
+            router.on_control_event(cpb.ControlEvent(added=issued))
+
+        router.on_hello = hello_then_added  # type: ignore[method-assign]
+        server = await asyncio.get_running_loop().create_unix_server(lambda: WorkerLink(router), path)
+        try:
+            return await hello(path, issued.worker_id, token)
+        finally:
+            server.close()
+
+    kind, _ = asyncio.run(main())
+    assert kind == wire.Kind.WELCOME
