@@ -18,7 +18,9 @@ The contract is DESIGN.md, "Contract: configuration (TOML)". The rules:
   directory, so a config means the same thing whatever the current directory.
 * The environment overrides the file: `ca_port` from `FC_SERVER_PORT`, else
   `FC_CUSTOM_LISTEN_PORT`, else `CA_PORT` (the platform decides the port);
-  `run_dir` from `SUPERVISOR_RUN_DIR`. An empty variable counts as unset.
+  `metrics_port` from `SUPERVISOR_METRICS_PORT` (0..65535, 0 disables, as
+  the key); `run_dir` from `SUPERVISOR_RUN_DIR`. An empty variable counts as
+  unset; a bad value is a problem named after the variable (`env.NAME`).
 * Importing handlers runs user code, so it is not part of validation:
   `check_handlers` does it in throwaway subprocesses, on request.
 * A config that validates can run: every number is bounded (the bound is
@@ -335,6 +337,7 @@ EnvValue = Annotated[str, AfterValidator(_env_value)]
 _ENTRY_RE = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")
 _NAME_RE = re.compile(r"[A-Za-z0-9_-]+")
 _PORT_ENV = ("FC_SERVER_PORT", "FC_CUSTOM_LISTEN_PORT", "CA_PORT")  # highest precedence first
+METRICS_PORT_ENV = "SUPERVISOR_METRICS_PORT"
 # Runtimes whose command pulls events from a runtime API (no HTTP server of their own).
 PULL_RUNTIMES = frozenset({"lambda", "scf"})
 
@@ -624,21 +627,34 @@ def _function_checks(prefix: str, raw: Mapping[str, Any], failed: set[str]) -> l
     return problems
 
 
+def _env_port(var: str, text: str, low: int) -> tuple[int | None, list[Problem]]:
+    """A port number low..65535 from variable ``var``, else a problem naming it."""
+    digits = text.strip()
+    if re.fullmatch(r"[0-9]{1,5}", digits) and low <= int(digits) <= 65535:
+        return int(digits), []
+    what = "a port number 1..65535" if low else "a port number 0..65535 (0 disables metrics)"
+    return None, [Problem(f"env.{var}", f"expected {what}, got {_show(text)}")]
+
+
 def _env_overrides(env: Mapping[str, str]) -> tuple[dict[str, Any], list[Problem]]:
     update: dict[str, Any] = {}
-    for var in _PORT_ENV:
-        text = env.get(var, "")
-        if text == "":
-            continue
-        # The first variable that is set decides, even when it is bad: falling
-        # through to a lower one would listen where the platform does not expect.
-        if not re.fullmatch(r"\s*[0-9]+\s*", text) or not 1 <= int(text) <= 65535:
-            return update, [Problem(f"env.{var}", f"expected a port number 1..65535, got {text!r}")]
-        update["ca_port"] = int(text)
-        break
+    problems: list[Problem] = []
+    # The first variable that is set decides, even when it is bad: falling
+    # through to a lower one would listen where the platform does not expect.
+    var = next((var for var in _PORT_ENV if env.get(var, "") != ""), None)
+    if var is not None:
+        port, found = _env_port(var, env[var], 1)
+        problems += found
+        if port is not None:
+            update["ca_port"] = port
+    if env.get(METRICS_PORT_ENV, "") != "":
+        port, found = _env_port(METRICS_PORT_ENV, env[METRICS_PORT_ENV], 0)
+        problems += found
+        if port is not None:
+            update["metrics_port"] = port
     if env.get("SUPERVISOR_RUN_DIR"):
         update["run_dir"] = Path(env["SUPERVISOR_RUN_DIR"])
-    return update, []
+    return update, problems
 
 
 def _socket_room(run_dir: Path) -> str | None:
@@ -673,7 +689,8 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, env: Mapping[str, str]
         if room is not None:
             problems.append(Problem("env.SUPERVISOR_RUN_DIR" if "run_dir" in update else "supervisor.run_dir", room))
         if settings.metrics_port == settings.ca_port:
-            problems.append(Problem("supervisor.metrics_port", f"must differ from ca_port ({settings.ca_port}); use another port or 0 to disable metrics"))
+            key = f"env.{METRICS_PORT_ENV}" if "metrics_port" in update else "supervisor.metrics_port"
+            problems.append(Problem(key, f"must differ from ca_port ({settings.ca_port}); use another port or 0 to disable metrics"))
 
     functions: dict[str, FunctionConfig] = {}
     tables = data.get("functions", {})

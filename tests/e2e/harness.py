@@ -234,7 +234,8 @@ def start(tmp_path: Path, functions: Mapping[str, Mapping[str, Any]], *, initial
     config_path = tmp_path / "supervisor.toml"
     write_config(config_path, settings, functions)
     env = {k: v for k, v in os.environ.items()
-           if k not in ("FC_SERVER_PORT", "FC_CUSTOM_LISTEN_PORT", "CA_PORT", "SUPERVISOR_RUN_DIR")}
+           if k not in ("FC_SERVER_PORT", "FC_CUSTOM_LISTEN_PORT", "CA_PORT", "SUPERVISOR_RUN_DIR",
+                         "SUPERVISOR_METRICS_PORT")}
     env.update(extra_env or {})
     log_path = tmp_path / "supervisor.log"
     with log_path.open("wb") as log:

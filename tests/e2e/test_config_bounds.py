@@ -56,7 +56,7 @@ def cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
                                stderr=subprocess.PIPE, text=True, start_new_session=True,
                                env={k: v for k, v in os.environ.items()
                                     if k not in ("FC_SERVER_PORT", "FC_CUSTOM_LISTEN_PORT", "CA_PORT",
-                                                 "SUPERVISOR_RUN_DIR")})
+                                                 "SUPERVISOR_RUN_DIR", "SUPERVISOR_METRICS_PORT")})
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -431,6 +431,51 @@ def test_env_port_clashing_with_metrics(tmp_path: Path) -> None:
     assert problem.path == "supervisor.metrics_port"
 
 
+@pytest.mark.parametrize(
+    ("env", "port"),
+    [
+        ({}, 8001),
+        ({"SUPERVISOR_METRICS_PORT": "9470"}, 9470),
+        ({"SUPERVISOR_METRICS_PORT": " 9470\n"}, 9470),
+        ({"SUPERVISOR_METRICS_PORT": "0"}, 0),  # disables metrics, as the key does
+        ({"SUPERVISOR_METRICS_PORT": "65535"}, 65535),
+        ({"SUPERVISOR_METRICS_PORT": ""}, 8001),  # empty counts as unset
+    ],
+)
+def test_metrics_port_override(tmp_path: Path, env: dict[str, str], port: int) -> None:
+    config = parse_config({**minimal(), "supervisor": {"metrics_port": 8001}}, tmp_path, env)
+    assert config.supervisor.metrics_port == port
+
+
+@pytest.mark.parametrize("value", ["x", "90.5", "65536", "-1", "0x10", "9" * 5000, "1 2"])
+def test_bad_metrics_port_in_env(tmp_path: Path, value: str) -> None:
+    [problem] = problems_of(minimal(), tmp_path, {"SUPERVISOR_METRICS_PORT": value})
+    assert problem.path == "env.SUPERVISOR_METRICS_PORT"
+    assert problem.message.startswith("expected a port number 0..65535 (0 disables metrics), got ")
+    assert len(problem.message) < 200  # one readable line, also for a huge value
+
+
+def test_huge_ca_port_in_env_is_a_problem(tmp_path: Path) -> None:
+    # int() refuses more than 4300 digits with a ValueError: never a traceback.
+    [problem] = problems_of(minimal(), tmp_path, {"FC_SERVER_PORT": "9" * 5000})
+    assert problem.path == "env.FC_SERVER_PORT" and len(problem.message) < 200
+
+
+def test_env_problems_are_reported_together(tmp_path: Path) -> None:
+    problems = problems_of(minimal(), tmp_path, {"FC_SERVER_PORT": "x", "SUPERVISOR_METRICS_PORT": "y"})
+    assert paths_of(problems) == ["env.FC_SERVER_PORT", "env.SUPERVISOR_METRICS_PORT"]
+
+
+def test_env_metrics_port_clashing_with_ca_port_names_the_variable(tmp_path: Path) -> None:
+    [problem] = problems_of(minimal(), tmp_path, {"SUPERVISOR_METRICS_PORT": "9000"})
+    assert problem.path == "env.SUPERVISOR_METRICS_PORT" and "must differ from ca_port (9000)" in problem.message
+    [problem] = problems_of(minimal(), tmp_path, {"SUPERVISOR_METRICS_PORT": "9100", "FC_SERVER_PORT": "9100"})
+    assert problem.path == "env.SUPERVISOR_METRICS_PORT"
+    # The environment resolves a clash in the file, too.
+    data = {**minimal(), "supervisor": {"ca_port": 9000, "metrics_port": 9000}}
+    assert parse_config(data, tmp_path, {"SUPERVISOR_METRICS_PORT": "0"}).supervisor.metrics_port == 0
+
+
 def test_run_dir_override(tmp_path: Path) -> None:
     data = {**minimal(), "supervisor": {"run_dir": "/tmp/x"}}
     assert parse_config(data, tmp_path, {"SUPERVISOR_RUN_DIR": "/run/sup"}).supervisor.run_dir == Path("/run/sup")

@@ -153,7 +153,8 @@ def typed(path: tuple[Any, ...]) -> st.SearchStrategy[Any]:
 
 mutations = st.lists(st.sampled_from(PATHS + NEW_KEYS).flatmap(
     lambda path: st.tuples(st.just(path), st.one_of(typed(path), values, st.just(None)))), min_size=1, max_size=4)
-env_overrides = st.dictionaries(st.sampled_from(["FC_SERVER_PORT", "CA_PORT", "SUPERVISOR_RUN_DIR"]),
+env_overrides = st.dictionaries(st.sampled_from(["FC_SERVER_PORT", "CA_PORT", "SUPERVISOR_METRICS_PORT",
+                                                "SUPERVISOR_RUN_DIR"]),
                                 st.one_of(st.sampled_from(["9000", "0", "65536", "x", "/var/tmp/" + "r" * 200]),
                                           texts.filter(lambda t: "\0" not in t)), max_size=2)
 
@@ -359,7 +360,7 @@ def test_validate_exits_0_or_2_and_never_raises(base_dir: Path, changes: list[tu
     file.write_text(toml_text(data), encoding="utf-8")
     stdout, stderr = io.StringIO(), io.StringIO()
     saved = {key: os.environ.pop(key) for key in ("FC_SERVER_PORT", "FC_CUSTOM_LISTEN_PORT", "CA_PORT",
-                                                   "SUPERVISOR_RUN_DIR") if key in os.environ}
+                                                   "SUPERVISOR_RUN_DIR", "SUPERVISOR_METRICS_PORT") if key in os.environ}
     try:
         with deadline(EXAMPLE_DEADLINE_S), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             code = dispatch(["validate", "--config", str(file)])
