@@ -15,7 +15,9 @@ Contract (DESIGN.md, "Contract: logs"):
 * A worker's captured output is re-emitted by :func:`emit_worker_line`, a fast
   path that bypasses the processor chain (it runs for every line a worker
   prints) but writes the same field names and timestamp format. The worker's
-  text is only ever the value of ``event``, so a worker cannot forge fields.
+  text is only ever the value of ``event``, so a worker cannot forge fields;
+  a Python worker's structured record (what its function logs) has its own
+  level and its fields as keys, redacted, never the supervisor's own keys.
 * FC's markers (``FC Invoke Start RequestId: <id>`` ...) are only written by
   :func:`emit_marker_line` (the control plane, on the data plane's word) and
   by plane code that logs one with a ``marker`` field. Everywhere else in
@@ -375,6 +377,41 @@ _ESCAPED_COLON = b"RequestId\\u003a"
 _MARKER_KINDS = {"invoke": "Invoke", "initialize": "Initialize", "pre_freeze": "PreFreeze", "pre_stop": "PreStop"}
 
 
+# A structured record from a Python worker (worker.output.write_record, worker.python.log):
+# RECORD_START + {"level", "event", "logger"?, "exception"?, "stack"?, "fields"?} on one stdout line.
+RECORD_START = b"\x1a"
+_RECORD_LEVELS = frozenset({"debug", "info", "warning", "error", "critical"})
+_RECORD_TEXTS = ("logger", "exception", "stack")
+# Keys a record's fields never replace (a field with one of these names is logged as user_<name>).
+_OWN_KEYS = frozenset({"timestamp", "level", "event", "component", "function", "worker", "request_id", "stream",
+                       "truncated_bytes", "marker", "kind", "pid", *_RECORD_TEXTS})
+
+
+def _one_line(text: str) -> str:
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
+def _worker_record(text: bytes) -> tuple[str, str, dict[str, Any]] | None:
+    """``(level, event, keys)`` of a worker's structured record, redacted; None when
+    ``text`` is not one (it is then logged as text)."""
+    try:
+        record = json.loads(text[1:])
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(record, dict):
+        return None
+    level, event = record.get("level"), record.get("event")
+    if level not in _RECORD_LEVELS or not isinstance(event, str):
+        return None
+    keys: dict[str, Any] = {key: record[key] for key in _RECORD_TEXTS if isinstance(record.get(key), str)}
+    fields = record.get("fields")
+    if isinstance(fields, dict):
+        for key, value in fields.items():
+            name = f"user_{key}" if key in _OWN_KEYS else key
+            keys[name] = REDACTED if is_sensitive_key(name) else _redact_value(value, 1)
+    return str(level), event, keys
+
+
 def emit_worker_line(
     sink: LineSink,
     *,
@@ -393,16 +430,27 @@ def emit_worker_line(
     with replacement and loses trailing CR/LF. Level is ``info`` for stdout and
     ``warning`` for stderr; ``request_id`` is omitted when None and
     ``truncated_bytes`` when zero. ``fmt`` defaults to the configured format.
-    No redaction runs here: the fields are the supervisor's own, and the
-    text is a single JSON string value, never parsed.
+    No redaction runs on plain text: the fields are the supervisor's own, and
+    the text is a single JSON string value, never parsed. The exception is a
+    Python worker's structured record (``RECORD_START``, whole, on stdout):
+    its level and event are the record's, its fields become keys (redacted;
+    never one of the supervisor's own keys, see ``_OWN_KEYS``).
     """
     level = _LEVEL_BY_STREAM.get(stream, "info")
-    event = text.rstrip(b"\r\n").decode("utf-8", "replace")
+    record = _worker_record(text) if text[:1] == RECORD_START and stream == "stdout" and not truncated else None
+    fields: dict[str, Any] = {}
+    if record is not None:
+        level, event, fields = record
+    else:
+        event = text.rstrip(b"\r\n").decode("utf-8", "replace")
     timestamp = utc_timestamp()
     if (fmt or _format) == "console":
         extra = f" request_id={request_id}" if request_id is not None else ""
         if truncated:
             extra += f" truncated_bytes={truncated}"
+        if record is not None:  # a record's event and keys may hold line breaks; a console line must not
+            event = _one_line(event)
+            extra += "".join(f" {_one_line(key)}={value!r}" for key, value in fields.items())
         sink.write_line(
             (f"{timestamp} [{level:<9}] {event}  component={component} function={function}"
              + (f" worker={worker}" if worker else "") + f"{extra} stream={stream}\n").encode("utf-8", "replace")
@@ -422,6 +470,10 @@ def emit_worker_line(
     line["stream"] = stream
     if truncated:
         line["truncated_bytes"] = truncated
+    if fields:
+        line.update(fields)
+        sink.write_line(_json_serializer(line) + b"\n")  # its values may be what orjson refuses
+        return
     # Not OPT_APPEND_NEWLINE: orjson's result keeps a ~4 KiB allocation
     # (measured: 4.1 KiB of RSS per queued 175-byte line), and the sink may
     # hold thousands of lines. The concatenation is a right-sized copy.

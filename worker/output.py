@@ -27,6 +27,11 @@ Rules and invariants:
   place FC's markers, which the control plane writes on the data plane's
   word (:mod:`supervisor.control.output`): nothing the worker writes is a
   marker, so user code that prints one only prints a line.
+* :func:`write_record` writes a structured log record (what the function
+  logs through ``logging`` or ``context.logger``): a tagged stdout line whose
+  text is ``\x1a`` + one JSON object. The log pump makes it one log record
+  with its level and fields (``supervisor.logs.emit_worker_line``); a line
+  that only looks like one (or was cut by ``max_line``) is logged as text.
 * ``sys.stdout.buffer`` takes bytes, written at once and untagged (the pump
   attributes them by the boundary records), after any buffered text.
 """
@@ -41,7 +46,7 @@ import sys
 import threading
 from contextvars import ContextVar
 
-__all__ = ["TaggedStream", "current_request_id", "install", "log_error", "marker"]
+__all__ = ["RECORD_START", "TaggedStream", "current_request_id", "install", "log_error", "marker", "write_record"]
 
 current_request_id: ContextVar[str | None] = ContextVar("current_request_id", default=None)
 
@@ -49,6 +54,8 @@ _VALID_ID = re.compile(r"[A-Za-z0-9._:-]{1,127}")
 _KINDS = frozenset({"Invoke", "Initialize", "PreFreeze", "PreStop"})
 _PHASES = frozenset({"Start", "End"})
 _MAX_PENDING = 64 * 1024
+# The first character of a structured record's text (after its tag): see write_record.
+RECORD_START = "\x1a"
 
 _stdout: TaggedStream | None = None
 _stderr: TaggedStream | None = None
@@ -271,6 +278,19 @@ def marker(kind: str, request_id: str, phase: str) -> None:
         _stdout.write_raw(line, end_line=True)
     else:
         _write_fd(1, line)
+
+
+def write_record(payload: str) -> None:
+    """One structured log record (``RECORD_START`` + a JSON object, one line) on
+    stdout, tagged with the current request id like any printed line (see
+    ``worker.python.log``). ``payload`` must not contain a newline."""
+    line = RECORD_START + payload + "\n"
+    if _stdout is not None:
+        with _stdout._lock:  # one operation: no other thread's text between the two
+            _stdout.write_raw(b"", end_line=True)  # a record is a line of its own
+            _stdout.write(line)
+    else:
+        _write_fd(1, line.encode("utf-8", "backslashreplace"))
 
 
 def log_error(message: str) -> None:

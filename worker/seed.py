@@ -175,7 +175,9 @@ class Seed:
         import uvloop  # noqa: F401  # imported, never run here
 
         import worker.main  # noqa: F401
-        from worker.python import host
+        from worker.python import host, log
+
+        log.install()  # what the function logs at import is a record too
 
         if self.spec.get("interface", "event") != "event":
             import worker.python.http  # noqa: F401  # the ASGI/WSGI host, and a2wsgi with it

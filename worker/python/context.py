@@ -1,18 +1,18 @@
 """The ``context`` object a Python handler receives (FC's names).
 
 Built once per invocation from the request's headers; cheap to create because
-the logger is bound lazily and credentials are plain attributes.
+the logger is made lazily and credentials are plain attributes. ``logger``
+is a ``worker.python.log.RequestLogger``: standard library only, its fields
+logged as JSON keys of the record.
 """
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
-import structlog
+from worker.python.log import RequestLogger
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,23 +32,6 @@ class FunctionMeta:
     handler: str
     memory_size: int
     timeout: int
-
-
-_request_logger_base: Any = None
-
-
-def _base_logger() -> Any:
-    """A structlog logger writing readable lines to the (tagged) stdout."""
-    global _request_logger_base
-    if _request_logger_base is None:
-        _request_logger_base = structlog.wrap_logger(
-            structlog.PrintLogger(sys.stdout),
-            processors=[
-                structlog.processors.add_log_level,
-                structlog.processors.KeyValueRenderer(key_order=["level", "event"], drop_missing=True),
-            ],
-        )
-    return _request_logger_base
 
 
 class Context:
@@ -71,15 +54,16 @@ class Context:
             security_token=headers.get("x-fc-security-token", ""),
         )
         self._deadline = time.monotonic() + timeout_s
-        self._logger: Any = None
+        self._logger: RequestLogger | None = None
 
     def remaining_time_ms(self) -> int:
         return max(0, int((self._deadline - time.monotonic()) * 1000))
 
     @property
-    def logger(self) -> Any:
+    def logger(self) -> RequestLogger:
+        """Records attributed to this invocation (by the request id current where it is called)."""
         if self._logger is None:
-            self._logger = _base_logger().bind(request_id=self.request_id, function=self.function_name)
+            self._logger = RequestLogger()
         return self._logger
 
     def __repr__(self) -> str:

@@ -23,20 +23,23 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
+import datetime
+import enum
 import importlib
 import inspect
 import json
 import sys
 import traceback
+import uuid
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import orjson
-
 from supervisor.v1 import worker_pb2 as wpb
 from worker.host import HttpExchange
 from worker.output import current_request_id, marker
+from worker.python import log
 from worker.python.context import Context, FunctionMeta
 
 # Hook kinds as sent by the data plane, and the markers FC prints around them.
@@ -58,8 +61,22 @@ def resolve(ref: str) -> Callable[..., Any]:
     return target  # type: ignore[no-any-return]
 
 
+def _json_default(value: Any) -> Any:
+    """What ``json`` does not encode by itself, as the worker always encoded it
+    (dataclasses, datetimes as ISO 8601, UUIDs as text, enums by value)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if isinstance(value, (datetime.datetime, datetime.date, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, enum.Enum):
+        return value.value
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
 def encode_value(value: Any) -> tuple[bytes, str]:
-    """A handler's return value as (body, content type)."""
+    """A handler's return value as (body, content type): compact JSON in UTF-8."""
     if value is None:
         return b"", ""
     if isinstance(value, bytes):
@@ -68,11 +85,11 @@ def encode_value(value: Any) -> tuple[bytes, str]:
         return bytes(value), "application/octet-stream"
     if isinstance(value, str):
         return value.encode(), "text/plain; charset=utf-8"
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=_json_default)
     try:
-        return orjson.dumps(value), "application/json"
-    except TypeError:
-        # orjson is strict (e.g. ints beyond 64 bits, non-str keys); json is not.
-        return json.dumps(value).encode(), "application/json"
+        return text.encode(), "application/json"
+    except UnicodeEncodeError:  # a lone surrogate: escaped, the JSON stays valid
+        return json.dumps(value, separators=(",", ":"), default=_json_default).encode(), "application/json"
 
 
 def cancelled_from_outside(exc: BaseException) -> bool:
@@ -150,6 +167,7 @@ class PythonHost:
 
     def load(self) -> None:
         """Imports the handler and the hooks (raises on any failure)."""
+        log.install()  # before the function's first module: what it logs are records
         for kind, key in (("invoke", "handler"), ("initialize", "initializer"),
                           ("pre_freeze", "pre_freeze"), ("pre_stop", "pre_stop")):
             ref = self.spec.get(key)
