@@ -1,4 +1,4 @@
-"""supervisor.wire: frame encoding and the incremental decoder."""
+"""calink.frames: frame encoding and the incremental decoder."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from supervisor.wire import HEADER, HEADER_SIZE, WINDOW_ACK, FrameDecoder, Kind, ProtocolError, encode, window_size
+from calink.frames import HEADER, HEADER_SIZE, WINDOW_ACK, FrameDecoder, Kind, ProtocolError, encode, window_size
 
 Frame = tuple[int, int, bytes]
 
