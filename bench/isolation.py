@@ -373,7 +373,7 @@ def measure_steps(runs: int) -> dict[str, Any]:
     from supervisor.control.cgroups import CgroupLimits, CgroupTree, Unavailable
     from worker import isolation
 
-    isolation.seccomp_module()  # loaded before the children give up root, as a worker has it
+    isolation.libseccomp()  # loaded before the children give up root, as a worker has it
     tree = CgroupTree.detect(name=f"ca-bench-{os.getpid()}")
     if isinstance(tree, Unavailable):
         return {"error": f"no cgroup tree: {tree.reason}"}
@@ -442,7 +442,7 @@ def measure_steps(runs: int) -> dict[str, Any]:
 
 
 def describe_machine() -> dict[str, Any]:
-    return common.machine(("ca-supervisor", "psutil", "pyseccomp"),
+    return common.machine(("ca-supervisor", "psutil"),
                           python=common.run_text([pools.PYTHON, "-c", "import platform; print(platform.python_version())"]))
 
 
@@ -461,7 +461,7 @@ def render(r: dict[str, Any]) -> str:
     w("## Isolation: what it costs\n")
     w(f"`.venv/bin/python bench/isolation.py{' --quick' if o['quick'] else ''}`, {m['date_utc']}, commit {m['git']}; "
       f"{m['cpu_model']}, {m['nproc']} cores ({m['affinity']} usable), {m['memory']}, kernel {m['kernel']}, "
-      f"Python {m['python']}, pyseccomp {m['versions'].get('pyseccomp', '-')}; run as root. "
+      f"Python {m['python']}, libseccomp over ctypes; run as root. "
       "One run on a shared machine: the start deltas carry a bootstrap interval, the latency rounds their spread; "
       "read anything inside those as noise.\n")
     w("Two supervisors side by side, started together and measured interleaved:\n")
@@ -578,7 +578,7 @@ def render(r: dict[str, Any]) -> str:
         st = steps["steps"]
         n_ok = st[STEPS[0]]["n"]
         w(f"### Each step of worker/isolation.py's apply (µs; {n_ok} of {steps['runs']} fresh children)\n")
-        w("Each child is forked from the benchmark's Python process (worker.isolation and pyseccomp imported), "
+        w("Each child is forked from the benchmark's Python process (worker.isolation and libseccomp loaded), "
           f"{GAP_S * 1000:.0f} ms apart, and times each step with perf_counter_ns, sending the numbers back over a "
           f"pipe. It joins a real cgroup ({steps['cgroups']}; memory 256 MiB, cpu 1, pids 64), unshares mount and "
           "network namespaces, covers /tmp with a tmpfs keeping one directory, binds the code dir read-only, brings "

@@ -33,7 +33,9 @@ The order is the point (each step needs what the previous ones still allow):
    setuid binary can give back what was dropped;
 6. the seccomp deny-list (``DENIED``; ``clone3`` answers ENOSYS so that the
    C library falls back to ``clone``, whose namespace flags the filter can
-   see and refuses).
+   see and refuses). libseccomp is called over ctypes (its C API): this
+   module is standard library only, like everything a Python worker runs
+   before the function's code.
 The parent-death signal is set by the caller afterwards (a uid change
 clears it). Every step that was asked for and fails raises
 ``IsolationError``: a worker never runs with less than it was told.
@@ -218,45 +220,91 @@ def no_new_privs() -> None:
     _prctl(PR_SET_NO_NEW_PRIVS, 1, "prctl(PR_SET_NO_NEW_PRIVS)")
 
 
-def seccomp_module() -> Any:
-    """libseccomp's Python binding (the distribution's ``seccomp``, else
-    ``pyseccomp``, the same API over ctypes). Raises ImportError/OSError."""
-    try:
-        import seccomp  # python3-seccomp, when the image has it
-    except ImportError:
-        import pyseccomp as seccomp
-    return seccomp
+# libseccomp's C API (seccomp.h), called over ctypes: a worker imports nothing
+# outside the standard library before the function's code, so no binding package.
+SCMP_ACT_ALLOW = 0x7FFF0000
+SCMP_FLTATR_CTL_OPTIMIZE = 8
+SCMP_CMP_MASKED_EQ = 7
+NR_SCMP_ERROR = -1
+LIBSECCOMP = ("libseccomp.so.2", "libseccomp.so")
+
+
+def scmp_act_errno(errno_value: int) -> int:
+    return 0x00050000 | (errno_value & 0xFFFF)
+
+
+class ScmpArgCmp(ctypes.Structure):
+    _fields_ = [("arg", ctypes.c_uint), ("op", ctypes.c_int), ("datum_a", ctypes.c_uint64),
+                ("datum_b", ctypes.c_uint64)]
+
+
+_libseccomp: ctypes.CDLL | None = None
+
+
+def libseccomp() -> ctypes.CDLL:
+    """libseccomp, loaded once (by its soname: no search that runs programs). Raises OSError."""
+    global _libseccomp
+    if _libseccomp is None:
+        errors = []
+        for name in LIBSECCOMP:
+            try:
+                lib = ctypes.CDLL(name, use_errno=True)
+                break
+            except OSError as exc:
+                errors.append(str(exc))
+        else:
+            raise OSError(f"libseccomp is not installed ({'; '.join(errors)})")
+        lib.seccomp_init.argtypes = (ctypes.c_uint32,)
+        lib.seccomp_init.restype = ctypes.c_void_p
+        lib.seccomp_release.argtypes = (ctypes.c_void_p,)
+        lib.seccomp_release.restype = None
+        lib.seccomp_attr_set.argtypes = (ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32)
+        lib.seccomp_attr_set.restype = ctypes.c_int
+        lib.seccomp_syscall_resolve_name.argtypes = (ctypes.c_char_p,)
+        lib.seccomp_syscall_resolve_name.restype = ctypes.c_int
+        lib.seccomp_rule_add_array.argtypes = (ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint,
+                                               ctypes.POINTER(ScmpArgCmp))
+        lib.seccomp_rule_add_array.restype = ctypes.c_int
+        lib.seccomp_load.argtypes = (ctypes.c_void_p,)
+        lib.seccomp_load.restype = ctypes.c_int
+        _libseccomp = lib
+    return _libseccomp
 
 
 def load_seccomp() -> None:
     try:
-        seccomp = seccomp_module()
-        rules = seccomp.SyscallFilter(seccomp.ALLOW)
-        try:  # a binary search over syscall numbers instead of a list: every allowed call passes it
-            rules.set_attr(seccomp.Attr.CTL_OPTIMIZE, 2)
-        except (OSError, AttributeError, ValueError):
-            pass  # libseccomp < 2.5: the list it is
+        lib = libseccomp()
+    except OSError as exc:
+        raise IsolationError(f"seccomp: {exc}") from None
+    rules = lib.seccomp_init(SCMP_ACT_ALLOW)
+    if not rules:
+        raise IsolationError("seccomp: seccomp_init failed")
+    try:
+        # A binary search over syscall numbers instead of a list: every allowed call passes it.
+        lib.seccomp_attr_set(rules, SCMP_FLTATR_CTL_OPTIMIZE, 2)  # libseccomp < 2.5 refuses: the list it is
         for name in DENIED:
-            action = seccomp.ERRNO(errno.ENOSYS if name in UNAVAILABLE else errno.EPERM)
-            _add_rule(seccomp, rules, action, name)
+            _add_rule(lib, rules, scmp_act_errno(errno.ENOSYS if name in UNAVAILABLE else errno.EPERM), name)
         # clone with any namespace flag: the same as unshare. A masked comparison
         # tests equality, so one rule per flag ("this bit set"); rules OR together.
         for bit in range(32):
             if NAMESPACE_FLAGS & (1 << bit):
-                rules.add_rule(seccomp.ERRNO(errno.EPERM), "clone",
-                               seccomp.Arg(0, seccomp.MASKED_EQ, 1 << bit, 1 << bit))
-        rules.load()
-    except IsolationError:
-        raise
-    except Exception as exc:  # ImportError, OSError from libseccomp, a missing libseccomp.so
-        raise IsolationError(f"seccomp: {type(exc).__name__}: {exc}") from None
+                flag = ScmpArgCmp(arg=0, op=SCMP_CMP_MASKED_EQ, datum_a=1 << bit, datum_b=1 << bit)
+                if not _add_rule(lib, rules, scmp_act_errno(errno.EPERM), "clone", flag):
+                    raise IsolationError("seccomp: could not add the rule for clone's namespace flags")
+        status = lib.seccomp_load(rules)
+        if status < 0:
+            raise IsolationError(f"seccomp: loading the filter failed: {os.strerror(-status)}")
+    finally:
+        lib.seccomp_release(rules)
 
 
-def _add_rule(seccomp: Any, rules: Any, action: int, name: str) -> None:
-    try:
-        rules.add_rule(action, name)
-    except (OSError, ValueError, RuntimeError):
-        pass  # a syscall this architecture (or this libseccomp) does not know: nothing to deny
+def _add_rule(lib: ctypes.CDLL, rules: int, action: int, name: str, *args: ScmpArgCmp) -> bool:
+    """False for a syscall this architecture (or this libseccomp) does not know: nothing to deny."""
+    number = lib.seccomp_syscall_resolve_name(name.encode())
+    if number == NR_SCMP_ERROR:
+        return False
+    array = (ScmpArgCmp * len(args))(*args) if args else None
+    return int(lib.seccomp_rule_add_array(rules, action, number, len(args), array)) == 0
 
 
 # ---- the whole sequence ---------------------------------------------------------------
@@ -294,9 +342,9 @@ def probe() -> dict[str, Any]:
     """What this container lets a worker do, found by doing it here (a throwaway
     process): "" when a step works, else why not."""
     found: dict[str, Any] = {"uid": os.getuid(), "root": os.geteuid() == 0}
-    try:  # imported first: the mount step below covers /tmp, where a virtualenv may live
-        seccomp_module()
-    except (ImportError, OSError):
+    try:  # loaded first: the mount step below covers /tmp, where the library may live
+        libseccomp()
+    except OSError:
         pass  # reported by the seccomp step
     try:
         unshare(mount=True, network=False)
