@@ -7,7 +7,7 @@ worker owns the connection to the data plane; the host only turns
 invocations, lifecycle hooks and HTTP exchanges into results.
 
 An ``HttpExchange`` is one HTTP-trigger request streamed both ways (the
-frames are described in ``supervisor.wire``). Its rules:
+frames are described in ``calink.frames``). Its rules:
 
 - The request body arrives in chunks; each chunk is acknowledged with a
   ``WINDOW`` frame when the host takes it (``receive``), so the data plane
@@ -31,10 +31,10 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
-from supervisor import wire
-from supervisor.v1 import worker_pb2 as wpb
+from calink import frames
+from calink.messages import ErrorInfo, HttpRequest, HttpResponseStart, Result
 
-SendFrame = Callable[[wire.Kind, int, bytes], None]
+SendFrame = Callable[[frames.Kind, int, bytes], None]
 
 
 class ClientDisconnected(OSError):
@@ -42,7 +42,7 @@ class ClientDisconnected(OSError):
 
 
 class InvalidResponseError(RuntimeError):
-    """The function's response cannot be sent (a head over ``wire.MAX_RESPONSE_HEAD``)."""
+    """The function's response cannot be sent (a head over ``frames.MAX_RESPONSE_HEAD``)."""
 
 
 class StartupError(Exception):
@@ -50,7 +50,7 @@ class StartupError(Exception):
 
     def __init__(self, error_type: str, message: str) -> None:
         super().__init__(message)
-        self.info = wpb.ErrorInfo(error_type=error_type, error_message=message)
+        self.info = ErrorInfo(error_type=error_type, error_message=message)
 
 
 class Host(Protocol):
@@ -69,10 +69,10 @@ class Host(Protocol):
         """Whether ``kind`` may run synchronously on the loop (``run_inline``)."""
 
     def run_inline(self, kind: str, request_id: str, headers: Mapping[str, str], timeout_s: float,
-                   body: bytes) -> wpb.Result: ...
+                   body: bytes) -> Result: ...
 
     async def run(self, kind: str, request_id: str, headers: Mapping[str, str], timeout_s: float,
-                  body: bytes) -> wpb.Result:
+                  body: bytes) -> Result:
         """An event invocation ("invoke") or a lifecycle hook, as a ``Result``."""
 
     def serves_http(self) -> bool:
@@ -96,7 +96,7 @@ class HttpExchange:
     __slots__ = ("request", "stream", "_send_frame", "_chunks", "_unacked_in", "_body_done", "_cancelled",
                  "_receiving", "_credit", "_credit_waiter", "started", "finished", "_loop")
 
-    def __init__(self, send_frame: SendFrame, stream: int, request: wpb.HttpRequest) -> None:
+    def __init__(self, send_frame: SendFrame, stream: int, request: HttpRequest) -> None:
         self.request = request
         self.stream = stream
         self._send_frame = send_frame
@@ -105,7 +105,7 @@ class HttpExchange:
         self._body_done = not request.more_body
         self._cancelled = False
         self._receiving: asyncio.Future[None] | None = None
-        self._credit = wire.STREAM_WINDOW
+        self._credit = frames.STREAM_WINDOW
         self._credit_waiter: asyncio.Future[None] | None = None
         self.started = False
         self.finished = False
@@ -117,8 +117,8 @@ class HttpExchange:
 
     def on_body(self, chunk: bytes) -> None:
         self._unacked_in += len(chunk)
-        if self._unacked_in > wire.STREAM_WINDOW:
-            raise wire.ProtocolError(f"request body overran the stream window on stream {self.stream}")
+        if self._unacked_in > frames.STREAM_WINDOW:
+            raise frames.ProtocolError(f"request body overran the stream window on stream {self.stream}")
         if chunk:
             self._chunks.append(chunk)
         self._wake_receiver()
@@ -128,9 +128,9 @@ class HttpExchange:
         self._wake_receiver()
 
     def on_window(self, payload: bytes) -> None:
-        self._credit += wire.window_size(payload)
-        if self._credit > wire.STREAM_WINDOW:
-            raise wire.ProtocolError(f"window update beyond what was sent on stream {self.stream}")
+        self._credit += frames.window_size(payload)
+        if self._credit > frames.STREAM_WINDOW:
+            raise frames.ProtocolError(f"window update beyond what was sent on stream {self.stream}")
         waiter = self._credit_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -170,7 +170,7 @@ class HttpExchange:
             if self._chunks:
                 chunk = self._chunks.popleft()
                 self._unacked_in -= len(chunk)
-                self._send_frame(wire.Kind.WINDOW, self.stream, wire.WINDOW_ACK.pack(len(chunk)))
+                self._send_frame(frames.Kind.WINDOW, self.stream, frames.WINDOW_ACK.pack(len(chunk)))
                 return chunk, not self.body_complete
             if self._body_done:
                 return b"", False
@@ -201,13 +201,13 @@ class HttpExchange:
             raise RuntimeError("the response has already started")
         if self._cancelled:
             raise ClientDisconnected("the client disconnected")
-        head = wpb.HttpResponseStart(status=status, headers=[wpb.Header(name=n, value=v) for n, v in headers])
-        size = head.ByteSize()
-        if size > wire.MAX_RESPONSE_HEAD:
-            raise InvalidResponseError(f"the response head is {size} bytes; at most {wire.MAX_RESPONSE_HEAD} "
+        head = HttpResponseStart(status=status, headers=headers).encode()
+        size = len(head)
+        if size > frames.MAX_RESPONSE_HEAD:
+            raise InvalidResponseError(f"the response head is {size} bytes; at most {frames.MAX_RESPONSE_HEAD} "
                                        "can be sent")
         self.started = True
-        self._send_frame(wire.Kind.RESPONSE_START, self.stream, head.SerializeToString())
+        self._send_frame(frames.Kind.RESPONSE_START, self.stream, head)
 
     async def send(self, data: bytes) -> None:
         """Sends body bytes, waiting for the window; the response must have started."""
@@ -224,22 +224,22 @@ class HttpExchange:
                 finally:
                     self._credit_waiter = None
                 continue
-            size = min(len(view), self._credit, wire.MAX_CHUNK)
+            size = min(len(view), self._credit, frames.MAX_CHUNK)
             self._credit -= size
-            self._send_frame(wire.Kind.RESPONSE_BODY, self.stream, bytes(view[:size]))
+            self._send_frame(frames.Kind.RESPONSE_BODY, self.stream, bytes(view[:size]))
             view = view[size:]
 
-    def finish(self, error: wpb.ErrorInfo | None = None) -> None:
+    def finish(self, error: ErrorInfo | None = None) -> None:
         """Ends the exchange: the response is complete, or failed with ``error``."""
         if self.finished:
             return
         self.finished = True
-        result = wpb.Result(ok=True) if error is None else wpb.Result(ok=False, error=error)
-        self._send_frame(wire.Kind.RESULT, self.stream, result.SerializeToString())
+        result = Result(ok=True) if error is None else Result(ok=False, error=error)
+        self._send_frame(frames.Kind.RESULT, self.stream, result.encode())
 
 
 def header_pairs(headers: Any) -> list[tuple[str, str]]:
-    """``(name, value)`` byte or text pairs as the latin-1 text pairs of the wire."""
+    """``(name, value)`` byte or text pairs as the latin-1 text pairs of the frames."""
     pairs = []
     for name, value in headers:
         pairs.append((name.decode("latin-1") if isinstance(name, (bytes, bytearray)) else str(name),

@@ -39,10 +39,8 @@ import threading
 import time
 from typing import Any
 
-from google.protobuf.message import DecodeError
-
-from supervisor import wire
-from supervisor.v1 import worker_pb2 as wpb
+from calink import frames
+from calink.messages import ErrorInfo, HttpRequest, Invoke, Result, WorkerHello, WorkerReject, WorkerWelcome
 from worker import output
 from worker.host import ClientDisconnected, Host, HttpExchange, StartupError
 
@@ -51,7 +49,7 @@ EXIT_INIT_FAILED = 78
 EXIT_LOST_DATA_PLANE = 75
 EXIT_RUNTIME_EXITED = 70
 EXIT_ISOLATION_FAILED = 71
-STREAM_FRAMES = frozenset({wire.Kind.REQUEST_BODY, wire.Kind.REQUEST_END, wire.Kind.WINDOW, wire.Kind.CANCEL})
+STREAM_FRAMES = frozenset({frames.Kind.REQUEST_BODY, frames.Kind.REQUEST_END, frames.Kind.WINDOW, frames.Kind.CANCEL})
 ORPHAN_LINGER_S = 5.0
 ORPHAN_POLL_S = 0.5
 PR_SET_PDEATHSIG = 1
@@ -104,11 +102,11 @@ class Link(asyncio.Protocol):
 
     def __init__(self, worker: Worker, max_frame: int) -> None:
         self.worker = worker
-        self.decoder = wire.FrameDecoder(max_frame)
+        self.decoder = frames.FrameDecoder(max_frame)
         self.transport: asyncio.Transport | None = None
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.authenticated = False
-        self.writer = wire.FrameWriter()
+        self.writer = frames.FrameWriter()
         self.welcome: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -122,7 +120,7 @@ class Link(asyncio.Protocol):
                     self.welcome.set_result((kind, payload))
                 else:
                     self.worker.on_frame(self, kind, stream, payload)
-        except (wire.ProtocolError, DecodeError) as exc:
+        except frames.ProtocolError as exc:
             output.log_error(f"worker link protocol error: {exc}")
             if self.transport is not None:
                 self.transport.close()
@@ -133,7 +131,7 @@ class Link(asyncio.Protocol):
         if not self.welcome.done():
             self.welcome.set_exception(ConnectionError("data plane closed the connection"))
 
-    def send(self, kind: wire.Kind, stream: int = 0, payload: bytes = b"") -> None:
+    def send(self, kind: frames.Kind, stream: int = 0, payload: bytes = b"") -> None:
         self.writer.send(kind, stream, payload)
 
 
@@ -189,15 +187,15 @@ class Worker:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.5)
 
-    async def authenticate(self, link: Link) -> wpb.WorkerWelcome:
-        hello = wpb.WorkerHello(worker_id=self.spec["worker_id"], token=self.token, pid=os.getpid())
-        link.send(wire.Kind.HELLO, 0, hello.SerializeToString())
+    async def authenticate(self, link: Link) -> WorkerWelcome:
+        hello = WorkerHello(worker_id=self.spec["worker_id"], token=self.token, pid=os.getpid())
+        link.send(frames.Kind.HELLO, 0, hello.encode())
         kind, payload = await asyncio.wait_for(link.welcome, 10.0)
-        if kind != wire.Kind.WELCOME:
-            reason = wpb.WorkerReject.FromString(payload).reason if kind == wire.Kind.REJECT else f"frame {kind}"
+        if kind != frames.Kind.WELCOME:
+            reason = WorkerReject.decode(payload).reason if kind == frames.Kind.REJECT else f"frame {kind}"
             output.log_error(f"data plane refused this worker: {reason}")
             raise SystemExit(EXIT_REJECTED)
-        welcome = wpb.WorkerWelcome.FromString(payload)
+        welcome = WorkerWelcome.decode(payload)
         self.token = welcome.next_token
         link.authenticated = True
         return welcome
@@ -207,7 +205,7 @@ class Worker:
         if failure is not None:
             await self.report_init_error(link, failure)
 
-    async def _start_host(self) -> wpb.ErrorInfo | None:
+    async def _start_host(self) -> ErrorInfo | None:
         """Loads the function and runs its initializer: what failed, or None."""
         try:
             await self.host.start()
@@ -228,9 +226,9 @@ class Worker:
             return info
         return None
 
-    async def report_init_error(self, link: Link, info: wpb.ErrorInfo) -> None:
+    async def report_init_error(self, link: Link, info: ErrorInfo) -> None:
         """Reports the failure, waits (briefly) until the data plane has it, exits 78."""
-        link.send(wire.Kind.INIT_ERROR, 0, info.SerializeToString())
+        link.send(frames.Kind.INIT_ERROR, 0, info.encode())
         # The data plane closes the link once it has passed the error on, so the
         # control plane learns the cause before it sees this process exit.
         try:
@@ -262,7 +260,7 @@ class Worker:
                 initialized = True
             host_exit = self.host.exited()
             if host_exit is None or not host_exit.done():  # never READY for a runtime that is gone
-                link.send(wire.Kind.DRAINING if self.draining else wire.Kind.READY)
+                link.send(frames.Kind.DRAINING if self.draining else frames.Kind.READY)
             waits: list[asyncio.Future[Any]] = [link.closed, self.drained]
             if host_exit is not None:
                 waits.append(host_exit)
@@ -289,23 +287,23 @@ class Worker:
     # ---- work ------------------------------------------------------------
 
     def on_frame(self, link: Link, kind: int, stream: int, payload: bytes) -> None:
-        if kind == wire.Kind.INVOKE:
-            msg = wpb.Invoke.FromString(payload)
-            headers = {h.name: h.value for h in msg.headers}
+        if kind == frames.Kind.INVOKE:
+            msg = Invoke.decode(payload)
+            headers = dict(msg.headers)
             timeout_s = msg.timeout_ms / 1000.0
             if self.host.runs_inline(msg.kind):
                 result = self.host.run_inline(msg.kind, msg.request_id, headers, timeout_s, msg.body)
-                link.send(wire.Kind.RESULT, stream, result.SerializeToString())
+                link.send(frames.Kind.RESULT, stream, result.encode())
                 self._maybe_drained()
             else:
                 task = asyncio.ensure_future(self._invoke(link, stream, msg, headers, timeout_s))
                 self.inflight.add(task)
                 task.add_done_callback(self._done)
-        elif kind == wire.Kind.HTTP_REQUEST:
-            exchange = HttpExchange(link.send, stream, wpb.HttpRequest.FromString(payload))
+        elif kind == frames.Kind.HTTP_REQUEST:
+            exchange = HttpExchange(link.send, stream, HttpRequest.decode(payload))
             if not self.host.serves_http():
-                exchange.finish(wpb.ErrorInfo(error_type="FunctionNotFoundError",
-                                              error_message="this function does not serve HTTP requests"))
+                exchange.finish(ErrorInfo(error_type="FunctionNotFoundError",
+                                          error_message="this function does not serve HTTP requests"))
                 return
             self.exchanges[stream] = exchange
             task = asyncio.ensure_future(self._http(link, exchange))
@@ -315,25 +313,25 @@ class Worker:
             current = self.exchanges.get(stream)
             if current is None:
                 return  # the exchange has ended; a late frame for it means nothing
-            if kind == wire.Kind.REQUEST_BODY:
+            if kind == frames.Kind.REQUEST_BODY:
                 current.on_body(payload)
-            elif kind == wire.Kind.REQUEST_END:
+            elif kind == frames.Kind.REQUEST_END:
                 current.on_end()
-            elif kind == wire.Kind.WINDOW:
+            elif kind == frames.Kind.WINDOW:
                 current.on_window(payload)
             else:
                 current.on_cancel()
-        elif kind == wire.Kind.DRAIN:
+        elif kind == frames.Kind.DRAIN:
             self.drain_acked = True
             self.drain()
 
     async def _run(self, kind: str, request_id: str, headers: dict[str, str], timeout_s: float,
-                   body: bytes) -> wpb.Result:
+                   body: bytes) -> Result:
         if self.host.runs_inline(kind):
             return self.host.run_inline(kind, request_id, headers, timeout_s, body)
         return await self.host.run(kind, request_id, headers, timeout_s, body)
 
-    async def _invoke(self, link: Link, stream: int, msg: wpb.Invoke, headers: dict[str, str],
+    async def _invoke(self, link: Link, stream: int, msg: Invoke, headers: dict[str, str],
                       timeout_s: float) -> None:
         try:
             result = await self.host.run(msg.kind, msg.request_id, headers, timeout_s, msg.body)
@@ -347,7 +345,7 @@ class Worker:
         # Answer on the current connection: after a data-plane restart the old
         # stream ids mean nothing, and the new data plane has no such stream.
         if self.link is link:
-            link.send(wire.Kind.RESULT, stream, result.SerializeToString())
+            link.send(frames.Kind.RESULT, stream, result.encode())
 
     async def _http(self, link: Link, exchange: HttpExchange) -> None:
         try:
@@ -364,8 +362,8 @@ class Worker:
                 exchange.finish(info)
         finally:
             if not exchange.finished and link is self.link:
-                exchange.finish(wpb.ErrorInfo(error_type="IncompleteResponseError",
-                                              error_message="the application returned without a complete response"))
+                exchange.finish(ErrorInfo(error_type="IncompleteResponseError",
+                                          error_message="the application returned without a complete response"))
             if self.exchanges.get(exchange.stream) is exchange:
                 del self.exchanges[exchange.stream]
 
@@ -383,7 +381,7 @@ class Worker:
         self.draining = True
         link = self.link
         if link is not None and link.authenticated and not self.drain_acked:
-            link.send(wire.Kind.DRAINING)
+            link.send(frames.Kind.DRAINING)
         if link is None or link.closed.done():
             self.drain_acked = True  # nobody can send us work
         self._maybe_drained()

@@ -4,7 +4,7 @@ The front hands every request that is not ``/invoke`` or a lifecycle hook to
 a ``TriggerExchange`` when its function serves HTTP (an ASGI or WSGI app, or
 a custom runtime's server). The exchange opens a stream on a worker
 (``Router.open_http``) and moves bytes both ways as they come (frames and
-flow control in ``supervisor.wire``).
+flow control in ``calink.frames``).
 
 Rules:
 - Nothing is buffered whole. The request body goes to the worker as the
@@ -46,11 +46,11 @@ import re
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from supervisor import wire
+from calink import frames
+from calink.messages import Header, HttpRequest, HttpResponseStart, Result
 from supervisor.data import errors
 from supervisor.data.errors import InvocationError
 from supervisor.logs import get_logger
-from supervisor.v1 import worker_pb2 as wpb
 
 if TYPE_CHECKING:
     from supervisor.data.http_server import ClientConnection
@@ -76,15 +76,15 @@ class ClientGone(Exception):
     """The client disconnected; there is nobody to answer."""
 
 
-def client_head(head: wpb.HttpResponseStart, rid: bytes) -> tuple[int, list[tuple[bytes, bytes]]]:
+def client_head(head: HttpResponseStart, rid: bytes) -> tuple[int, list[tuple[bytes, bytes]]]:
     """The application's status and headers as the client gets them; raises ``InvocationError`` (502)."""
     status = head.status
     if not 200 <= status <= 599:
         raise errors.invalid_response(f"status {status} (200-599 expected)")
     headers: list[tuple[bytes, bytes]] = []
     length: str | None = None
-    for header in head.headers:
-        name, value = header.name, header.value
+    for name, given in head.headers:
+        value = given
         lower = name.lower()
         if lower in HOP_BY_HOP or lower == "x-fc-request-id":
             continue
@@ -93,7 +93,7 @@ def client_head(head: wpb.HttpResponseStart, rid: bytes) -> tuple[int, list[tupl
         if lower == "content-length":
             value = value.strip(" \t")
             if not DIGITS.fullmatch(value) or (length is not None and value != length):
-                raise errors.invalid_response(f"Content-Length {header.value!r}")
+                raise errors.invalid_response(f"Content-Length {given!r}")
             if length is not None or status in BODILESS:
                 length = value
                 continue
@@ -111,7 +111,7 @@ class TriggerExchange:
                  "connection")
 
     def __init__(self, router: Router, function: FunctionState, scope: Scope, request_id: str, rid: bytes,
-                 headers: list[wpb.Header]) -> None:
+                 headers: list[Header]) -> None:
         self.router = router
         self.function = function
         self.scope = scope
@@ -161,10 +161,10 @@ class TriggerExchange:
             raise errors.body_stalled(config.name, self.connection.body_timeout_s)
         if len(body) > config.max_body:
             raise errors.payload_too_large(config.name, config.max_body)
-        first, rest = body[:wire.MAX_CHUNK], body[wire.MAX_CHUNK:]
+        first, rest = body[:frames.MAX_CHUNK], body[frames.MAX_CHUNK:]
         scope = self.scope
         client = scope.get("client") or ("", 0)
-        request = wpb.HttpRequest(
+        request = HttpRequest(
             request_id=self.request_id, method=scope["method"],
             raw_path=scope.get("raw_path") or scope["path"].encode("utf-8"), query=scope.get("query_string", b""),
             headers=self.headers, body=first, more_body=more or bool(rest),
@@ -196,7 +196,7 @@ class TriggerExchange:
             raise call.failure
         head = call.head.result()
         if head is None:  # the stream ended without a response: an error answer
-            result = wpb.Result.FromString(call.future.result())  # raises the timeout's or crash's error
+            result = Result.decode(call.future.result())  # raises the timeout's or crash's error
             error = result.error
             if result.ok:
                 raise errors.handler_failed("IncompleteResponseError", "the application sent no response", "")
@@ -225,7 +225,7 @@ class TriggerExchange:
             else:
                 await call.wait()
         try:
-            result = wpb.Result.FromString(call.future.result())
+            result = Result.decode(call.future.result())
         except InvocationError as exc:  # timed out or crashed mid-response
             return self._abort(exc)
         if call.failure is not None:
@@ -262,7 +262,7 @@ class TriggerExchange:
                 if call.credit <= 0:
                     await call.wait_credit()
                     continue
-                take = min(len(pending), call.credit, wire.MAX_CHUNK)
+                take = min(len(pending), call.credit, frames.MAX_CHUNK)
                 call.send_body(pending[:take])
                 pending = pending[take:]
             if not more:

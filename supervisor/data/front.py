@@ -28,6 +28,7 @@ from typing import Any, Protocol
 
 import orjson
 
+from calink.messages import Header
 from supervisor.data import errors
 from supervisor.data.errors import InvocationError
 from supervisor.data.exchange import ClientGone, TriggerExchange
@@ -36,7 +37,6 @@ from supervisor.data.request_ids import SAFE_REQUEST_ID, RequestIds
 from supervisor.data.router import Router
 from supervisor.logs import get_logger
 from supervisor.output import flush_shared
-from supervisor.v1 import worker_pb2 as wpb
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -70,10 +70,10 @@ class Front:
         function_name: str | None = None
         request_id: str | None = None
         content_length = -1
-        fc_headers: list[wpb.Header] = []
+        fc_headers: list[Header] = []
         for name, value in scope["headers"]:
             text = value.decode("latin-1")
-            fc_headers.append(wpb.Header(name=name.decode("latin-1"), value=text))
+            fc_headers.append((name.decode("latin-1"), text))
             if name == b"x-fc-request-id":
                 # An id that could not be logged safely (markers, tags) is replaced.
                 request_id = text if SAFE_REQUEST_ID.fullmatch(text) else None
@@ -83,8 +83,8 @@ class Front:
                 content_length = int(value) if value.isdigit() else -1
         if not request_id:
             request_id = self.request_ids.new()
-            fc_headers = [h for h in fc_headers if h.name != "x-fc-request-id"]
-            fc_headers.append(wpb.Header(name="x-fc-request-id", value=request_id))
+            fc_headers = [h for h in fc_headers if h[0] != "x-fc-request-id"]
+            fc_headers.append(("x-fc-request-id", request_id))
         rid = request_id.encode("latin-1")
         path = scope["path"]
         try:
@@ -112,7 +112,7 @@ class Front:
         config = self.router.config.function_for(function_name)
         return config.name if config is not None else function_name
 
-    async def _invoke(self, function_name: str | None, request_id: str, rid: bytes, headers: list[wpb.Header],
+    async def _invoke(self, function_name: str | None, request_id: str, rid: bytes, headers: list[Header],
                       content_length: int, receive: Receive, send: Send, scope: Scope) -> None:
         config = self.router.config.function_for(function_name)
         if config is None:
@@ -140,7 +140,7 @@ class Front:
         await send({"type": "http.response.body", "body": result.body})
 
     async def _http(self, scope: Scope, function_name: str | None, request_id: str, rid: bytes,
-                    headers: list[wpb.Header], content_length: int, receive: Receive, send: Send) -> None:
+                    headers: list[Header], content_length: int, receive: Receive, send: Send) -> None:
         """An HTTP-trigger request, streamed both ways through a worker (``exchange.py``)."""
         config = self.router.config.function_for(function_name)
         if config is None or not config.serves_http:

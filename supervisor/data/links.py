@@ -26,17 +26,16 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple
 
-from google.protobuf.message import DecodeError
-
-from supervisor import marks, wire
+from calink import frames
+from calink.messages import ErrorInfo, HttpRequest, HttpResponseStart, Invoke, WorkerHello, WorkerReject, WorkerWelcome
+from supervisor import marks
 from supervisor.data.dispatcher import Slotted, WorkerState
-from supervisor.v1 import worker_pb2 as wpb
 
 if TYPE_CHECKING:
     from supervisor.data.router import Router
 
 PREAUTH_MAX_FRAME = 64 * 1024
-STREAM_REPLIES = frozenset({wire.Kind.RESPONSE_START, wire.Kind.RESPONSE_BODY, wire.Kind.WINDOW})
+STREAM_REPLIES = frozenset({frames.Kind.RESPONSE_START, frames.Kind.RESPONSE_BODY, frames.Kind.WINDOW})
 _UCRED = struct.Struct("3i")
 
 
@@ -47,7 +46,7 @@ class Pending(NamedTuple):
 
 
 class HttpCall:
-    """The data plane's end of one HTTP-trigger stream (see ``supervisor.wire``).
+    """The data plane's end of one HTTP-trigger stream (see ``calink.frames``).
 
     Like a ``Pending`` call, ``future`` gets the RESULT payload (or the
     timeout's or crash's exception) and ends the stream. ``head`` resolves
@@ -75,10 +74,10 @@ class HttpCall:
         self.future: asyncio.Future[bytes] = loop.create_future()
         self.deadline = deadline
         self.request_id = request_id
-        self.head: asyncio.Future[wpb.HttpResponseStart | None] = loop.create_future()
+        self.head: asyncio.Future[HttpResponseStart | None] = loop.create_future()
         self.chunks: deque[bytes] = deque()
         self.buffered = 0
-        self.credit = wire.STREAM_WINDOW
+        self.credit = frames.STREAM_WINDOW
         self._waiter: asyncio.Future[None] | None = None
         self._credit_waiter: asyncio.Future[None] | None = None
         self.failure: Exception | None = None
@@ -116,43 +115,43 @@ class HttpCall:
             self._credit_waiter = None
 
     def on_frame(self, kind: int, payload: bytes) -> None:
-        if kind == wire.Kind.RESPONSE_BODY:
+        if kind == frames.Kind.RESPONSE_BODY:
             if not self.head.done() or self.head.result() is None:
-                raise wire.ProtocolError(f"response body before its head on stream {self.stream}")
+                raise frames.ProtocolError(f"response body before its head on stream {self.stream}")
             self.buffered += len(payload)
-            if self.buffered > wire.STREAM_WINDOW:
-                raise wire.ProtocolError(f"response body overran the stream window on stream {self.stream}")
+            if self.buffered > frames.STREAM_WINDOW:
+                raise frames.ProtocolError(f"response body overran the stream window on stream {self.stream}")
             self.chunks.append(payload)
             self.wake()
-        elif kind == wire.Kind.RESPONSE_START:
+        elif kind == frames.Kind.RESPONSE_START:
             if self.head.done():
-                raise wire.ProtocolError(f"a second response head on stream {self.stream}")
-            self.head.set_result(wpb.HttpResponseStart.FromString(payload))
+                raise frames.ProtocolError(f"a second response head on stream {self.stream}")
+            self.head.set_result(HttpResponseStart.decode(payload))
             self.wake()
         else:  # WINDOW: the worker has taken request body bytes
-            self.credit += wire.window_size(payload)
-            if self.credit > wire.STREAM_WINDOW:
-                raise wire.ProtocolError(f"window update beyond what was sent on stream {self.stream}")
+            self.credit += frames.window_size(payload)
+            if self.credit > frames.STREAM_WINDOW:
+                raise frames.ProtocolError(f"window update beyond what was sent on stream {self.stream}")
             _resolve(self._credit_waiter)
 
     def ack(self, size: int) -> None:
         """``size`` bytes of response body have been written to the client."""
         self.buffered -= size
-        self.link.send(wire.Kind.WINDOW, self.stream, wire.WINDOW_ACK.pack(size))
+        self.link.send(frames.Kind.WINDOW, self.stream, frames.WINDOW_ACK.pack(size))
 
     def send_body(self, chunk: bytes) -> None:
         """A request body chunk (the caller keeps within ``credit`` and ``MAX_CHUNK``)."""
         self.credit -= len(chunk)
-        self.link.send(wire.Kind.REQUEST_BODY, self.stream, chunk)
+        self.link.send(frames.Kind.REQUEST_BODY, self.stream, chunk)
 
     def end_body(self) -> None:
-        self.link.send(wire.Kind.REQUEST_END, self.stream)
+        self.link.send(frames.Kind.REQUEST_END, self.stream)
 
     def cancel(self) -> None:
         """The worker stops (and still ends the stream with RESULT); sent once."""
         if not self.future.done() and not self.cancelled:
             self.cancelled = True
-            self.link.send(wire.Kind.CANCEL, self.stream)
+            self.link.send(frames.Kind.CANCEL, self.stream)
 
     def fail(self, failure: Exception) -> None:
         """The front gives the stream up (the first reason counts)."""
@@ -179,14 +178,14 @@ class WorkerLink(Slotted, asyncio.Protocol):
         Slotted.__init__(self, "", "")
         self.router = router
         self.transport: asyncio.Transport | None = None
-        self.decoder = wire.FrameDecoder(PREAUTH_MAX_FRAME)
+        self.decoder = frames.FrameDecoder(PREAUTH_MAX_FRAME)
         self.pending: dict[int, Pending | HttpCall] = {}
         self.next_stream = 1
         self.peer_pid = 0
         self.peer_uid = -1
         self.authenticated = False
         self.mode = ""
-        self.writer = wire.FrameWriter()
+        self.writer = frames.FrameWriter()
         self.max_requests = 0  # report WorkerDue once it has served this many (0: never)
         self.due_sent = False
         self.completed = 0  # invocations it answered (a RESULT) on this connection
@@ -204,34 +203,34 @@ class WorkerLink(Slotted, asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         try:
             for kind, stream, payload in self.decoder.feed(data):
-                if kind == wire.Kind.RESULT:
+                if kind == frames.Kind.RESULT:
                     call = self.pending.pop(stream, None)
                     if call is not None:
                         self.completed += 1
                         if not call.future.done():
                             call.future.set_result(payload)
                 elif not self.authenticated:
-                    if kind != wire.Kind.HELLO or self.worker_id:
-                        raise wire.ProtocolError(f"frame kind {kind} before authentication")
+                    if kind != frames.Kind.HELLO or self.worker_id:
+                        raise frames.ProtocolError(f"frame kind {kind} before authentication")
                     self.worker_id = "?"  # one HELLO per connection
-                    self.router.on_hello(self, wpb.WorkerHello.FromString(payload))
+                    self.router.on_hello(self, WorkerHello.decode(payload))
                 elif kind in STREAM_REPLIES:
                     call = self.pending.get(stream)
                     if isinstance(call, HttpCall):
                         call.on_frame(kind, payload)
                     # else: the stream has ended (timed out, say); its late frames mean nothing
-                elif kind == wire.Kind.READY:
+                elif kind == frames.Kind.READY:
                     self._initialized()
                     self.router.on_ready(self)
-                elif kind == wire.Kind.DRAINING:
+                elif kind == frames.Kind.DRAINING:
                     self._initialized()
                     self.router.on_draining(self)
-                elif kind == wire.Kind.INIT_ERROR:
+                elif kind == frames.Kind.INIT_ERROR:
                     self._initialized()
-                    self.router.on_init_error(self, wpb.ErrorInfo.FromString(payload))
+                    self.router.on_init_error(self, ErrorInfo.decode(payload))
                 else:
-                    raise wire.ProtocolError(f"unexpected frame kind {kind}")
-        except (wire.ProtocolError, ValueError, DecodeError) as exc:
+                    raise frames.ProtocolError(f"unexpected frame kind {kind}")
+        except (frames.ProtocolError, ValueError) as exc:
             self.router.on_protocol_error(self, str(exc))
             self.close()
 
@@ -246,17 +245,17 @@ class WorkerLink(Slotted, asyncio.Protocol):
         self.worker_id = worker_id
         self.function = function
         self.authenticated = True
-        self.decoder = wire.FrameDecoder(max_frame)
+        self.decoder = frames.FrameDecoder(max_frame)
         # FC's markers: the worker runs its initializer after WELCOME, until READY
         # (see supervisor.marks; on a reconnect it does not, and none are shown).
         state = self.router.functions.get(function)
         writer = marks.use(self.router.config.supervisor.run_dir)
         if state is not None and state.config.has_hook("initialize"):
             writer.start(worker_id, "initialize", f"init-{worker_id}")
-        self.send(wire.Kind.WELCOME, 0, wpb.WorkerWelcome(next_token=next_token).SerializeToString())
+        self.send(frames.Kind.WELCOME, 0, WorkerWelcome(next_token=next_token).encode())
 
     def reject(self, reason: str) -> None:
-        self.send(wire.Kind.REJECT, 0, wpb.WorkerReject(reason=reason).SerializeToString())
+        self.send(frames.Kind.REJECT, 0, WorkerReject(reason=reason).encode())
         self.writer.flush()
         self.close()
 
@@ -270,25 +269,25 @@ class WorkerLink(Slotted, asyncio.Protocol):
         self.next_stream = stream + 1 if stream < 0xFFFFFFFF else 1
         return stream
 
-    def call(self, message: wpb.Invoke, deadline: float, loop: asyncio.AbstractEventLoop) -> asyncio.Future[bytes]:
+    def call(self, message: Invoke, deadline: float, loop: asyncio.AbstractEventLoop) -> asyncio.Future[bytes]:
         """Sends an invocation; the future gets the RESULT payload."""
         stream = self._stream_id()
         future: asyncio.Future[bytes] = loop.create_future()
         self.pending[stream] = Pending(future, deadline, message.request_id)
         _mark(self.worker_id, message.kind, message.request_id, future)
-        self.send(wire.Kind.INVOKE, stream, message.SerializeToString())
+        self.send(frames.Kind.INVOKE, stream, message.encode())
         return future
 
-    def open_stream(self, request: wpb.HttpRequest, deadline: float, loop: asyncio.AbstractEventLoop) -> HttpCall:
+    def open_stream(self, request: HttpRequest, deadline: float, loop: asyncio.AbstractEventLoop) -> HttpCall:
         """Sends an HTTP-trigger request (with its first body chunk)."""
         call = HttpCall(self, self._stream_id(), deadline, request.request_id, loop)
         call.credit -= len(request.body)
         self.pending[call.stream] = call
         _mark(self.worker_id, "invoke", request.request_id, call.future)
-        self.send(wire.Kind.HTTP_REQUEST, call.stream, request.SerializeToString())
+        self.send(frames.Kind.HTTP_REQUEST, call.stream, request.encode())
         return call
 
-    def send(self, kind: wire.Kind, stream: int, payload: bytes = b"") -> None:
+    def send(self, kind: frames.Kind, stream: int, payload: bytes = b"") -> None:
         self.writer.send(kind, stream, payload)
 
     def close(self) -> None:

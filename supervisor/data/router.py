@@ -37,9 +37,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from google.protobuf.message import DecodeError
-
-from supervisor import wire
+from calink import frames
+from calink.messages import ErrorInfo, Header, HttpRequest, Invoke, ProtocolError, Result, WorkerHello
 from supervisor.clock import AwakeClock
 from supervisor.config import Config, ConfigError, FunctionConfig, parse_config_text
 from supervisor.data import errors
@@ -48,7 +47,6 @@ from supervisor.data.links import HttpCall, WorkerLink
 from supervisor.logs import get_logger
 from supervisor.metrics import DataPlaneMetrics, FunctionSeries, PoolView
 from supervisor.v1 import control_pb2 as cpb
-from supervisor.v1 import worker_pb2 as wpb
 
 SWEEP_S = 0.05
 # How long a worker has to end a stream cancelled for a slow client before it is killed.
@@ -154,13 +152,13 @@ class Router:
         return elapsed
 
     async def invoke(self, function: FunctionState, kind: str, request_id: str,
-                     headers: list[wpb.Header], body: bytes) -> wpb.Result:
+                     headers: list[Header], body: bytes) -> Result:
         """Runs one invocation on a worker; raises ``InvocationError``."""
         worker = await self._acquire(function)
         config = function.config
         started = self._begin(function)
-        message = wpb.Invoke(request_id=request_id, kind=kind, headers=headers,
-                             timeout_ms=int(config.timeout * 1000), body=body)
+        message = Invoke(request_id=request_id, kind=kind, headers=headers,
+                         timeout_ms=int(config.timeout * 1000), body=body)
         future = worker.call(message, self.clock.awake() + config.timeout, self.loop)
         try:
             payload = await future
@@ -168,13 +166,13 @@ class Router:
             future.cancel()
             self._end(function, worker, started)
         try:
-            return wpb.Result.FromString(payload)
-        except DecodeError:
+            return Result.decode(payload)
+        except ProtocolError:
             self.on_protocol_error(worker, "undecodable RESULT")
             worker.close()
             raise errors.worker_crashed(function.config.name, "the worker sent an undecodable result") from None
 
-    async def open_http(self, function: FunctionState, request: wpb.HttpRequest) -> HttpCall:
+    async def open_http(self, function: FunctionState, request: HttpRequest) -> HttpCall:
         """Sends an HTTP-trigger request to a worker; raises ``InvocationError``.
 
         The worker's slot is held until the stream ends (its RESULT, the
@@ -225,7 +223,7 @@ class Router:
             # A disposable worker's one invocation is done: it goes.
             if worker.state == WorkerState.READY:
                 function.pool.drain(worker)
-                worker.send(wire.Kind.DRAIN, 0)
+                worker.send(frames.Kind.DRAIN, 0)
         elif worker.max_requests and worker.served >= worker.max_requests:
             self._due(worker, "max_requests")
 
@@ -234,7 +232,7 @@ class Router:
         for worker in function.pool.iter_workers():
             if isinstance(worker, WorkerLink) and worker.state == WorkerState.READY and not worker.inflight:
                 function.pool.drain(worker)
-                worker.send(wire.Kind.DRAIN, 0)
+                worker.send(frames.Kind.DRAIN, 0)
 
     def _due(self, worker: Slotted, reason: str) -> None:
         if isinstance(worker, WorkerLink) and not worker.due_sent:
@@ -301,7 +299,7 @@ class Router:
 
     # ==== worker links ====================================================
 
-    def on_hello(self, link: WorkerLink, hello: wpb.WorkerHello) -> None:
+    def on_hello(self, link: WorkerLink, hello: WorkerHello) -> None:
         expected = self.expected.get(hello.worker_id)
         if expected is None:
             # The control plane's WorkerAdded may still be on its way.
@@ -319,7 +317,7 @@ class Router:
         finally:
             table.pop(key, None)
 
-    async def _hello_later(self, link: WorkerLink, hello: wpb.WorkerHello) -> None:
+    async def _hello_later(self, link: WorkerLink, hello: WorkerHello) -> None:
         # Checked again here: the WorkerAdded may have landed before this task ran.
         if hello.worker_id not in self.expected:
             await self._wait_keyed(self._known_waiters, hello.worker_id, UNKNOWN_WORKER_WAIT_S)
@@ -329,7 +327,7 @@ class Router:
         else:
             self._authenticate(link, hello, expected)
 
-    def _authenticate(self, link: WorkerLink, hello: wpb.WorkerHello, expected: cpb.WorkerAdded) -> None:
+    def _authenticate(self, link: WorkerLink, hello: WorkerHello, expected: cpb.WorkerAdded) -> None:
         if link.transport is None or link.transport.is_closing():
             return
         if not secrets.compare_digest(hashlib.sha256(hello.token).digest(), expected.token_digest):
@@ -351,7 +349,7 @@ class Router:
         expected.token_digest = digest
         self.outbox(cpb.DataPlaneEvent(session=cpb.WorkerSession(worker_id=hello.worker_id,
                                                                  next_token_digest=digest)))
-        link.accept(hello.worker_id, expected.function, function.config.max_body + wire.FRAME_OVERHEAD,
+        link.accept(hello.worker_id, expected.function, function.config.max_body + frames.FRAME_OVERHEAD,
                     next_token)
         link.max_requests = expected.max_requests
         link.limit = 1 if expected.disposable else 0
@@ -373,9 +371,9 @@ class Router:
         function = self.functions[link.function]
         function.pool.drain(link)
         # The answer: every INVOKE for this worker was written before this frame.
-        link.send(wire.Kind.DRAIN, 0)
+        link.send(frames.Kind.DRAIN, 0)
 
-    def on_init_error(self, link: WorkerLink, error: wpb.ErrorInfo) -> None:
+    def on_init_error(self, link: WorkerLink, error: ErrorInfo) -> None:
         function = self.functions[link.function]
         function.pool.drain(link)
         log.error("worker failed to initialize", function=link.function, worker=link.worker_id,
@@ -428,7 +426,7 @@ class Router:
             link = self.links.get(event.drain.worker_id)
             if link is not None:
                 self.functions[link.function].pool.drain(link)
-                link.send(wire.Kind.DRAIN, 0)
+                link.send(frames.Kind.DRAIN, 0)
         elif which == "health":
             self._on_health(event.health)
         elif which == "config":
@@ -471,7 +469,7 @@ class Router:
             if worker_id not in self.expected:
                 # A worker the (restarted) control plane does not own: let it finish and go.
                 self.functions[link.function].pool.drain(link)
-                link.send(wire.Kind.DRAIN, 0)
+                link.send(frames.Kind.DRAIN, 0)
         for health in snapshot.health:
             self._on_health(health)
         self.snapshot_seen.set()
@@ -587,7 +585,7 @@ class Router:
 
     # ==== lifecycle hooks =================================================
 
-    async def run_hook(self, kind: str, request_id: str, timeout_s: float) -> list[tuple[str, wpb.Result]]:
+    async def run_hook(self, kind: str, request_id: str, timeout_s: float) -> list[tuple[str, Result]]:
         """Runs ``kind`` (pre_freeze, pre_stop) on every ready worker that has it."""
         calls: list[tuple[str, asyncio.Future[bytes]]] = []
         for function in self.functions.values():
@@ -595,24 +593,24 @@ class Router:
                 continue
             for worker in function.pool.iter_workers():
                 if isinstance(worker, WorkerLink) and worker.state in (WorkerState.READY, WorkerState.DRAINING):
-                    message = wpb.Invoke(request_id=request_id, kind=kind, timeout_ms=int(timeout_s * 1000))
+                    message = Invoke(request_id=request_id, kind=kind, timeout_ms=int(timeout_s * 1000))
                     calls.append((worker.worker_id, worker.call(message, self.clock.awake() + timeout_s, self.loop)))
         if calls:
             # One deadline for all: the hooks run at once, one per worker.
             await asyncio.wait([future for _, future in calls], timeout=timeout_s)
-        results: list[tuple[str, wpb.Result]] = []
+        results: list[tuple[str, Result]] = []
         for worker_id, future in calls:
             if not future.done():
                 future.cancel()
-                error = wpb.ErrorInfo(error_type="FunctionTimeoutError",
-                                      error_message=f"{kind} hook did not finish within {timeout_s:g}s")
-                results.append((worker_id, wpb.Result(ok=False, error=error)))
+                error = ErrorInfo(error_type="FunctionTimeoutError",
+                                  error_message=f"{kind} hook did not finish within {timeout_s:g}s")
+                results.append((worker_id, Result(ok=False, error=error)))
             elif future.cancelled() or future.exception() is not None:
                 exc = future.exception() if not future.cancelled() else None
-                results.append((worker_id, wpb.Result(ok=False, error=wpb.ErrorInfo(
+                results.append((worker_id, Result(ok=False, error=ErrorInfo(
                     error_type=type(exc).__name__ if exc else "Cancelled", error_message=str(exc or "")))))
             else:
-                results.append((worker_id, wpb.Result.FromString(future.result())))
+                results.append((worker_id, Result.decode(future.result())))
         return results
 
     async def wait_idle(self, deadline: float) -> bool:

@@ -756,16 +756,16 @@ def test_supervisor_durations_are_bounded(tmp_path: Path, key: str) -> None:
 def test_a_timeout_accepted_fits_every_field_it_goes_into(tmp_path: Path) -> None:
     """The router sends int(timeout * 1000) in a uint32 and the manager jitters max_requests
     into one: the largest accepted values must fit (1200h and 2**63-1 did not)."""
+    from calink.messages import HttpRequest, Invoke
     from supervisor.control.policy import jittered_max_requests
     from supervisor.v1 import control_pb2 as cpb
-    from supervisor.v1 import worker_pb2 as wpb
 
     f = parse_config(minimal(timeout="24h", max_requests=1_000_000_000), tmp_path, {}).functions["hello"]
-    assert wpb.Invoke(timeout_ms=int(f.timeout * 1000)).timeout_ms == 86_400_000
-    assert wpb.HttpRequest(timeout_ms=int(f.timeout * 1000)).timeout_ms == 86_400_000
+    assert Invoke.decode(Invoke(timeout_ms=int(f.timeout * 1000)).encode()).timeout_ms == 86_400_000
+    assert HttpRequest.decode(HttpRequest(timeout_ms=int(f.timeout * 1000)).encode()).timeout_ms == 86_400_000
     assert cpb.WorkerAdded(max_requests=jittered_max_requests(f.max_requests, 0.999999)).max_requests > 10**9
     smallest = parse_config(minimal(timeout="1ms"), tmp_path, {}).functions["hello"]
-    assert wpb.Invoke(timeout_ms=int(smallest.timeout * 1000)).timeout_ms == 1  # never 0
+    assert Invoke.decode(Invoke(timeout_ms=int(smallest.timeout * 1000)).encode()).timeout_ms == 1  # never 0
 
 
 @pytest.mark.parametrize(

@@ -38,12 +38,12 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from calink.messages import HttpRequest, Invoke
 from supervisor.config import PULL_RUNTIMES, Config, ConfigError, load_config, parse_config_text
 from supervisor.control.launcher import worker_env
 from supervisor.control.policy import jittered_max_requests
 from supervisor.control.sandbox import Capabilities, plan_function
 from supervisor.v1 import control_pb2 as cpb
-from supervisor.v1 import worker_pb2 as wpb
 from worker.isolation import set_rlimits
 
 EXAMPLE_DEADLINE_S = 60.0  # a hang detector, not a speed claim: a valid config takes milliseconds
@@ -236,7 +236,8 @@ def assert_runnable(config: Config) -> None:
     assert math.isfinite(time.monotonic() + settings_.grace_period)
     for fn in config.functions.values():
         timeout_ms = int(fn.timeout * 1000)  # the router's expression, into uint32 fields
-        assert wpb.Invoke(timeout_ms=timeout_ms).timeout_ms == wpb.HttpRequest(timeout_ms=timeout_ms).timeout_ms >= 1
+        assert Invoke.decode(Invoke(timeout_ms=timeout_ms).encode()).timeout_ms == timeout_ms >= 1
+        assert HttpRequest.decode(HttpRequest(timeout_ms=timeout_ms).encode()).timeout_ms == timeout_ms
         assert math.isfinite(time.monotonic() + fn.timeout + fn.startup_timeout + fn.idle_ttl)
         cpb.WorkerAdded(max_requests=jittered_max_requests(fn.max_requests, 0.999999))
         cpb.FunctionStatus(min_warm=fn.min_warm, max_workers=fn.max_workers, concurrency=fn.concurrency,

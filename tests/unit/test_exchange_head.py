@@ -12,15 +12,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from uvicorn.protocols.http.httptools_impl import HEADER_RE, HEADER_VALUE_RE, STATUS_LINE
 
+from calink.messages import HttpResponseStart
 from supervisor.data.errors import InvocationError
 from supervisor.data.exchange import client_head
-from supervisor.v1 import worker_pb2 as wpb
 
 RID = b"rid-1"
 
 
-def head(status: int, *pairs: tuple[str, str]) -> wpb.HttpResponseStart:
-    return wpb.HttpResponseStart(status=status, headers=[wpb.Header(name=n, value=v) for n, v in pairs])
+def head(status: int, *pairs: tuple[str, str]) -> HttpResponseStart:
+    return HttpResponseStart(status=status, headers=list(pairs))
 
 
 def test_a_valid_head_passes_with_the_request_id_added() -> None:
@@ -53,7 +53,7 @@ def test_content_length_is_kept_once_and_dropped_where_there_is_no_body() -> Non
     head(200, ("content-length", "\u0663")),  # a digit, but not an ASCII one
     head(200, ("content-length", "1"), ("content-length", "2")),
 ])
-def test_an_invalid_head_is_the_contracts_502(bad: wpb.HttpResponseStart) -> None:
+def test_an_invalid_head_is_the_contracts_502(bad: HttpResponseStart) -> None:
     with pytest.raises(InvocationError) as raised:
         client_head(bad, RID)
     assert raised.value.status == 502 and raised.value.error_type == "InvalidResponseError"

@@ -28,8 +28,8 @@ import uvloop
 from a2wsgi import WSGIMiddleware
 
 import worker.python.http as http_host
-from supervisor import wire
-from supervisor.v1 import worker_pb2 as wpb
+from calink import frames
+from calink.messages import Result
 from tests.unit.exchange_peer import Peer
 from worker.host import ClientDisconnected, HttpExchange, StartupError
 from worker.output import current_request_id
@@ -141,9 +141,9 @@ async def test_request_passes_through_as_it_came(interface: str) -> None:
         await task
     head = peer.head()
     assert head is not None and head.status == 200
-    assert ("content-type", "application/json") in [(h.name, h.value) for h in head.headers]
-    assert peer.result() == wpb.Result(ok=True)
-    assert peer.kinds()[0] == wire.Kind.RESPONSE_START and peer.kinds()[-1] == wire.Kind.RESULT
+    assert ("content-type", "application/json") in list(head.headers)
+    assert peer.result() == Result(ok=True)
+    assert peer.kinds()[0] == frames.Kind.RESPONSE_START and peer.kinds()[-1] == frames.Kind.RESULT
     echo = peer.json()
     assert echo["method"] == "PUT"
     assert echo["path"] == "/echo/a b/é"
@@ -174,7 +174,7 @@ async def test_streamed_response_leaves_before_the_app_finishes(interface: str,
     head = peer.head()
     assert head is not None and head.status == 200
     assert peer.body() == b"chunk 0\nchunk 1\nchunk 2\n"
-    assert peer.result() == wpb.Result(ok=True)
+    assert peer.result() == Result(ok=True)
 
 
 @pytest.mark.parametrize("interface", INTERFACES)
@@ -183,15 +183,15 @@ async def test_large_upload_streams_within_the_window(interface: str) -> None:
     async with example(interface) as (host, _):
         peer = Peer(DEADLINE_S, "req-1")
         exchange = peer.open("POST", b"/upload", headers=[("content-length", str(len(body)))],
-                             body=body[: wire.MAX_CHUNK], more_body=True)
+                             body=body[: frames.MAX_CHUNK], more_body=True)
         task = asyncio.ensure_future(serve(host, exchange))
         # The data plane sends a window ahead and no more: 8 MiB get through only
         # because the app consumes (and the host acknowledges) as it goes.
-        await peer.feed(body[wire.MAX_CHUNK :])
+        await peer.feed(body[frames.MAX_CHUNK :])
         await task
     assert peer.json() == {"size": len(body), "sha256": hashlib.sha256(body).hexdigest()}
     assert peer.acked_in == len(body)
-    assert 0 < peer.max_outstanding <= wire.STREAM_WINDOW
+    assert 0 < peer.max_outstanding <= frames.STREAM_WINDOW
 
 
 @pytest.mark.parametrize("interface", INTERFACES)
@@ -212,9 +212,9 @@ async def test_a_data_plane_cannot_make_the_host_hold_more_than_the_window(inter
         exchange = peer.open("POST", b"/upload", more_body=True)
         task = asyncio.ensure_future(serve(host, exchange))
         # No await in between: the app cannot have read any of it.
-        for _ in range(wire.STREAM_WINDOW // wire.MAX_CHUNK):
-            exchange.on_body(b"\0" * wire.MAX_CHUNK)
-        with pytest.raises(wire.ProtocolError):
+        for _ in range(frames.STREAM_WINDOW // frames.MAX_CHUNK):
+            exchange.on_body(b"\0" * frames.MAX_CHUNK)
+        with pytest.raises(frames.ProtocolError):
             exchange.on_body(b"\0")
         exchange.on_cancel()  # what the worker does when its link drops
         with pytest.raises(ClientDisconnected):
@@ -285,10 +285,10 @@ async def test_hooks_run_like_python_hosts(interface: str) -> None:
     async with example(interface) as (host, _):
         assert host.has("initialize") and not host.runs_inline("initialize")
         result = await asyncio.wait_for(host.run("initialize", "init-1", {}, 10.0, b""), DEADLINE_S)
-        assert result == wpb.Result(ok=True)
+        assert result == Result(ok=True)
         # Nothing configured: answered inline, as PythonHost does.
         assert not host.has("pre_stop") and host.runs_inline("pre_stop")
-        assert host.run_inline("pre_stop", "stop-1", {}, 1.0, b"") == wpb.Result(ok=True)
+        assert host.run_inline("pre_stop", "stop-1", {}, 1.0, b"") == Result(ok=True)
 
 
 # ---- lifespan -------------------------------------------------------------------------
@@ -347,7 +347,7 @@ async def test_apps_without_lifespan_are_served(app: str) -> None:
         peer = Peer(DEADLINE_S, "req-1")
         await serve(host, peer.open())
     head = peer.head()
-    assert head is not None and head.status == 204 and peer.result() == wpb.Result(ok=True)
+    assert head is not None and head.status == 204 and peer.result() == Result(ok=True)
 
 
 async def test_lifespan_startup_failed_is_an_init_error() -> None:
@@ -467,7 +467,7 @@ class WsgiRecorder:
                 self.produced += 1
                 if self.produced >= self.fill_at:
                     self.filled.set()
-                yield b"x" * wire.MAX_CHUNK
+                yield b"x" * frames.MAX_CHUNK
         finally:
             self.seen.append("closed")
 
@@ -499,7 +499,7 @@ async def test_asgi_receive_after_a_complete_response_is_disconnect() -> None:
     async with running(here("asgi_recorder")) as host:
         peer = Peer(DEADLINE_S, "req-1")
         await serve(host, peer.open(path=b"/answer-then-listen"))
-    assert peer.body() == b"done" and peer.result() == wpb.Result(ok=True)
+    assert peer.body() == b"done" and peer.result() == Result(ok=True)
     assert asgi_recorder.seen == ["http.request", "http.disconnect"]
 
 
@@ -510,13 +510,13 @@ async def test_wsgi_app_blocked_on_a_full_window_is_stopped_when_the_client_leav
     # The window's chunks, the one a2wsgi's sender holds waiting for credit, a
     # full send queue, and the one the app's thread is then blocked handing over.
     queue_size = inspect.signature(WSGIMiddleware).parameters["send_queue_size"].default
-    wsgi_recorder.fill_at = wire.STREAM_WINDOW // wire.MAX_CHUNK + 1 + queue_size + 1
+    wsgi_recorder.fill_at = frames.STREAM_WINDOW // frames.MAX_CHUNK + 1 + queue_size + 1
     async with running(here("wsgi_recorder", "wsgi")) as host:
         peer = Peer(DEADLINE_S, "req-1")
         peer.auto_ack = False  # a client that reads nothing: the app fills the window and waits
         exchange = peer.open()
         task = asyncio.ensure_future(serve(host, exchange))
-        await peer.until(lambda: len(peer.body()) == wire.STREAM_WINDOW, "the window to fill")
+        await peer.until(lambda: len(peer.body()) == frames.STREAM_WINDOW, "the window to fill")
         assert await asyncio.to_thread(wsgi_recorder.filled.wait, DEADLINE_S), "the app never filled the queue"
         exchange.on_cancel()
         with pytest.raises(ClientDisconnected):
@@ -580,7 +580,7 @@ def wsgi_endless(environ: dict[str, Any], start_response: Callable[..., Any]) ->
         invoke_stopped.append("closed")
 
 
-async def invoke(host: HttpAppHost, mode: str) -> wpb.Result:
+async def invoke(host: HttpAppHost, mode: str) -> Result:
     return await asyncio.wait_for(host.run("invoke", "inv-2", {"x-mode": mode}, 10.0, b"{}"), DEADLINE_S)
 
 

@@ -30,7 +30,7 @@ import psutil
 import pytest
 
 import worker.python.host as python_host
-from supervisor import wire
+from calink import frames
 from tests.unit.exchange_peer import Peer
 from worker.host import StartupError
 from worker.output import current_request_id
@@ -575,21 +575,21 @@ async def test_a_streamed_response_arrives_while_the_server_still_writes(output:
 async def test_a_request_body_beyond_the_window_streams_to_the_server(tmp_path: Path,
                                                                       output: tuple[Recorder, Recorder]) -> None:
     server = script(tmp_path, "server.py", MISC_SERVER)
-    body = os.urandom(4 * wire.STREAM_WINDOW + 12345)
+    body = os.urandom(4 * frames.STREAM_WINDOW + 12345)
     out, _ = output
     async with running(make_spec(tmp_path, [str(server)])) as host:
         peer = Peer(DEADLINE_S)
-        first = body[: wire.MAX_CHUNK]
+        first = body[: frames.MAX_CHUNK]
         task = asyncio.ensure_future(host.http(peer.open("POST", b"/sink", body=first, more_body=True)))
 
         async def server_got_most() -> None:
             # Before the body ends, the server has already read most of it.
-            await until(lambda: any(t.startswith("got ") and int(t[4:]) >= 2 * wire.STREAM_WINDOW
+            await until(lambda: any(t.startswith("got ") and int(t[4:]) >= 2 * frames.STREAM_WINDOW
                                     for t in out.texts()), "the server to read the body as it streams")
 
         await peer.feed(body[len(first):], before_end=server_got_most)
         await asyncio.wait_for(task, DEADLINE_S)
-        assert peer.max_outstanding <= wire.STREAM_WINDOW
+        assert peer.max_outstanding <= frames.STREAM_WINDOW
         answer = json.loads(peer.body())
         assert answer == {"bytes": len(body), "sha256": hashlib.sha256(body).hexdigest()}
 
@@ -679,7 +679,7 @@ async def test_express_example(express_dir: Path, output: tuple[Recorder, Record
         assert stream.body() == b"chunk 0\nchunk 1\nchunk 2\n"
 
         upload = Peer(DEADLINE_S)
-        body = os.urandom(3 * wire.STREAM_WINDOW)
+        body = os.urandom(3 * frames.STREAM_WINDOW)
         task = asyncio.ensure_future(host.http(upload.open("POST", b"/upload", body=body[:1000], more_body=True)))
         await upload.feed(body[1000:])
         await asyncio.wait_for(task, DEADLINE_S)

@@ -23,8 +23,8 @@ import orjson
 import psutil
 import pytest
 
+from calink.messages import ErrorInfo, Result
 from supervisor.data.http_server import HttpServer
-from supervisor.v1 import worker_pb2 as wpb
 from worker.host import StartupError
 from worker.runtimes.events import Event, EventQueue
 from worker.runtimes.lambda_api import LambdaApi
@@ -80,9 +80,9 @@ def tree(pid: int) -> list[int]:
         return []
 
 
-async def invoke(host: PullHost, request_id: str, event: Any, headers: dict[str, str] | None = None) -> wpb.Result:
+async def invoke(host: PullHost, request_id: str, event: Any, headers: dict[str, str] | None = None) -> Result:
     body = event if isinstance(event, bytes) else orjson.dumps(event)
-    result: wpb.Result = await within(host.run("invoke", request_id, headers or {}, 30.0, body))
+    result: Result = await within(host.run("invoke", request_id, headers or {}, 30.0, body))
     return result
 
 
@@ -175,9 +175,9 @@ async def test_queue_hands_events_to_pollers_in_order() -> None:
     queue.put(b)
     assert first.result() is a and second.result() is b
     queue.take(a)
-    assert queue.answer("a", wpb.Result(ok=True, body=b"1"))
+    assert queue.answer("a", Result(ok=True, body=b"1"))
     assert a.result.result().body == b"1"
-    assert not queue.answer("a", wpb.Result(ok=True)), "an answered id is not in flight any more"
+    assert not queue.answer("a", Result(ok=True)), "an answered id is not in flight any more"
 
 
 async def test_queue_given_back_event_goes_first_and_withdrawn_pollers_are_skipped() -> None:
@@ -204,7 +204,7 @@ async def test_queue_refuses_a_duplicate_id_without_disturbing_the_original() ->
     assert duplicate.result.result().error.error_type == "DuplicateRequestIdError"
     queue.withdraw(duplicate)  # what run() does when the duplicate returns
     queue.take(queue.poll().result())
-    assert queue.answer("x", wpb.Result(ok=True)) and original.result.result().ok
+    assert queue.answer("x", Result(ok=True)) and original.result.result().ok
 
 
 async def test_queue_close_fails_everything_now_and_later() -> None:
@@ -215,7 +215,7 @@ async def test_queue_close_fails_everything_now_and_later() -> None:
     receiving = queue.poll()
     queue.put(handed)  # handed to that poller, not yet taken
     idle = queue.poll()
-    error = wpb.ErrorInfo(error_type="RuntimeExitedError", error_message="gone")
+    error = ErrorInfo(error_type="RuntimeExitedError", error_message="gone")
     queue.close(error)
     assert flying.result.result().error == error and handed.result.result().error == error
     assert receiving.result() is handed and idle.cancelled()
@@ -430,7 +430,7 @@ class Served:
     async def __aexit__(self, *exc: object) -> None:
         assert self.client is not None
         await self.client.aclose()
-        self.queue.close(wpb.ErrorInfo(error_type="Closed"))
+        self.queue.close(ErrorInfo(error_type="Closed"))
         await self.server.shutdown(1.0)
 
     @property
@@ -480,7 +480,7 @@ async def test_lambda_api_next_headers_and_answers() -> None:
         assert api.app.startup.result() is None, "the first poll means the runtime is ready"
         done = await api.http.post(answer_path("r-1"), content=b"[1, 2]", headers={"content-type": "text/x-mine"})
         assert (done.status_code, done.json()) == (202, {"status": "OK"})
-        assert event.result.result() == wpb.Result(ok=True, body=b"[1, 2]", content_type="text/x-mine")
+        assert event.result.result() == Result(ok=True, body=b"[1, 2]", content_type="text/x-mine")
         again = await api.http.post(answer_path("r-1"), content=b"late")
         assert (again.status_code, again.json()["errorType"]) == (400, "InvalidRequestID")
         unknown = await api.http.post(answer_path("nobody", "error"), content=b"{}")
@@ -567,13 +567,13 @@ async def test_scf_api_ready_next_and_answers() -> None:
         done = await api.http.post("/runtime/invocation/response", content=b"ok",
                                    headers={"content-type": "application/x-www-form-urlencoded"})
         assert done.status_code == 200
-        assert event.result.result() == wpb.Result(ok=True, body=b"ok", content_type="")
+        assert event.result.result() == Result(ok=True, body=b"ok", content_type="")
         late = await api.http.post("/runtime/invocation/error", content=b"changed my mind")
         assert late.status_code == 400, "the first result is final"
         failing = api.put("s-2")
         await api.http.get("/runtime/invocation/next")
         assert (await api.http.post("/runtime/invocation/error", content=b"parse event error")).status_code == 200
-        assert failing.result.result().error == wpb.ErrorInfo(error_type="FunctionError",
+        assert failing.result.result().error == ErrorInfo(error_type="FunctionError",
                                                               error_message="parse event error")
 
 

@@ -11,24 +11,24 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from supervisor import wire
+from calink import frames
+from calink.messages import WorkerHello, WorkerReject, WorkerWelcome
 from supervisor.clock import AwakeClock
 from supervisor.config import parse_config
 from supervisor.data.links import WorkerLink
 from supervisor.data.router import Router
 from supervisor.metrics import DataPlaneMetrics
 from supervisor.v1 import control_pb2 as cpb
-from supervisor.v1 import worker_pb2 as wpb
 
 
 async def hello(path: str, worker_id: str, token: bytes) -> tuple[int, bytes]:
     """Presents a credential like a worker does; returns the answer frame."""
     reader, writer = await asyncio.open_unix_connection(path)
     try:
-        hello = wpb.WorkerHello(worker_id=worker_id, token=token, pid=os.getpid())
-        writer.write(wire.encode(wire.Kind.HELLO, 0, hello.SerializeToString()))
-        head = await asyncio.wait_for(reader.readexactly(wire.HEADER.size), 5)
-        length, kind, _ = wire.HEADER.unpack(head)
+        hello = WorkerHello(worker_id=worker_id, token=token, pid=os.getpid())
+        writer.write(frames.encode(frames.Kind.HELLO, 0, hello.encode()))
+        head = await asyncio.wait_for(reader.readexactly(frames.HEADER.size), 5)
+        length, kind, _ = frames.HEADER.unpack(head)
         return kind, await asyncio.wait_for(reader.readexactly(length), 5)
     finally:
         writer.close()
@@ -62,31 +62,31 @@ def issue(token: bytes, *, pid: int | None = None, uid: int | None = None) -> cp
 def test_the_right_process_is_welcomed(tmp_path: Path) -> None:
     token = secrets.token_bytes(32)
     [(kind, payload)] = run_gate(tmp_path, issue(token, uid=os.getuid()), token)
-    assert kind == wire.Kind.WELCOME and len(wpb.WorkerWelcome.FromString(payload).next_token) == 32
+    assert kind == frames.Kind.WELCOME and len(WorkerWelcome.decode(payload).next_token) == 32
 
 
 def test_a_made_up_credential_is_refused(tmp_path: Path) -> None:
     [(kind, payload)] = run_gate(tmp_path, issue(secrets.token_bytes(32)), secrets.token_bytes(32))
-    assert kind == wire.Kind.REJECT and wpb.WorkerReject.FromString(payload).reason == "bad credential"
+    assert kind == frames.Kind.REJECT and WorkerReject.decode(payload).reason == "bad credential"
 
 
 def test_a_credential_from_another_pid_is_refused(tmp_path: Path) -> None:
     token = secrets.token_bytes(32)
     [(kind, payload)] = run_gate(tmp_path, issue(token, pid=os.getpid() + 1), token)
-    assert kind == wire.Kind.REJECT and "issued to pid" in wpb.WorkerReject.FromString(payload).reason
+    assert kind == frames.Kind.REJECT and "issued to pid" in WorkerReject.decode(payload).reason
 
 
 def test_a_credential_from_another_uid_is_refused(tmp_path: Path) -> None:
     token = secrets.token_bytes(32)
     [(kind, payload)] = run_gate(tmp_path, issue(token, uid=os.getuid() + 1), token)
-    assert kind == wire.Kind.REJECT and "issued to uid" in wpb.WorkerReject.FromString(payload).reason
+    assert kind == frames.Kind.REJECT and "issued to uid" in WorkerReject.decode(payload).reason
 
 
 def test_a_credential_is_spent_by_its_first_use(tmp_path: Path) -> None:
     token = secrets.token_bytes(32)
     first, second = run_gate(tmp_path, issue(token, uid=os.getuid()), token, attempts=2)
-    assert first[0] == wire.Kind.WELCOME
-    assert second[0] == wire.Kind.REJECT and wpb.WorkerReject.FromString(second[1]).reason == "bad credential"
+    assert first[0] == frames.Kind.WELCOME
+    assert second[0] == frames.Kind.REJECT and WorkerReject.decode(second[1]).reason == "bad credential"
 
 
 def test_a_hello_followed_at_once_by_its_worker_added_is_welcomed_without_waiting(tmp_path: Path, monkeypatch) -> None:
@@ -107,7 +107,7 @@ def test_a_hello_followed_at_once_by_its_worker_added_is_welcomed_without_waitin
         router = Router(config, DataPlaneMetrics(CollectorRegistry()), AwakeClock(), lambda event: None)
         on_hello = router.on_hello
 
-        def hello_then_added(link: WorkerLink, message: wpb.WorkerHello) -> None:
+        def hello_then_added(link: WorkerLink, message: WorkerHello) -> None:
             on_hello(link, message)
             router.on_control_event(cpb.ControlEvent(added=issued))
 
@@ -119,4 +119,4 @@ def test_a_hello_followed_at_once_by_its_worker_added_is_welcomed_without_waitin
             server.close()
 
     kind, _ = asyncio.run(main())
-    assert kind == wire.Kind.WELCOME
+    assert kind == frames.Kind.WELCOME

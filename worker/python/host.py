@@ -36,7 +36,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from supervisor.v1 import worker_pb2 as wpb
+from calink.messages import ErrorInfo, Result
 from worker.host import HttpExchange
 from worker.output import current_request_id, marker
 from worker.python import log
@@ -104,14 +104,14 @@ def cancelled_from_outside(exc: BaseException) -> bool:
     return task is not None and task.cancelling() > 0
 
 
-def error_result(exc: BaseException) -> wpb.Result:
+def error_result(exc: BaseException) -> Result:
     """The failure ``exc`` as a ``Result``; never raises (a broken ``__str__`` included)."""
     trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     try:
         message = str(exc)
     except BaseException:  # user code's __str__ may raise anything
         message = f"<exception str() failed: {type(exc).__name__}>"
-    return wpb.Result(ok=False, error=wpb.ErrorInfo(
+    return Result(ok=False, error=ErrorInfo(
         error_type=type(exc).__name__, error_message=message, stack_trace=trace))
 
 
@@ -185,12 +185,12 @@ class PythonHost:
         return fn is None or (self._executor is None and not inspect.iscoroutinefunction(fn))
 
     def run_inline(self, kind: str, request_id: str, headers: Mapping[str, str],
-                   timeout_s: float, body: bytes) -> wpb.Result:
+                   timeout_s: float, body: bytes) -> Result:
         """Runs a sync callable (or nothing) right here: the fast path."""
         fn = self.callables.get(kind)
         with Invocation(kind, request_id):
             if fn is None:
-                return wpb.Result(ok=True)
+                return Result(ok=True)
             context = Context(request_id=request_id, function=self.meta, headers=headers, timeout_s=timeout_s)
             try:
                 value = fn(body, context) if kind == "invoke" else fn(context)
@@ -200,7 +200,7 @@ class PythonHost:
             return self._ok(payload, content_type)
 
     async def run(self, kind: str, request_id: str, headers: Mapping[str, str],
-                  timeout_s: float, body: bytes) -> wpb.Result:
+                  timeout_s: float, body: bytes) -> Result:
         """Runs an async callable as a task, or a sync one in the thread pool."""
         fn = self.callables[kind]
         with Invocation(kind, request_id):
@@ -222,16 +222,16 @@ class PythonHost:
                 return self._failed(exc)
             return self._ok(payload, content_type)
 
-    def _ok(self, payload: bytes, content_type: str) -> wpb.Result:
+    def _ok(self, payload: bytes, content_type: str) -> Result:
         if len(payload) > self.max_result:
             # The link would refuse the frame (and drop every invocation on it).
-            return wpb.Result(ok=False, error=wpb.ErrorInfo(
+            return Result(ok=False, error=ErrorInfo(
                 error_type="ResultTooLargeError",
                 error_message=f"the handler returned {len(payload)} bytes; max_body is {self.max_result}"))
-        return wpb.Result(ok=True, body=payload, content_type=content_type)
+        return Result(ok=True, body=payload, content_type=content_type)
 
     @staticmethod
-    def _failed(exc: BaseException) -> wpb.Result:
+    def _failed(exc: BaseException) -> Result:
         result = error_result(exc)
         # FC shows the trace in the function's log as well as in the answer.
         sys.stderr.write(result.error.stack_trace)

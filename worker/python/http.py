@@ -57,7 +57,7 @@ from urllib.parse import unquote_to_bytes
 
 from a2wsgi import WSGIMiddleware
 
-from supervisor.v1 import worker_pb2 as wpb
+from calink.messages import ErrorInfo, Result
 from worker.host import ClientDisconnected, HttpExchange, header_pairs
 from worker.python.host import Invocation, LoadError, PythonHost, cancelled_from_outside
 from worker.python.lifespan import ASGIApp, Lifespan, Message, Receive, Scope, Send
@@ -145,7 +145,7 @@ class HttpAppHost(PythonHost):
     async def http(self, exchange: HttpExchange) -> None:
         request = exchange.request
         call = _ExchangeCall(exchange, lenient=self._wsgi is not None)
-        headers = [(h.name.encode("latin-1"), h.value.encode("latin-1")) for h in request.headers]
+        headers = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in request.headers]
         client = (request.client_host, request.client_port) if request.client_host else None
         scope = self._scope(request.method, request.raw_path or b"/", request.query, headers,
                             request.http_version or "1.1", request.scheme or "http", client)
@@ -161,7 +161,7 @@ class HttpAppHost(PythonHost):
             raise ClientDisconnected("the client disconnected before the response was complete")
 
     async def run(self, kind: str, request_id: str, headers: Mapping[str, str],
-                  timeout_s: float, body: bytes) -> wpb.Result:
+                  timeout_s: float, body: bytes) -> Result:
         """A hook as ``PythonHost`` runs it; ``invoke`` as ``POST /invoke`` to the app."""
         if kind != "invoke":
             return await super().run(kind, request_id, headers, timeout_s, body)
@@ -361,23 +361,23 @@ class _InvokeCall:
     def close(self) -> None:
         self._ended.set()  # anything of the app's still waiting on receive() learns it is over
 
-    def result(self) -> wpb.Result:
+    def result(self) -> Result:
         if self.too_large:
-            return wpb.Result(ok=False, error=wpb.ErrorInfo(
+            return Result(ok=False, error=ErrorInfo(
                 error_type="ResultTooLargeError",
                 error_message=f"the application's response to /invoke passed max_body ({self.limit} bytes)"))
         if not self.complete or self.status is None:
-            return wpb.Result(ok=False, error=wpb.ErrorInfo(
+            return Result(ok=False, error=ErrorInfo(
                 error_type="IncompleteResponseError",
                 error_message="the application returned without a complete response to /invoke"))
         body = b"".join(self.chunks)
         if 200 <= self.status < 300:
             content_type = next((v for n, v in reversed(self.headers) if n.lower() == "content-type"), "")
-            return wpb.Result(ok=True, body=body, content_type=content_type)
+            return Result(ok=True, body=body, content_type=content_type)
         text = body.decode("utf-8", "replace")
         if len(text) > ERROR_TEXT_LIMIT:
             text = f"{text[:ERROR_TEXT_LIMIT]}... ({len(body)} bytes)"
-        return wpb.Result(ok=False, error=wpb.ErrorInfo(
+        return Result(ok=False, error=ErrorInfo(
             error_type=_error_type(body), error_message=f"HTTP {self.status}: {text}"))
 
 

@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 from multidict import CIMultiDict
 from yarl import URL
 
-from supervisor.v1 import worker_pb2 as wpb
+from calink.messages import ErrorInfo, Header, Result
 from worker.host import ClientDisconnected, HttpExchange
 from worker.python.host import Invocation
 from worker.runtimes.child import ChildProcess, RuntimeExitedError, describe_exit, free_port, wait_ready
@@ -68,7 +68,7 @@ MAX_STOP_GRACE_S = 5.0
 ERROR_TEXT_BYTES = 4096
 # Response heads larger than aiohttp's 8 KiB defaults (big cookies) must pass.
 MAX_HEADER_BYTES = 64 * 1024
-# And many of them (aiohttp's default is 128); the head's total size is bounded by ``wire.MAX_RESPONSE_HEAD``.
+# And many of them (aiohttp's default is 128); the head's total size is bounded by ``frames.MAX_RESPONSE_HEAD``.
 MAX_HEADERS = 1024
 # (method, path) the server is called on for each kind of work.
 ROUTES = {"invoke": ("POST", "/invoke"), "initialize": ("POST", "/initialize"),
@@ -104,15 +104,15 @@ def response_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]
     return [(name, value) for name, value in pairs if name.lower() not in drop]
 
 
-def request_headers(headers: Iterable[wpb.Header]) -> CIMultiDict[str]:
+def request_headers(headers: Iterable[Header]) -> CIMultiDict[str]:
     """The client's request headers minus hop-by-hop ones; duplicates and order kept.
 
     Values are the client's bytes as latin-1 text; aiohttp writes text as
     UTF-8, so a non-ASCII value is handed over as the UTF-8 it almost always
     was (bytes that are not UTF-8 become U+FFFD).
     """
-    pairs = [(header.name, header.value if header.value.isascii()
-              else header.value.encode("latin-1").decode("utf-8", "replace")) for header in headers]
+    pairs = [(name, value if value.isascii() else value.encode("latin-1").decode("utf-8", "replace"))
+             for name, value in headers]
     drop = HOP_BY_HOP | connection_tokens(value for name, value in pairs if name.lower() == "connection")
     forwarded: CIMultiDict[str] = CIMultiDict()
     for name, value in pairs:
@@ -121,7 +121,7 @@ def request_headers(headers: Iterable[wpb.Header]) -> CIMultiDict[str]:
     return forwarded
 
 
-def error_info(status: int, reason: str, fc_failure: bool, body: bytes, truncated: bool) -> wpb.ErrorInfo:
+def error_info(status: int, reason: str, fc_failure: bool, body: bytes, truncated: bool) -> ErrorInfo:
     """A failed invocation's error, from FC's JSON shape when the body has it."""
     error_type = error_message = stack_trace = ""
     try:
@@ -144,7 +144,7 @@ def error_info(status: int, reason: str, fc_failure: bool, body: bytes, truncate
         error_message = f"the function's server answered {status} {reason}".rstrip()
         if text:
             error_message += f": {text}" + (" ... (truncated)" if truncated else "")
-    return wpb.ErrorInfo(error_type=error_type, error_message=error_message, stack_trace=stack_trace)
+    return ErrorInfo(error_type=error_type, error_message=error_message, stack_trace=stack_trace)
 
 
 async def read_at_most(response: aiohttp.ClientResponse, limit: int) -> tuple[bytes, bool]:
@@ -230,18 +230,18 @@ class CustomHost:
         return False
 
     def run_inline(self, kind: str, request_id: str, headers: Mapping[str, str], timeout_s: float,
-                   body: bytes) -> wpb.Result:
+                   body: bytes) -> Result:
         raise RuntimeError("a custom runtime never runs inline")
 
     async def run(self, kind: str, request_id: str, headers: Mapping[str, str], timeout_s: float,
-                  body: bytes) -> wpb.Result:
+                  body: bytes) -> Result:
         route = ROUTES.get(kind)
         if route is None:
-            return wpb.Result(ok=False, error=wpb.ErrorInfo(
+            return Result(ok=False, error=ErrorInfo(
                 error_type="UnknownKindError", error_message=f"a custom runtime cannot run {kind!r}"))
         with Invocation(kind, request_id):
             if kind != "invoke" and not self.has(kind):
-                return wpb.Result(ok=True)  # not in hooks: nothing to call
+                return Result(ok=True)  # not in hooks: nothing to call
             child = self._child()
             attributed = self.concurrency == 1
             if attributed:
@@ -255,7 +255,7 @@ class CustomHost:
                     child.request_id = None
 
     async def _call(self, kind: str, method: str, request_id: str, headers: Mapping[str, str],
-                    body: bytes) -> wpb.Result:
+                    body: bytes) -> Result:
         session = self._require_session()
         forwarded: CIMultiDict[str] = CIMultiDict(
             (name, value) for name, value in headers.items() if name.lower().startswith("x-fc-"))
@@ -270,10 +270,10 @@ class CustomHost:
                 return await self._result(response)
         except (aiohttp.ClientError, OSError) as exc:
             await self._raise_if_exited(f"{kind} {request_id}", answer=kind == "initialize")
-            return wpb.Result(ok=False, error=wpb.ErrorInfo(
+            return Result(ok=False, error=ErrorInfo(
                 error_type="RuntimeConnectionError", error_message=self._unreachable(exc)))
 
-    async def _result(self, response: aiohttp.ClientResponse) -> wpb.Result:
+    async def _result(self, response: aiohttp.ClientResponse) -> Result:
         fc_status = response.headers.get("x-fc-status")
         if fc_status is not None:
             failed = fc_status.strip() != "200"
@@ -283,7 +283,7 @@ class CustomHost:
             body, truncated = await read_at_most(response, ERROR_TEXT_BYTES)
             if truncated:
                 response.close()  # the rest is not wanted: drop the connection, do not drain it
-            return wpb.Result(ok=False, error=error_info(
+            return Result(ok=False, error=error_info(
                 response.status, response.reason or "", fc_status is not None, body, truncated))
         length = response.content_length
         too_large = length is not None and length > self.max_body
@@ -292,10 +292,10 @@ class CustomHost:
         if too_large:
             response.close()
             size = f"{length} bytes" if length is not None else f"more than {self.max_body} bytes"
-            return wpb.Result(ok=False, error=wpb.ErrorInfo(
+            return Result(ok=False, error=ErrorInfo(
                 error_type="ResultTooLargeError",
                 error_message=f"the function's server returned {size}; max_body is {self.max_body}"))
-        return wpb.Result(ok=True, body=body, content_type=response.headers.get("content-type", ""))
+        return Result(ok=True, body=body, content_type=response.headers.get("content-type", ""))
 
     # ---- HTTP-trigger requests -------------------------------------------------
 
@@ -385,8 +385,8 @@ class CustomHost:
             except (aiohttp.ClientError, OSError) as exc:
                 # The response has started: the client sees it aborted.
                 await self._raise_if_exited(f"HTTP request {request.request_id}")
-                exchange.finish(wpb.ErrorInfo(error_type="RuntimeConnectionError",
-                                              error_message=self._unreachable(exc)))
+                exchange.finish(ErrorInfo(error_type="RuntimeConnectionError",
+                                          error_message=self._unreachable(exc)))
                 return
             complete = True
             exchange.finish()

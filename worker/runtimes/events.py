@@ -23,7 +23,7 @@ from typing import Any
 
 import orjson
 
-from supervisor.v1 import worker_pb2 as wpb
+from calink.messages import ErrorInfo, Result
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -52,7 +52,7 @@ class Event:
     headers: Mapping[str, str]  # the invocation's request headers (lower-case names)
     timeout_s: float
     deadline_ms: int  # epoch milliseconds: what runtimes are told (they compare with wall time)
-    result: asyncio.Future[wpb.Result] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    result: asyncio.Future[Result] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
 class EventQueue:
@@ -64,15 +64,15 @@ class EventQueue:
         self.in_flight: dict[str, Event] = {}
         # Every event not yet answered (pending, handed to a poller, in flight) by request id.
         self._ids: dict[str, Event] = {}
-        self._closed: wpb.ErrorInfo | None = None
+        self._closed: ErrorInfo | None = None
 
     def put(self, event: Event) -> None:
         """Queues an invocation; its ``result`` resolves when the runtime answers."""
         if self._closed is not None:
-            event.result.set_result(wpb.Result(ok=False, error=self._closed))
+            event.result.set_result(Result(ok=False, error=self._closed))
             return
         if event.request_id in self._ids:
-            event.result.set_result(wpb.Result(ok=False, error=wpb.ErrorInfo(
+            event.result.set_result(Result(ok=False, error=ErrorInfo(
                 error_type="DuplicateRequestIdError",
                 error_message=f"request id {event.request_id!r} is already in flight on this worker; "
                               "the runtime pairs answers with events by id, so ids must be unique")))
@@ -125,7 +125,7 @@ class EventQueue:
             self._pending.appendleft(event)
             self._dispatch()
 
-    def answer(self, request_id: str, result: wpb.Result) -> bool:
+    def answer(self, request_id: str, result: Result) -> bool:
         """Completes the in-flight event ``request_id``; False when there is none."""
         event = self.in_flight.pop(request_id, None)
         if event is None:
@@ -152,13 +152,13 @@ class EventQueue:
             except ValueError:
                 pass
 
-    def close(self, error: wpb.ErrorInfo) -> None:
+    def close(self, error: ErrorInfo) -> None:
         """Fails every pending and in-flight event, and every later ``put``."""
         self._closed = error
         # Every event it knows, including one handed to a poller and not yet taken.
         for event in self._ids.values():
             if not event.result.done():
-                event.result.set_result(wpb.Result(ok=False, error=error))
+                event.result.set_result(Result(ok=False, error=error))
         self._pending.clear()
         self.in_flight.clear()
         self._ids.clear()
@@ -266,7 +266,7 @@ async def await_event(queue: EventQueue, receive: Receive) -> Event | None:
     return event
 
 
-def error_info_from_body(body: bytes, header_type: str | None, fallback_type: str) -> wpb.ErrorInfo:
+def error_info_from_body(body: bytes, header_type: str | None, fallback_type: str) -> ErrorInfo:
     """An ``ErrorInfo`` from an error report: AWS's JSON shape
     (``errorType``, ``errorMessage``, ``stackTrace`` as a list of lines or a
     string) when the body has it, else the body as the message."""
@@ -283,16 +283,16 @@ def error_info_from_body(body: bytes, header_type: str | None, fallback_type: st
         if isinstance(trace, list):
             lines = [str(line) for line in trace]
             trace = "".join(line if line.endswith("\n") else line + "\n" for line in lines)
-        return wpb.ErrorInfo(
+        return ErrorInfo(
             error_type=error_type if isinstance(error_type, str) and error_type else header_type or fallback_type,
             error_message=message if isinstance(message, str) else "",
             stack_trace=trace if isinstance(trace, str) else "")
-    return wpb.ErrorInfo(error_type=header_type or fallback_type,
-                         error_message=body.decode("utf-8", "replace").strip())
+    return ErrorInfo(error_type=header_type or fallback_type,
+                     error_message=body.decode("utf-8", "replace").strip())
 
 
-def too_large(request_id: str, what: str, limit: int) -> wpb.Result:
+def too_large(request_id: str, what: str, limit: int) -> Result:
     """The result of an invocation whose answer the runtime API refused with 413."""
-    return wpb.Result(ok=False, error=wpb.ErrorInfo(
+    return Result(ok=False, error=ErrorInfo(
         error_type=TOO_LARGE_TYPE,
         error_message=f"the runtime's {what} for request {request_id} is larger than max_body ({limit} bytes)"))

@@ -57,7 +57,7 @@ from collections.abc import Mapping
 
 import orjson
 
-from supervisor.v1 import worker_pb2 as wpb
+from calink.messages import ErrorInfo, Result
 from worker.runtimes.events import (
     ClientGone,
     Event,
@@ -128,7 +128,7 @@ class LambdaApi:
         self.queue = queue
         self.max_body = max_body
         self.arn = f"arn:aws:lambda:{region}:{account or DEFAULT_ACCOUNT}:function:{function}"
-        self.startup: asyncio.Future[wpb.ErrorInfo | None] = asyncio.get_running_loop().create_future()
+        self.startup: asyncio.Future[ErrorInfo | None] = asyncio.get_running_loop().create_future()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -206,9 +206,9 @@ class LambdaApi:
             return
         if verb == "response":
             content_type = header(scope, b"content-type") or "application/json"
-            result = wpb.Result(ok=True, body=body, content_type=content_type)
+            result = Result(ok=True, body=body, content_type=content_type)
         else:
-            result = wpb.Result(ok=False, error=error_info_from_body(
+            result = Result(ok=False, error=error_info_from_body(
                 body, header(scope, ERROR_TYPE_HEADER), UNKNOWN_ERROR_TYPE))
         # The id may have been answered while this body was being read.
         if self.queue.answer(request_id, result):

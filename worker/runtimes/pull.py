@@ -48,7 +48,7 @@ from typing import Any, Protocol
 
 import psutil
 
-from supervisor.v1 import worker_pb2 as wpb
+from calink.messages import ErrorInfo, Result
 from worker.host import HttpExchange, StartupError
 from worker.python.host import Invocation
 from worker.runtimes.child import ChildProcess, describe_exit
@@ -75,7 +75,7 @@ class RuntimeApi(Protocol):
     """What ``PullHost`` needs from ``lambda_api.LambdaApi`` and ``scf_api.ScfApi``."""
 
     # None once the runtime is ready; the runtime's error when it reported one during init.
-    startup: asyncio.Future[wpb.ErrorInfo | None]
+    startup: asyncio.Future[ErrorInfo | None]
     ready_hint: str  # what the runtime must do to be ready, for the timeout message
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None: ...
@@ -224,8 +224,8 @@ class PullHost:
         # instead of being answered with an error it would log.
         if self.child is not None:
             await self.child.stop(STOP_GRACE_S)
-        self.queue.close(wpb.ErrorInfo(error_type=STOPPED_TYPE,
-                                       error_message=f"the {self.runtime} runtime stopped before it answered"))
+        self.queue.close(ErrorInfo(error_type=STOPPED_TYPE,
+                                   error_message=f"the {self.runtime} runtime stopped before it answered"))
         if self.server is not None:
             await self.server.shutdown(SERVER_SHUTDOWN_S)
 
@@ -241,13 +241,13 @@ class PullHost:
         return kind != "invoke"
 
     def run_inline(self, kind: str, request_id: str, headers: Mapping[str, str], timeout_s: float,
-                   body: bytes) -> wpb.Result:
+                   body: bytes) -> Result:
         """A lifecycle hook: there is none to run, but FC's markers still frame it."""
         with Invocation(kind, request_id):
-            return wpb.Result(ok=True)
+            return Result(ok=True)
 
     async def run(self, kind: str, request_id: str, headers: Mapping[str, str], timeout_s: float,
-                  body: bytes) -> wpb.Result:
+                  body: bytes) -> Result:
         if kind != "invoke":
             return self.run_inline(kind, request_id, headers, timeout_s, body)
         if not body and self.runtime == "lambda":

@@ -72,7 +72,7 @@ from __future__ import annotations
 
 import asyncio
 
-from supervisor.v1 import worker_pb2 as wpb
+from calink.messages import ErrorInfo, Result
 from worker.runtimes.events import (
     ClientGone,
     Event,
@@ -111,7 +111,7 @@ class ScfApi:
         self.max_body = max_body
         self.memory_mb = str(memory_mb).encode()
         self.redeliver = redeliver
-        self.startup: asyncio.Future[wpb.ErrorInfo | None] = asyncio.get_running_loop().create_future()
+        self.startup: asyncio.Future[ErrorInfo | None] = asyncio.get_running_loop().create_future()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -162,7 +162,7 @@ class ScfApi:
 
     async def _answer(self, scope: Scope, receive: Receive, send: Send, success: bool) -> None:
         request_id = self._which(header(scope, b"request_id"))
-        if isinstance(request_id, wpb.ErrorInfo):
+        if isinstance(request_id, ErrorInfo):
             await respond_json(send, 400, {"errorType": request_id.error_type,
                                            "errorMessage": request_id.error_message})
             return
@@ -180,30 +180,30 @@ class ScfApi:
             content_type = header(scope, b"content-type") or ""
             if content_type.split(";", 1)[0].strip().lower() == FORM_TYPE:
                 content_type = ""
-            result = wpb.Result(ok=True, body=body, content_type=content_type)
+            result = Result(ok=True, body=body, content_type=content_type)
         else:
-            result = wpb.Result(ok=False, error=error_info_from_body(body, None, FALLBACK_ERROR_TYPE))
+            result = Result(ok=False, error=error_info_from_body(body, None, FALLBACK_ERROR_TYPE))
         # The first result is final: it may have arrived while this body was read.
         if self.queue.answer(request_id, result):
             await respond(send, 200)
         else:
             await self._already_answered(send, request_id)
 
-    def _which(self, named: str | None) -> str | wpb.ErrorInfo:
+    def _which(self, named: str | None) -> str | ErrorInfo:
         """The request id an answer is for, or why none can be chosen."""
         in_flight = self.queue.in_flight
         if named:
             if named in in_flight:
                 return named
-            return wpb.ErrorInfo(error_type="InvalidRequestID",
-                                 error_message=f"request {named} is not in flight (unknown, or it has its result)")
+            return ErrorInfo(error_type="InvalidRequestID",
+                             error_message=f"request {named} is not in flight (unknown, or it has its result)")
         if len(in_flight) == 1:
             return next(iter(in_flight))
         if not in_flight:
-            return wpb.ErrorInfo(error_type="NoInvocationInFlight",
-                                 error_message="no invocation is waiting for a result (the first result is final)")
-        return wpb.ErrorInfo(error_type="AmbiguousInvocation",
-                             error_message=f"{len(in_flight)} invocations are in flight; send the request_id "
+            return ErrorInfo(error_type="NoInvocationInFlight",
+                             error_message="no invocation is waiting for a result (the first result is final)")
+        return ErrorInfo(error_type="AmbiguousInvocation",
+                         error_message=f"{len(in_flight)} invocations are in flight; send the request_id "
                                            "header of the event this result is for")
 
     @staticmethod

@@ -63,24 +63,24 @@ def _ptrace(pid):
 
 def _hello(sock_path, worker_id, token):
     """HELLO on the worker socket, as a worker would: the data plane's answer frame kind."""
-    from supervisor import wire
-    from supervisor.v1 import worker_pb2 as wpb
+    from calink import frames
+    from calink.messages import WorkerHello
 
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(5)
         sock.connect(sock_path)
-        hello = wpb.WorkerHello(worker_id=worker_id, token=token, pid=os.getpid())
-        sock.sendall(wire.encode(wire.Kind.HELLO, 0, hello.SerializeToString()))
+        hello = WorkerHello(worker_id=worker_id, token=token, pid=os.getpid())
+        sock.sendall(frames.encode(frames.Kind.HELLO, 0, hello.encode()))
         data = b""
-        while len(data) < wire.HEADER.size:
+        while len(data) < frames.HEADER.size:
             chunk = sock.recv(65536)
             if not chunk:
                 raise OSError(errno.ECONNRESET, "closed without an answer")
             data += chunk
-        _, kind, _ = wire.HEADER.unpack_from(data)
-    if kind == wire.Kind.WELCOME:
+        _, kind, _ = frames.HEADER.unpack_from(data)
+    if kind == frames.Kind.WELCOME:
         return "WELCOME"
-    raise OSError(errno.EACCES, f"data plane answered frame kind {kind} (REJECT is {int(wire.Kind.REJECT)})")
+    raise OSError(errno.EACCES, f"data plane answered frame kind {kind} (REJECT is {int(frames.Kind.REJECT)})")
 
 
 def _own_credential():
@@ -223,11 +223,11 @@ def handler(event, context):
     if what == "flood_link":
         # Frames on its own connection to the data plane: a header announcing
         # far more than max_body, then megabytes of body for it.
-        from supervisor import wire
+        from calink import frames
 
         worker = next(o for o in gc.get_objects() if type(o).__name__ == "Worker" and hasattr(o, "link"))
         transport = worker.link.transport
-        transport.write(wire.HEADER.pack(int(arg) << 20, int(wire.Kind.RESULT), 1))
+        transport.write(frames.HEADER.pack(int(arg) << 20, int(frames.Kind.RESULT), 1))
         for _ in range(64):
             transport.write(bytes(128 << 10))
         return {"sent": True}
