@@ -10,7 +10,7 @@
 Every figure comes from a real ``supervisor run`` (``python -m supervisor.cli run --config X``),
 with fork (``seed = true``) and spawn (``seed = false``) side by side in the same run.
 
-1. start    New worker ready (DESIGN.md "Targets": p50 <= 10 ms via the seed). One supervisor with
+1. start    New worker ready (docs/performance.md, "Targets": p50 <= 10 ms via the seed). One supervisor with
             four functions: {trivial, imports} handler x {fork, spawn}, each ``disposable = true``,
             ``min_warm = 1``, ``concurrency = 1``. Every invocation spends a worker and the control
             plane starts its replacement; its ``"worker ready"`` log line carries ``start_ms``
@@ -28,7 +28,7 @@ with fork (``seed = true``) and spawn (``seed = false``) side by side in the sam
             the tree, with min_warm = 1, then after ``supervisor scale FN --min-warm K`` for each K.
             Per extra worker = growth of the whole tree's PSS / added workers (the seed's and the
             other workers' PSS drop as more processes share their pages; the tree total counts that).
-            DESIGN.md targets: planes idle <= 80 MiB, each extra forked worker <= 5 MiB.
+            Targets (docs/performance.md): planes idle <= 80 MiB, each extra forked worker <= 5 MiB.
 
 Every invocation's answer is checked (non-200s and failed requests are counted and reported). Every
 supervisor started here lives in its own session and is stopped with SIGTERM, waited for with a
@@ -640,7 +640,7 @@ def render(r: dict[str, Any]) -> str:
           "line: decision to start -> initialized and connected to the data plane. Request -> ready: from just "
           "before the invocation was sent to the timestamp of its replacement's `worker ready` line (same wall "
           "clock; includes the invocation itself and any delay before the control plane decided to start). "
-          "Exits: how the spent workers ended, from `worker exited` lines. Anchors (DESIGN.md): Noslate's Node.js "
+          "Exits: how the spent workers ended, from `worker exited` lines. Anchors (docs/performance.md): Noslate's Node.js "
           "worker 182 ms; a fresh Python with the stack ~135 ms.\n")
         w("| handler | mode | n | start p50 ms | p99 ms | mean ms | min ms | max ms | request -> ready p50 / p99 / max ms "
           "| modes seen | exits | non-200 | invoke p50 ms |")
@@ -739,7 +739,7 @@ def render(r: dict[str, Any]) -> str:
                                 verdict(x["per_worker"] <= GOALS["fork_worker_mib"] * MIB)))
 
     if targets:
-        w("### Against the DESIGN.md targets\n")
+        w("### Against the targets (docs/performance.md)\n")
         w("| target | goal | measured | verdict |")
         w("|---|---|---|---|")
         for t in targets:

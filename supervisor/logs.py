@@ -1,6 +1,6 @@
 """Logging for every supervisor process: structlog, one JSON object per line.
 
-Contract (DESIGN.md, "Contract: logs"):
+Contract (docs/logging.md):
 
 * Every line is one JSON object (``fmt="json"``) or one human line
   (``fmt="console"``) and carries ``timestamp`` (ISO 8601, UTC, ``Z``),

@@ -1,6 +1,6 @@
 """Capture of a worker's stdout/stderr pipe, line by line, into the log.
 
-Rules and invariants (DESIGN.md, "Contract: logs"):
+Rules and invariants (the contract: docs/logging.md):
 
 * The worker is never slowed down by its own logging beyond the cost of
   parsing: the pump reads whatever arrives, as fast as it arrives, and never

@@ -1,4 +1,4 @@
-"""Tests for supervisor.config: the TOML contract of DESIGN.md, its problems and helpers."""
+"""Tests for supervisor.config: the TOML contract (docs/configuration.md), its problems and helpers."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from supervisor.config import (
 
 MiB = 1 << 20
 
-# The example of DESIGN.md, "Contract: configuration (TOML)", verbatim.
+# The contract's original example config, every key with a comment, verbatim.
 DESIGN_EXAMPLE = """
 [supervisor]
 ca_port = 9000          # env FC_SERVER_PORT, then FC_CUSTOM_LISTEN_PORT, then CA_PORT override it
