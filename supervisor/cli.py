@@ -1,6 +1,6 @@
 """The `supervisor` command line: run | validate | status | invoke | reload | scale.
 
-The contract is DESIGN.md, "Contract: command line". The rules:
+The contract is docs/cli.md. The rules:
 
 * Exit codes are part of the contract: `validate` 0 or 2; `status` 0 when
   every component is running and the pools are ready, 3 when something is

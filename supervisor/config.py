@@ -1,6 +1,6 @@
 """Configuration: read `supervisor.toml`, validate it, and hand out frozen objects.
 
-The contract is DESIGN.md, "Contract: configuration (TOML)". The rules:
+The contract is docs/configuration.md. The rules:
 
 * Every problem is collected and reported at once (`ConfigError.problems`),
   each with the dotted key path it is about ("functions.hello.timeout") and a
