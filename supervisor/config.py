@@ -446,7 +446,7 @@ class SupervisorSettings(BaseModel):
     log_format: Literal["json", "console"] = "json"
     default_function: str | None = None
     grace_period: Duration = 30.0
-    # Clients of the CA and metrics ports (data/http_server.py): a request head must arrive
+    # Clients of the CA and metrics ports (cahttp/server.py): a request head must arrive
     # whole within client_header_timeout of its first byte (or of the connection, for its
     # first request); a request body may stall at most client_body_timeout (then 408); an
     # idle keep-alive connection is closed after keep_alive_timeout.

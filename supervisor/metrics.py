@@ -72,7 +72,7 @@ PoolView = tuple[str, dict[str, int], int, int, int]  # function, states, capaci
 
 
 class ClientStatsSource(Protocol):
-    """A server's client counts (``data.http_server.HttpServer``)."""
+    """A server's client counts (``cahttp.server.HttpServer``)."""
 
     name: str
 

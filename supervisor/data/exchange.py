@@ -31,7 +31,7 @@ Rules:
   cut after), the worker is told to stop, and it is killed only if it does
   not end the stream within a grace period (``Router._timeout``).
 - One task per exchange streams the request body; the client connection
-  (``http_server.ClientConnection``) reports the client leaving at once,
+  (``cahttp.server.ClientConnection``) reports the client leaving at once,
   whatever the exchange is waiting for. Either way the stream is cancelled,
   and the application's slot is freed when its worker ends the stream (or is
   killed), not before.
@@ -53,7 +53,7 @@ from supervisor.data.errors import InvocationError
 from supervisor.logs import get_logger
 
 if TYPE_CHECKING:
-    from supervisor.data.http_server import ClientConnection
+    from cahttp.server import ClientConnection
     from supervisor.data.links import HttpCall
     from supervisor.data.router import FunctionState, Router
 

@@ -9,14 +9,14 @@ request for the function named by ``x-fc-function-name`` (else the default
 one), streamed to it when it serves HTTP (``exchange.py``); otherwise 404.
 
 Rules:
-- Every answer carries ``x-fc-request-id`` (``request_ids.py``).
+- Every answer carries ``x-fc-request-id`` (``cahttp/request_ids.py``).
 - Every failure is the contract's JSON (``errorType``, ``errorMessage``,
   ``stackTrace`` for handler exceptions) with ``x-fc-status: 404`` and the
   contract's status; see ``errors.py``.
 - A body over the function's ``max_body`` is refused from its Content-Length
   before anything is read, or as soon as the limit is passed while reading;
   nothing beyond the limit is buffered. A body the client stops sending for
-  ``client_body_timeout`` is 408 ``ClientTimeoutError`` (``http_server.py``
+  ``client_body_timeout`` is 408 ``ClientTimeoutError`` (``cahttp/server.py``
   notices the stall).
 """
 
@@ -28,12 +28,12 @@ from typing import Any, Protocol
 
 import orjson
 
+from cahttp.request_ids import SAFE_REQUEST_ID, RequestIds
+from cahttp.server import ClientConnection
 from calink.messages import Header
 from supervisor.data import errors
 from supervisor.data.errors import InvocationError
 from supervisor.data.exchange import ClientGone, TriggerExchange
-from supervisor.data.http_server import ClientConnection
-from supervisor.data.request_ids import SAFE_REQUEST_ID, RequestIds
 from supervisor.data.router import Router
 from supervisor.logs import get_logger
 from supervisor.output import flush_shared

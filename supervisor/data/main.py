@@ -23,6 +23,7 @@ import resource
 import signal
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS_CONTENT_TYPE
 
+from cahttp.server import ClientLimits, HttpServer
 from supervisor import listeners, runstate
 from supervisor.clock import AwakeClock
 from supervisor.config import Config
@@ -38,7 +40,6 @@ from supervisor.data import errors
 from supervisor.data.control_link import ControlLink
 from supervisor.data.errors import InvocationError
 from supervisor.data.front import Front, flush_stdio
-from supervisor.data.http_server import ClientLimits, HttpServer
 from supervisor.data.links import WorkerLink
 from supervisor.data.router import Router
 from supervisor.logs import configure_logging, get_logger
@@ -84,10 +85,11 @@ class DataPlane:
         front = Front(self.router, self)
         ca_limits, metrics_limits = client_limits(config, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
         self.front = HttpServer(front, settings.host, settings.ca_port, sockets=handed.get("ca_port"),
-                                limits=ca_limits, new_request_id=front.request_ids.new, name="ca")
+                                limits=ca_limits, new_request_id=front.request_ids.new, name="ca",
+                                report=report_clients)
         self.metrics_server = (HttpServer(self.metrics_app, settings.host, settings.metrics_port,
                                           sockets=handed.get("metrics_port"), limits=metrics_limits,
-                                          name="metrics")
+                                          name="metrics", report=report_clients)
                                if settings.metrics_port else None)
         self.registry.register(ClientCollector(
             [self.front] + ([self.metrics_server] if self.metrics_server is not None else [])))
@@ -262,6 +264,11 @@ class DataPlane:
             log.warning("stopping: answered the invocations still running", count=answered)
         await self.front.shutdown(FLUSH_S)
         self.stopped.set()
+
+
+def report_clients(event: str, fields: Mapping[str, Any]) -> None:
+    """The front's servers report as structlog records (at most one per ``cahttp.server.REPORT_S``)."""
+    log.warning(event, **fields)
 
 
 def client_limits(config: Config, nofile: int) -> tuple[ClientLimits, ClientLimits]:

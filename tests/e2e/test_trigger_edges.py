@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 import pytest
 
-from supervisor.data.http_server import MAX_REQUEST_HEAD
+from cahttp.server import MAX_REQUEST_HEAD
 from supervisor.metrics import OUTCOMES
 from tests.e2e.harness import Running, started, wait_for
 from tests.e2e.test_pools import exits, metric

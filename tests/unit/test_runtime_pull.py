@@ -23,8 +23,8 @@ import orjson
 import psutil
 import pytest
 
+from cahttp.server import HttpServer
 from calink.messages import ErrorInfo, Result
-from supervisor.data.http_server import HttpServer
 from worker.host import StartupError
 from worker.runtimes.events import Event, EventQueue
 from worker.runtimes.lambda_api import LambdaApi

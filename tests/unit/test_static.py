@@ -26,5 +26,5 @@ def test_mypy_strict() -> None:
 def test_ruff() -> None:
     if not shutil.which("ruff", path=str(Path(sys.executable).parent)):
         pytest.importorskip("ruff")
-    result = run("ruff", "check", "supervisor", "worker", "calink", "tests")
+    result = run("ruff", "check", "supervisor", "worker", "calink", "cahttp", "tests")
     assert result.returncode == 0, result.stdout + result.stderr

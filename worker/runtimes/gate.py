@@ -43,10 +43,10 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from supervisor.data.http_server import CoalescingHttpToolsProtocol, HttpServer
+from cahttp.server import CoalescingHttpToolsProtocol, HttpServer
 from worker.output import log_error
 from worker.runtimes.child import descendants_of
 
@@ -195,6 +195,11 @@ class _GatedProtocol(CoalescingHttpToolsProtocol):
             super().connection_lost(exc)
 
 
+def _report(event: str, fields: Mapping[str, Any]) -> None:
+    """What the API's server reports (clients it refused or timed out), as the worker's own line."""
+    log_error(f"runtime API: {event} ({', '.join(f'{k}={v}' for k, v in fields.items())})")
+
+
 class PrivateApiServer:
     """An ASGI app served on a port of 127.0.0.1 the kernel picks, to this
     worker's own processes only (see the module docstring): the front's
@@ -206,7 +211,7 @@ class PrivateApiServer:
         protocol = type("PrivateApiProtocol", (_GatedProtocol,), {"gate": self.gate})
         # Port 0: the kernel picks a free port at bind time, so no other process
         # can take it between choosing and binding.
-        self.server = HttpServer(app, LOOPBACK, 0, protocol_base=protocol, name="runtime-api")
+        self.server = HttpServer(app, LOOPBACK, 0, protocol_base=protocol, name="runtime-api", report=_report)
         self.port = 0
 
     async def start(self) -> None:

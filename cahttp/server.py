@@ -11,8 +11,8 @@ that may be slow, silent, broken or hostile):
 - A request head (URL and headers) is at most ``MAX_REQUEST_HEAD`` bytes;
   a larger one is answered 414 or 431 and the connection closed, before the
   application sees it. uvicorn would buffer any size, and the head travels
-  to a worker in one frame (``wire.FRAME_OVERHEAD`` leaves room for this
-  much, so a client's headers can never break a worker's link).
+  to a worker in one frame (``calink.frames.FRAME_OVERHEAD`` leaves room
+  for this much, so a client's headers can never break a worker's link).
 - Every answer the server gives on its own is the contract's JSON
   (``errorType``, ``errorMessage``, ``x-fc-status: 404``,
   ``x-fc-request-id``), never uvicorn's plain text: 400 ``BadRequestError``
@@ -21,7 +21,7 @@ that may be slow, silent, broken or hostile):
   encoded twice, would reach the handler as its event), 414/431, and 408
   ``ClientTimeoutError``. None of them is logged one by one: they are
   counted (``ClientStats``, the ``supervisor_client_*`` series) and a
-  summary line is logged at most every ``REPORT_S``.
+  summary is reported at most every ``REPORT_S``.
 - Client timeouts, enforced by one sweep per server every ``SWEEP_S`` (no
   timer per connection or request): a request head must arrive whole within
   ``header_timeout_s`` of its first byte, or of the connection for its first
@@ -34,34 +34,40 @@ that may be slow, silent, broken or hostile):
   first (idle keep-alive, then the slowest head, then the longest-stalled
   body); connections whose request is being served are never shed; when
   none can be shed, the new one is closed. Sheds are counted and summarised
-  in the log. The metrics port is a server of its own with its own limit,
+  in the report. The metrics port is a server of its own with its own limit,
   so it answers while the CA port is flooded.
 - Each request's scope carries the client connection in
   ``scope["extensions"]["ca.connection"]`` (a ``ClientConnection``): the
   front can learn at once that the client left, and cut a response that
   cannot complete.
+- What the server has to say (the summary of refused, shed and timed-out
+  clients) goes to its ``report`` callable, ``report(event, fields)``: the
+  data plane makes it one structlog record; the default is one warning on
+  standard ``logging``'s ``cahttp`` logger. This module imports neither
+  ``supervisor`` nor orjson nor structlog (see ``cahttp/__init__.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
+import logging
 import os
 import socket
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import httptools
-import orjson
 from uvicorn.config import Config as UvicornConfig
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from supervisor.data.request_ids import SAFE_REQUEST_ID
-from supervisor.logs import get_logger
+from cahttp.request_ids import SAFE_REQUEST_ID
 
-log = get_logger()
+# What a server reports: report(event, fields).
+Report = Callable[[str, Mapping[str, Any]], None]
 
 # How long a cut connection may take to deliver what was already written.
 CUT_GRACE_S = 1.0
@@ -207,7 +213,8 @@ class ClientConnection:
 
 def error_response(status: int, message: str, request_id: str, extra: bytes = b"") -> bytes:
     """A whole HTTP response with the contract's JSON error, closing the connection."""
-    body = orjson.dumps({"errorType": ERROR_TYPES[status], "errorMessage": message})
+    body = json.dumps({"errorType": ERROR_TYPES[status], "errorMessage": message}, ensure_ascii=False,
+                      separators=(",", ":")).encode()
     return b"".join((
         b"HTTP/1.1 %d %s\r\n" % (status, STATUS_TEXT[status]),
         b"x-fc-status: 404\r\nx-fc-request-id: ", request_id.encode("latin-1"), b"\r\n",
@@ -346,6 +353,11 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         return None
 
 
+def log_report(event: str, fields: Mapping[str, Any]) -> None:
+    """The default ``report``: one warning on standard ``logging``'s ``cahttp`` logger."""
+    logging.getLogger("cahttp").warning("%s (%s)", event, ", ".join(f"{k}={v}" for k, v in fields.items()))
+
+
 def _parser_reason(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text[:200]
@@ -358,13 +370,15 @@ class HttpServer:
     (``listeners.py``); without them the server binds ``host:port`` itself.
     ``new_request_id`` names the answers the server gives on its own;
     ``protocol_base`` is a subclass of the protocol to serve with (a worker's
-    private runtime API puts a gate in front of each connection).
+    private runtime API puts a gate in front of each connection); ``report``
+    gets what the server has to say (``log_report`` by default).
     """
 
     def __init__(self, app: Any, host: str, port: int, backlog: int = 2048,
                  sockets: list[socket.socket] | None = None, limits: ClientLimits | None = None,
                  new_request_id: Callable[[], str] | None = None, name: str = "ca",
-                 protocol_base: type[CoalescingHttpToolsProtocol] | None = None) -> None:
+                 protocol_base: type[CoalescingHttpToolsProtocol] | None = None,
+                 report: Report | None = None) -> None:
         self.host = host
         self.port = port
         self.name = name
@@ -373,6 +387,7 @@ class HttpServer:
         self.limits = limits or ClientLimits()
         self.stats = ClientStats()
         self.new_request_id = new_request_id or (lambda: os.urandom(16).hex())
+        self.report = report or log_report
         self.config = UvicornConfig(app=app, http="httptools", ws="none", interface="asgi3", lifespan="off",
                                     access_log=False, log_config=None, proxy_headers=False,
                                     server_header=False, date_header=False,
@@ -462,16 +477,17 @@ class HttpServer:
                 connection.connection.stall()
 
     def _report(self) -> bool:
-        """Logs what changed since the last report; False when nothing did."""
+        """Reports what changed since the last report; False when nothing did."""
         stats = self.stats
         now = (sum(stats.refused.values()), sum(stats.shed.values()), sum(stats.timed_out.values()))
         if now == stats.reported:
             return False
         before = stats.reported
         stats.reported = now
-        log.warning("clients refused, shed or timed out", port=self.name,
-                    refused=now[0] - before[0], shed=now[1] - before[1], timed_out=now[2] - before[2],
-                    connections=len(self.state.connections), max_connections=self.limits.max_connections)
+        self.report("clients refused, shed or timed out", {
+            "port": self.name, "refused": now[0] - before[0], "shed": now[1] - before[1],
+            "timed_out": now[2] - before[2], "connections": len(self.state.connections),
+            "max_connections": self.limits.max_connections})
         return True
 
     # ---- shutdown --------------------------------------------------------------
