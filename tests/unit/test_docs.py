@@ -327,9 +327,15 @@ def test_the_events_to_watch_are_texts_the_code_logs() -> None:
 
 
 def repository_files() -> list[Path]:
-    """Every file of the checkout that git would see (tracked, or new and not ignored)."""
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT,
-                            capture_output=True, check=True).stdout.decode()
+    """Every file of the checkout that git would see (tracked, or new and not ignored);
+    without git (a source tree, not a clone), every file outside hidden and build directories."""
+    try:
+        listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+                                cwd=ROOT, capture_output=True, check=True, timeout=60).stdout.decode()
+    except (OSError, subprocess.SubprocessError):
+        skip = {"node_modules", "__pycache__", "build", "dist"}
+        return sorted(path for path in ROOT.rglob("*") if path.is_file() and not any(
+            part.startswith(".") or part in skip for part in path.relative_to(ROOT).parts))
     return sorted({ROOT / name for name in listed.split("\0") if name and (ROOT / name).is_file()})
 
 
