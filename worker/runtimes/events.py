@@ -11,17 +11,22 @@ The helpers serve a raw ASGI app (``lambda_api``, ``scf_api``) on uvicorn's
 httptools protocol. Request bodies posted by the runtime are read at most
 ``max_body`` bytes deep: a larger one is refused with 413 as soon as it is
 known (from Content-Length, or while reading), never buffered whole.
+
+JSON is the standard library's (the worker imports nothing else before the
+function), read as strictly as the runtimes' own clients write it:
+``json_loads`` takes UTF-8 only, refuses ``NaN``/``Infinity`` and nesting
+deep enough to exhaust the stack (``ValueError`` for all of them, never
+``RecursionError``); ``json_dumps`` writes compact UTF-8.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-
-import orjson
 
 from calink.messages import ErrorInfo, Result
 
@@ -227,8 +232,26 @@ async def respond(send: Send, status: int, body: bytes = b"", headers: list[tupl
     await send({"type": "http.response.body", "body": body})
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def json_loads(data: bytes | str) -> Any:
+    """A JSON document (see the module docstring); ``ValueError`` when ``data`` is none."""
+    try:
+        text = data.decode("utf-8") if isinstance(data, bytes) else data
+        return json.loads(text, parse_constant=_no_constant)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
+def json_dumps(document: Any, ascii_only: bool = False) -> bytes:
+    """Compact JSON, UTF-8 (or ASCII with ``\\u`` escapes when ``ascii_only``)."""
+    return json.dumps(document, separators=(",", ":"), ensure_ascii=ascii_only, allow_nan=False).encode()
+
+
 async def respond_json(send: Send, status: int, document: Mapping[str, str]) -> None:
-    await respond(send, status, orjson.dumps(document), [(b"content-type", b"application/json")])
+    await respond(send, status, json_dumps(document), [(b"content-type", b"application/json")])
 
 
 async def respond_closing(send: Send) -> None:
@@ -273,8 +296,8 @@ def error_info_from_body(body: bytes, header_type: str | None, fallback_type: st
     document: Any = None
     if body[:1] == b"{":
         try:
-            document = orjson.loads(body)
-        except orjson.JSONDecodeError:
+            document = json_loads(body)
+        except ValueError:
             document = None
     if isinstance(document, dict):
         error_type = document.get("errorType")

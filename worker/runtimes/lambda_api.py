@@ -55,8 +55,6 @@ import re
 import time
 from collections.abc import Mapping
 
-import orjson
-
 from calink.messages import ErrorInfo, Result
 from worker.runtimes.events import (
     ClientGone,
@@ -69,6 +67,8 @@ from worker.runtimes.events import (
     await_event,
     error_info_from_body,
     header,
+    json_dumps,
+    json_loads,
     read_body,
     respond,
     respond_closing,
@@ -92,8 +92,8 @@ PRINTABLE = re.compile(r"[\x20-\x7e]{1,1024}")  # what may be copied into a head
 def _compact_json(text: str) -> str | None:
     """``text`` re-encoded as compact ASCII JSON (safe in a header), or None if it is not JSON."""
     try:
-        return orjson.dumps(orjson.loads(text)).decode("ascii", "backslashreplace")
-    except orjson.JSONDecodeError:
+        return json_dumps(json_loads(text), ascii_only=True).decode("ascii")
+    except ValueError:
         return None
 
 
@@ -250,6 +250,6 @@ class LambdaApi:
 
     @staticmethod
     async def _not_allowed(send: Send, allowed: str) -> None:
-        await respond(send, 405, orjson.dumps({"errorType": "MethodNotAllowed",
-                                               "errorMessage": f"this path takes {allowed} only"}),
+        await respond(send, 405, json_dumps({"errorType": "MethodNotAllowed",
+                                             "errorMessage": f"this path takes {allowed} only"}),
                       [(b"content-type", b"application/json"), (b"allow", allowed.encode())])
