@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import inspect
 import json
 import random
 import sys
@@ -25,7 +24,6 @@ from typing import Any
 
 import pytest
 import uvloop
-from a2wsgi import WSGIMiddleware
 
 import worker.python.http as http_host
 from calink import frames
@@ -444,7 +442,7 @@ class WsgiRecorder:
         self.seen: list[str] = []
         self.request_ids: list[str | None] = []
         self.produced = 0
-        self.fill_at = 0  # how many chunks fill the window, the sender and a2wsgi's queue
+        self.fill_at = 0  # how many chunks fill the window, and the one the app is blocked sending
         self.filled = threading.Event()  # the app is (about to be) blocked handing over a chunk
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
@@ -507,10 +505,9 @@ async def test_wsgi_app_blocked_on_a_full_window_is_stopped_when_the_client_leav
     wsgi_recorder.seen.clear()
     wsgi_recorder.produced = 0
     wsgi_recorder.filled.clear()
-    # The window's chunks, the one a2wsgi's sender holds waiting for credit, a
-    # full send queue, and the one the app's thread is then blocked handing over.
-    queue_size = inspect.signature(WSGIMiddleware).parameters["send_queue_size"].default
-    wsgi_recorder.fill_at = frames.STREAM_WINDOW // frames.MAX_CHUNK + 1 + queue_size + 1
+    # The window's chunks, and the one the app's thread is then blocked sending
+    # (each chunk is sent before the next is asked for: nothing is queued).
+    wsgi_recorder.fill_at = frames.STREAM_WINDOW // frames.MAX_CHUNK + 1
     async with running(here("wsgi_recorder", "wsgi")) as host:
         peer = Peer(DEADLINE_S, "req-1")
         peer.auto_ack = False  # a client that reads nothing: the app fills the window and waits

@@ -1,8 +1,10 @@
-"""Hosts a Python HTTP application: an ASGI 3 app, or a WSGI app through a2wsgi.
+"""Hosts a Python HTTP application: an ASGI 3 app, or a WSGI app.
 
 ``handler = "module:app"`` names the application; ``interface`` says which
-kind. A WSGI app is wrapped in ``a2wsgi.WSGIMiddleware`` (a pool of
-``concurrency`` threads, streaming both ways) so one ASGI path serves both.
+kind. A WSGI app is served by ``worker.python.wsgi`` (PEP 3333's server side
+over the same exchange, in a pool of ``concurrency`` threads, streaming both
+ways; its rules are there). The rules below are the ASGI app's, and the
+ones both share.
 
 Rules and invariants:
 
@@ -18,18 +20,12 @@ Rules and invariants:
 - ``receive`` returns ``http.disconnect`` once the client is gone, or once
   the body is read and the response is complete (as uvicorn does). ``send``
   raises ``ClientDisconnected`` (an ``OSError``) once the client is gone.
-- A WSGI app cannot be told through ``send``: a2wsgi's thread would block
-  forever on a dead sender. So for WSGI ``send`` drops what comes after the
-  end, and ``_WSGIGuard`` stops the app in its own thread instead: the next
-  chunk it yields, its ``write()`` and its reads of ``wsgi.input`` raise
-  (``ClientDisconnected``, or ``ResponseTooLarge`` on ``/invoke``), and its
-  iterable is closed, as a WSGI server does when a socket write fails.
 - Whatever the app raises (``SystemExit`` and the other ``BaseException``
   subclasses included, in a WSGI app's thread too) fails its own request
   only, as an ``Exception`` does (``PythonHost``'s rule).
 - Everything the app does for a request runs with FC's markers around it
-  and its request id in ``current_request_id`` (a2wsgi copies the context
-  into its threads), so what it prints is attributed to the request.
+  and its request id in ``current_request_id`` (a WSGI app's thread runs in
+  a copy of the context), so what it prints is attributed to the request.
 - ``/invoke`` on an HTTP function is ``POST /invoke`` to the app, its
   response collected up to ``max_body`` (a larger one is refused and the
   app stopped): 2xx is the result, anything else a failure.
@@ -49,18 +45,17 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from contextvars import ContextVar
-from typing import Any, Protocol, cast
+from typing import Any, cast
 from urllib.parse import unquote_to_bytes
-
-from a2wsgi import WSGIMiddleware
 
 from calink.messages import ErrorInfo, Result
 from worker.host import ClientDisconnected, HttpExchange, header_pairs
+from worker.python import wsgi
 from worker.python.host import Invocation, LoadError, PythonHost, cancelled_from_outside
 from worker.python.lifespan import ASGIApp, Lifespan, Message, Receive, Scope, Send
+from worker.python.wsgi import ResponseTooLarge
 
 LIFESPAN_SHUTDOWN_S = 5.0
 # How much of a failed /invoke response's body its error message quotes.
@@ -69,19 +64,7 @@ ERROR_TEXT_LIMIT = 1024
 _FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding"})
 
 
-class ResponseTooLarge(OSError):
-    """The app's answer to ``/invoke`` passed ``max_body``; it cannot be delivered."""
-
-
-class _Aborted(Protocol):
-    """What the WSGI guard asks of the current request, from the app's thread."""
-
-    def check(self) -> None:
-        """Raises once the response can no longer go anywhere."""
-
-
-# The request a WSGI app's thread is serving (a2wsgi runs it in a copy of the context).
-_current_call: ContextVar[_Aborted | None] = ContextVar("http_app_call", default=None)
+__all__ = ["HttpAppHost", "ResponseTooLarge"]
 
 
 class HttpAppHost(PythonHost):
@@ -98,7 +81,8 @@ class HttpAppHost(PythonHost):
         self.app: ASGIApp = _not_started
         # Lifespan state; each request's scope gets a shallow copy (the ASGI "state" extension).
         self.state: dict[str, Any] = {}
-        self._wsgi: WSGIMiddleware | None = None
+        self._wsgi: wsgi.WsgiApp | None = None
+        self._wsgi_pool: ThreadPoolExecutor | None = None
         self._lifespan: Lifespan | None = None
 
     # ---- lifecycle -------------------------------------------------------
@@ -110,9 +94,9 @@ class HttpAppHost(PythonHost):
             raise LoadError(f"function {self.meta.name!r}: an {self.interface} function needs "
                             "handler = \"module:app\" naming its application")
         if self.interface == "wsgi":
-            self._wsgi = WSGIMiddleware(cast(Any, _WSGIGuard(target)), workers=self.concurrency)
-            self.app = cast(ASGIApp, self._wsgi)
-            return  # a2wsgi answers lifespan itself, with nothing to run
+            self._wsgi = cast(wsgi.WsgiApp, target)
+            self._wsgi_pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="wsgi")
+            return  # WSGI has no lifespan
         self.app = cast(ASGIApp, target)
         lifespan = Lifespan(self.app, self.state)
         if await lifespan.startup():
@@ -130,8 +114,8 @@ class HttpAppHost(PythonHost):
         lifespan, self._lifespan = self._lifespan, None
         if lifespan is not None:
             await lifespan.shutdown(LIFESPAN_SHUTDOWN_S)
-        if self._wsgi is not None:
-            self._wsgi.executor.shutdown(wait=False, cancel_futures=True)
+        if self._wsgi_pool is not None:
+            self._wsgi_pool.shutdown(wait=False, cancel_futures=True)
         await super().close()
 
     def serves_http(self) -> bool:
@@ -144,19 +128,19 @@ class HttpAppHost(PythonHost):
 
     async def http(self, exchange: HttpExchange) -> None:
         request = exchange.request
-        call = _ExchangeCall(exchange, lenient=self._wsgi is not None)
         headers = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in request.headers]
         client = (request.client_host, request.client_port) if request.client_host else None
         scope = self._scope(request.method, request.raw_path or b"/", request.query, headers,
                             request.http_version or "1.1", request.scheme or "http", client)
         with Invocation("invoke", request.request_id):
-            token = _current_call.set(call) if self._wsgi is not None else None
-            try:
-                await self.app(scope, call.receive, call.send)
-            finally:
-                if token is not None:
-                    _current_call.reset(token)
-                call.close()
+            if self._wsgi is not None and self._wsgi_pool is not None:
+                await wsgi.serve_exchange(self._wsgi, self._wsgi_pool, scope, exchange)
+            else:
+                call = _ExchangeCall(exchange)
+                try:
+                    await self.app(scope, call.receive, call.send)
+                finally:
+                    call.close()
         if exchange.cancelled and not exchange.finished:
             raise ClientDisconnected("the client disconnected before the response was complete")
 
@@ -165,13 +149,14 @@ class HttpAppHost(PythonHost):
         """A hook as ``PythonHost`` runs it; ``invoke`` as ``POST /invoke`` to the app."""
         if kind != "invoke":
             return await super().run(kind, request_id, headers, timeout_s, body)
-        call = _InvokeCall(body, self.max_result, lenient=self._wsgi is not None)
         pairs = [(name.encode("latin-1", "replace"), value.encode("latin-1", "replace"))
                  for name, value in headers.items() if name not in _FRAMING_HEADERS]
         pairs.append((b"content-length", str(len(body)).encode()))
         scope = self._scope("POST", b"/invoke", b"", pairs, "1.1", "http", None)
+        if self._wsgi is not None and self._wsgi_pool is not None:
+            return await self._invoke_wsgi(self._wsgi, self._wsgi_pool, request_id, scope, body)
+        call = _InvokeCall(body, self.max_result)
         with Invocation(kind, request_id):
-            token = _current_call.set(call) if self._wsgi is not None else None
             try:
                 await self.app(scope, call.receive, call.send)
             except BaseException as exc:  # whatever the app raised is the invocation's result
@@ -180,10 +165,23 @@ class HttpAppHost(PythonHost):
                 if not call.too_large:
                     return self._failed(exc)
             finally:
-                if token is not None:
-                    _current_call.reset(token)
                 call.close()
         return call.result()
+
+    async def _invoke_wsgi(self, app: wsgi.WsgiApp, pool: ThreadPoolExecutor, request_id: str, scope: Scope,
+                           body: bytes) -> Result:
+        collected = wsgi.Collected(self.max_result)
+        with Invocation("invoke", request_id):
+            try:
+                status, headers = await wsgi.invoke(app, pool, scope, body, collected)
+            except BaseException as exc:  # whatever the app raised is the invocation's result
+                if cancelled_from_outside(exc):
+                    raise
+                if not collected.too_large:
+                    return self._failed(exc)
+        if collected.too_large:
+            return _too_large(self.max_result)
+        return _invoke_result(status, headers, b"".join(collected.chunks))
 
     def _scope(self, method: str, raw_path: bytes, query: bytes, headers: list[tuple[bytes, bytes]],
                http_version: str, scheme: str, client: tuple[str, int] | None) -> Scope:
@@ -194,7 +192,7 @@ class HttpAppHost(PythonHost):
             "http_version": http_version,
             "method": method,
             "scheme": scheme,
-            # "replace", as uvicorn: a2wsgi re-encodes the path as UTF-8, which a surrogate would break.
+            # "replace", as uvicorn (a WSGI app gets the raw bytes as latin-1 in PATH_INFO).
             "path": path.decode("utf-8", "replace"),
             "raw_path": raw_path,
             "query_string": query,
@@ -213,12 +211,10 @@ async def _not_started(scope: Scope, receive: Receive, send: Send) -> None:
 class _ExchangeCall:
     """``receive`` and ``send`` of one HTTP-trigger request, over its exchange."""
 
-    __slots__ = ("exchange", "lenient", "_head", "_body_done", "_complete", "_lock", "_ended", "_watcher")
+    __slots__ = ("exchange", "_head", "_body_done", "_complete", "_lock", "_ended", "_watcher")
 
-    def __init__(self, exchange: HttpExchange, *, lenient: bool) -> None:
+    def __init__(self, exchange: HttpExchange) -> None:
         self.exchange = exchange
-        # WSGI: after the end, drop what a2wsgi's sender passes on (the guard stops the app).
-        self.lenient = lenient
         self._head: tuple[int, list[tuple[str, str]]] | None = None
         self._body_done = False
         self._complete = False
@@ -226,10 +222,6 @@ class _ExchangeCall:
         self._lock = asyncio.Lock()
         self._ended: asyncio.Event | None = None  # the client left or the response is complete
         self._watcher: asyncio.Task[None] | None = None
-
-    def check(self) -> None:
-        if self.exchange.cancelled:
-            raise ClientDisconnected("the client disconnected")
 
     async def receive(self) -> Message:
         if not self._body_done:
@@ -260,27 +252,21 @@ class _ExchangeCall:
         if kind == "http.response.body":
             if self._complete:
                 raise RuntimeError("ASGI message 'http.response.body' sent after the response completed")
-            if self.lenient and exchange.cancelled:
-                return
-            try:
-                if self._head is not None:
-                    status, headers = self._head
-                    self._head = None
-                    exchange.start(status, headers)
-                elif not exchange.started:
-                    raise RuntimeError("ASGI message 'http.response.body' sent before 'http.response.start'")
-                body = message.get("body", b"")
-                more = bool(message.get("more_body", False))
-                if body:
-                    await exchange.send(body)
-                if not more:
-                    self._complete = True
-                    exchange.finish()
-                    if self._ended is not None:
-                        self._ended.set()
-            except ClientDisconnected:
-                if not self.lenient:
-                    raise
+            if self._head is not None:
+                status, headers = self._head
+                self._head = None
+                exchange.start(status, headers)
+            elif not exchange.started:
+                raise RuntimeError("ASGI message 'http.response.body' sent before 'http.response.start'")
+            body = message.get("body", b"")
+            more = bool(message.get("more_body", False))
+            if body:
+                await exchange.send(body)
+            if not more:
+                self._complete = True
+                exchange.finish()
+                if self._ended is not None:
+                    self._ended.set()
         elif kind == "http.response.start":
             if self._head is not None or exchange.started:
                 raise RuntimeError("ASGI message 'http.response.start' sent twice")
@@ -298,11 +284,9 @@ class _ExchangeCall:
 class _InvokeCall:
     """``receive`` and ``send`` of an /invoke event presented as ``POST /invoke``."""
 
-    __slots__ = ("lenient", "limit", "status", "headers", "chunks", "size", "too_large", "complete",
-                 "_body", "_ended")
+    __slots__ = ("limit", "status", "headers", "chunks", "size", "too_large", "complete", "_body", "_ended")
 
-    def __init__(self, body: bytes, limit: int, *, lenient: bool) -> None:
-        self.lenient = lenient
+    def __init__(self, body: bytes, limit: int) -> None:
         self.limit = limit
         self.status: int | None = None
         self.headers: list[tuple[str, str]] = []
@@ -312,10 +296,6 @@ class _InvokeCall:
         self.complete = False
         self._body: bytes | None = body
         self._ended = asyncio.Event()  # the response is complete or refused: the "client" is gone
-
-    def check(self) -> None:
-        if self.too_large:
-            raise self._refusal()
 
     def _refusal(self) -> ResponseTooLarge:
         return ResponseTooLarge(f"the response to /invoke passed max_body ({self.limit} bytes)")
@@ -333,8 +313,6 @@ class _InvokeCall:
             if self.status is None or self.complete:
                 raise RuntimeError("ASGI message 'http.response.body' outside a started response")
             if self.too_large:
-                if self.lenient:
-                    return
                 raise self._refusal()
             body = message.get("body", b"")
             if body:
@@ -343,8 +321,6 @@ class _InvokeCall:
                     self.too_large = True
                     self.chunks.clear()
                     self._ended.set()
-                    if self.lenient:
-                        return
                     raise self._refusal()
                 self.chunks.append(bytes(body))
             if not message.get("more_body", False):
@@ -363,22 +339,30 @@ class _InvokeCall:
 
     def result(self) -> Result:
         if self.too_large:
-            return Result(ok=False, error=ErrorInfo(
-                error_type="ResultTooLargeError",
-                error_message=f"the application's response to /invoke passed max_body ({self.limit} bytes)"))
+            return _too_large(self.limit)
         if not self.complete or self.status is None:
             return Result(ok=False, error=ErrorInfo(
                 error_type="IncompleteResponseError",
                 error_message="the application returned without a complete response to /invoke"))
-        body = b"".join(self.chunks)
-        if 200 <= self.status < 300:
-            content_type = next((v for n, v in reversed(self.headers) if n.lower() == "content-type"), "")
-            return Result(ok=True, body=body, content_type=content_type)
-        text = body.decode("utf-8", "replace")
-        if len(text) > ERROR_TEXT_LIMIT:
-            text = f"{text[:ERROR_TEXT_LIMIT]}... ({len(body)} bytes)"
-        return Result(ok=False, error=ErrorInfo(
-            error_type=_error_type(body), error_message=f"HTTP {self.status}: {text}"))
+        return _invoke_result(self.status, self.headers, b"".join(self.chunks))
+
+
+def _too_large(limit: int) -> Result:
+    return Result(ok=False, error=ErrorInfo(
+        error_type="ResultTooLargeError",
+        error_message=f"the application's response to /invoke passed max_body ({limit} bytes)"))
+
+
+def _invoke_result(status: int, headers: list[tuple[str, str]], body: bytes) -> Result:
+    """A complete response to ``POST /invoke`` as the invocation's result: 2xx is the result."""
+    if 200 <= status < 300:
+        content_type = next((v for n, v in reversed(headers) if n.lower() == "content-type"), "")
+        return Result(ok=True, body=body, content_type=content_type)
+    text = body.decode("utf-8", "replace")
+    if len(text) > ERROR_TEXT_LIMIT:
+        text = f"{text[:ERROR_TEXT_LIMIT]}... ({len(body)} bytes)"
+    return Result(ok=False, error=ErrorInfo(
+        error_type=_error_type(body), error_message=f"HTTP {status}: {text}"))
 
 
 def _error_type(body: bytes) -> str:
@@ -391,78 +375,3 @@ def _error_type(body: bytes) -> str:
         if isinstance(value, dict) and isinstance(value.get("errorType"), str) and value["errorType"]:
             return str(value["errorType"])
     return "HTTPError"
-
-
-# ---- WSGI --------------------------------------------------------------------
-
-WriteCallable = Callable[[bytes], object]
-StartResponse = Callable[..., WriteCallable]
-
-
-class _WSGIGuard:
-    """The WSGI app as a2wsgi runs it, stopped in its thread once its response
-    can no longer go anywhere (see the module docstring)."""
-
-    __slots__ = ("app",)
-
-    def __init__(self, app: Callable[..., Any]) -> None:
-        self.app = app
-
-    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        call = _current_call.get()
-        if call is None:  # not a request of this host's: nothing to guard
-            return cast(Iterable[bytes], self.app(environ, start_response))
-        environ["wsgi.input"] = _GuardedInput(environ["wsgi.input"], call)
-
-        def guarded_start_response(status: str, headers: list[tuple[str, str]],
-                                   exc_info: Any = None) -> WriteCallable:
-            write = start_response(status, headers, exc_info)
-
-            def guarded_write(data: bytes) -> None:
-                call.check()
-                write(data)
-
-            return guarded_write
-
-        return _guarded_chunks(self.app(environ, guarded_start_response), call)
-
-
-def _guarded_chunks(chunks: Iterable[bytes], call: _Aborted) -> Iterator[bytes]:
-    try:
-        for chunk in chunks:
-            call.check()
-            yield chunk
-    finally:
-        close = getattr(chunks, "close", None)
-        if close is not None:  # PEP 3333: the server closes the app's iterable, however it ends
-            close()
-
-
-class _GuardedInput:
-    """``wsgi.input`` that raises, instead of looking complete, once the client is gone."""
-
-    __slots__ = ("_body", "_call")
-
-    def __init__(self, body: Any, call: _Aborted) -> None:
-        self._body = body
-        self._call = call
-
-    def read(self, size: int = -1) -> bytes:
-        data: bytes = self._body.read(size)
-        self._call.check()
-        return data
-
-    def readline(self, limit: int = -1) -> bytes:
-        line: bytes = self._body.readline(limit)
-        self._call.check()
-        return line
-
-    def readlines(self, hint: int = -1) -> list[bytes]:
-        lines: list[bytes] = self._body.readlines(hint)
-        self._call.check()
-        return lines
-
-    def __iter__(self) -> Iterator[bytes]:
-        for line in self._body:
-            self._call.check()
-            yield line
