@@ -18,6 +18,9 @@ Contract (docs/logging.md):
   text is only ever the value of ``event``, so a worker cannot forge fields;
   a Python worker's structured record (what its function logs) has its own
   level and its fields as keys, redacted, never the supervisor's own keys.
+  A traceback it prints is one line too (:func:`emit_worker_trace`): level
+  ``error``, the exception's line as ``event``, the whole trace as
+  ``exception`` (the field structlog gives the planes' own tracebacks).
 * FC's markers (``FC Invoke Start RequestId: <id>`` ...) are only written by
   :func:`emit_marker_line` (the control plane, on the data plane's word) and
   by plane code that logs one with a ``marker`` field. Everywhere else in
@@ -54,6 +57,7 @@ __all__ = [
     "configure_logging",
     "emit_marker_line",
     "emit_worker_line",
+    "emit_worker_trace",
     "marker_text",
     "get_logger",
     "is_sensitive_key",
@@ -477,6 +481,61 @@ def emit_worker_line(
     # Not OPT_APPEND_NEWLINE: orjson's result keeps a ~4 KiB allocation
     # (measured: 4.1 KiB of RSS per queued 175-byte line), and the sink may
     # hold thousands of lines. The concatenation is a right-sized copy.
+    data = orjson.dumps(line)
+    if _MARKER_COLON in data:
+        data = data.replace(_MARKER_COLON, _ESCAPED_COLON)
+    sink.write_line(data + b"\n")
+
+
+def emit_worker_trace(
+    sink: LineSink,
+    *,
+    function: str,
+    worker: str,
+    stream: str,
+    lines: tuple[bytes, ...],
+    event: bytes,
+    request_id: str | None,
+    truncated: int = 0,
+    fmt: str | None = None,
+    component: str = "worker",
+) -> None:
+    """Re-emit a traceback a worker printed (``lines``, grouped by
+    :mod:`supervisor.control.traces`) as one log line into ``sink``.
+
+    Like :func:`emit_worker_line`, with level ``error``, ``event`` the
+    exception's line (``event``) and ``exception`` the trace's lines joined
+    by newlines (each decoded as UTF-8 with replacement, without its CR);
+    ``truncated_bytes`` counts what ``max_line`` cut from its lines. A
+    console line shows the trace with its line breaks escaped.
+    """
+    text = "\n".join(line.rstrip(b"\r").decode("utf-8", "replace") for line in lines)
+    message = event.rstrip(b"\r").decode("utf-8", "replace")
+    timestamp = utc_timestamp()
+    if (fmt or _format) == "console":
+        extra = f" request_id={request_id}" if request_id is not None else ""
+        if truncated:
+            extra += f" truncated_bytes={truncated}"
+        sink.write_line(
+            (f"{timestamp} [error    ] {_one_line(message)}  component={component} function={function}"
+             + (f" worker={worker}" if worker else "") + f"{extra} stream={stream} exception={text!r}\n"
+             ).encode("utf-8", "replace"))
+        return
+    line: dict[str, object] = {
+        "timestamp": timestamp,
+        "level": "error",
+        "event": message,
+        "component": component,
+        "function": function,
+    }
+    if worker:
+        line["worker"] = worker
+    if request_id is not None:
+        line["request_id"] = request_id
+    line["stream"] = stream
+    if truncated:
+        line["truncated_bytes"] = truncated
+    line["exception"] = text
     data = orjson.dumps(line)
     if _MARKER_COLON in data:
         data = data.replace(_MARKER_COLON, _ESCAPED_COLON)

@@ -40,6 +40,14 @@ Rules and invariants (the contract: docs/logging.md):
   ``BATCH_DELAY_S`` so that lines gather (a pipe of ``PIPE_SIZE`` holds
   them); one wake-up then handles many lines instead of one each. A worker
   writing faster than that gets full reads without pause.
+* Tracebacks. A Python traceback a worker prints (on either stream, from
+  any process of it) is one log record, not one per line: each pump feeds
+  its lines through a :class:`supervisor.control.traces.TraceGrouper`
+  (bounded, order-keeping, never merging unrelated lines; see there). An
+  open trace goes out when a line ends it, when nothing followed it for
+  ``TRACE_IDLE_S``, before a boundary record is handled, before the
+  worker's end boundary shows its End marker (for the stderr pipe:
+  :meth:`Pump.flush_trace`), and when the pipe ends.
 * Order. Two pipes give no order between them, so the worker writes its
   Python-level stderr into the stdout pipe as ``b"\\x1d" + id + b"\\x1f" +
   text`` (empty id outside a request): such a line is logged with
@@ -55,7 +63,8 @@ import os
 import re
 from collections.abc import Callable
 
-from supervisor.logs import LineSink, emit_worker_line
+from supervisor.control.traces import TRACE_IDLE_S, Out, TraceGrouper, may_start
+from supervisor.logs import LineSink, emit_worker_line, emit_worker_trace
 
 __all__ = ["DEFAULT_MAX_LINE", "READ_SIZE", "Attributor", "LineSplitter", "Pump", "parse_boundary", "pump"]
 
@@ -210,7 +219,7 @@ class Pump:
 
     __slots__ = ("fd", "function", "worker", "stream", "sink", "fmt", "component", "capacity", "attributor",
                  "on_boundary", "after_read", "before_lines", "_splitter", "_boundaries", "_held", "_busy",
-                 "_loop", "_finished", "_outcome", "closed")
+                 "_loop", "_finished", "_outcome", "closed", "_traces", "_trace_at", "_trace_timer")
 
     def __init__(
         self,
@@ -240,6 +249,9 @@ class Pump:
         self.after_read = after_read
         self.before_lines = before_lines
         self._splitter = LineSplitter(max_line)
+        self._traces = TraceGrouper()
+        self._trace_at = 0.0  # loop time of the open trace's last line
+        self._trace_timer: asyncio.TimerHandle | None = None
         self._boundaries = stream == "stdout"
         self._held: list[tuple[bytes, int]] = []  # lines read, not handled yet (see catch_up)
         self._busy = False  # handling lines: a nested drain would overtake them
@@ -307,6 +319,11 @@ class Pump:
         # caller's lines, not only when this pipe wakes up again.
         if self._loop is not None:
             self._loop.call_soon(self._handle)
+
+    def flush_trace(self) -> None:
+        """Logs the open traceback as it stands (the worker's invocation ended)."""
+        if self._traces.open and not self._busy:
+            self._write(self._traces.flush())
 
     # ---- internals ------------------------------------------------------------
 
@@ -396,40 +413,85 @@ class Pump:
         try:
             self._held += self._splitter.flush()
             self._handle()
+            self._write(self._traces.flush())
         finally:
             self.closed = True
+            if self._trace_timer is not None:
+                self._trace_timer.cancel()
             os.close(self.fd)
 
     def _emit(self, lines: list[tuple[bytes, int]], until_end: bool) -> int:
         """Emits ``lines`` in order; returns how many (fewer when it stopped before an end boundary)."""
         boundaries = self._boundaries
         attribute = self.attributor.attribute
-        for index, (line, truncated) in enumerate(lines):
-            line_stream = self.stream
-            if boundaries:
-                lead = line[:1]
-                if lead == STDERR_TAG_START:
-                    line_stream, line = "stderr", _stderr_as_tagged(line)
-                elif lead == BOUNDARY_START and not truncated:
-                    boundary = parse_boundary(line)
-                    if boundary is not None:
-                        if until_end and boundary[0] == "E":
-                            return index
-                        self.on_boundary(*boundary)
-                        continue
-            request_id, text = attribute(line)
-            emit_worker_line(
-                self.sink,
-                function=self.function,
-                worker=self.worker,
-                stream=line_stream,
-                text=text,
-                request_id=request_id,
-                truncated=truncated,
-                fmt=self.fmt,
-                component=self.component,
-            )
-        return len(lines)
+        traces = self._traces
+        try:
+            for index, (line, truncated) in enumerate(lines):
+                line_stream = self.stream
+                if boundaries:
+                    lead = line[:1]
+                    if lead == STDERR_TAG_START:
+                        line_stream, line = "stderr", _stderr_as_tagged(line)
+                    elif lead == BOUNDARY_START and not truncated:
+                        boundary = parse_boundary(line)
+                        if boundary is not None:
+                            if until_end and boundary[0] == "E":
+                                return index
+                            if traces.open:  # a trace does not cross an invocation's boundary
+                                self._write(traces.flush())
+                            self.on_boundary(*boundary)
+                            continue
+                request_id, text = attribute(line)
+                if traces.open or may_start(text):
+                    self._write(traces.feed(line_stream, request_id, text, truncated))
+                    continue
+                self._emit_line(line_stream, text, request_id, truncated)
+            return len(lines)
+        finally:
+            if traces.open:
+                self._trace_idle()
+
+    def _emit_line(self, stream: str, text: bytes, request_id: str | None, truncated: int) -> None:
+        emit_worker_line(
+            self.sink,
+            function=self.function,
+            worker=self.worker,
+            stream=stream,
+            text=text,
+            request_id=request_id,
+            truncated=truncated,
+            fmt=self.fmt,
+            component=self.component,
+        )
+
+    def _write(self, records: list[Out]) -> None:
+        """What the trace grouper gave out: plain lines and traces, in order."""
+        for record in records:
+            if not record.trace:
+                self._emit_line(record.stream, record.lines[0], record.request_id, record.truncated)
+                continue
+            emit_worker_trace(self.sink, function=self.function, worker=self.worker, stream=record.stream,
+                              lines=record.lines, event=record.event, request_id=record.request_id,
+                              truncated=record.truncated, fmt=self.fmt, component=self.component)
+
+    def _trace_idle(self) -> None:
+        """A trace is open: it goes out once nothing has followed it for TRACE_IDLE_S."""
+        loop = self._loop
+        if loop is None:
+            return  # not running (a test driving drain() alone): flushed at close
+        self._trace_at = loop.time()
+        if self._trace_timer is None:
+            self._trace_timer = loop.call_at(self._trace_at + TRACE_IDLE_S, self._trace_due)
+
+    def _trace_due(self) -> None:
+        self._trace_timer = None
+        loop = self._loop
+        if self.closed or not self._traces.open or loop is None:
+            return
+        if self._busy or loop.time() < self._trace_at + TRACE_IDLE_S:
+            self._trace_timer = loop.call_at(max(self._trace_at + TRACE_IDLE_S, loop.time() + 0.01), self._trace_due)
+            return
+        self._write(self._traces.flush())
 
 
 async def pump(

@@ -29,6 +29,8 @@ Rules and invariants:
   An end asserted before the worker's end boundary was seen makes the
   worker's pipes be read through (up to their size: all they held when the
   end was asserted) on the next loop iteration, then shows the End.
+* A traceback is one record (:mod:`supervisor.control.traces`); one still
+  open when an invocation's End is shown is logged before it.
 * A worker's output stays registered for ``RETAIN_S`` after its pipes
   close, so that the end of an invocation that killed it still gets its End
   (the data plane learns of the death after the pipes close); then every
@@ -160,8 +162,10 @@ class WorkerOutput:
             self._show(self.placer.began(request_id))
         else:
             # What the worker wrote to fd 2 before its end goes before it (one
-            # read: under a flood of fd 2, the order of the two pipes is best effort).
+            # read: under a flood of fd 2, the order of the two pipes is best effort),
+            # a traceback in it included.
             self.stderr.drain(READ_SIZE)
+            self.stderr.flush_trace()
             self._show(self.placer.ended(request_id))
         self.attributor.boundary(phase, request_id)
 
@@ -178,7 +182,11 @@ class WorkerOutput:
         position = _reader.count if _reader is not None else 0
         self.stdout.drain()
         self.stderr.drain()
-        self._show(self.placer.drained(position))
+        shown = self.placer.drained(position)
+        if shown:  # an invocation is over: its tracebacks go before its End
+            self.stdout.flush_trace()
+            self.stderr.flush_trace()
+        self._show(shown)
 
     def _pump_done(self, _task: asyncio.Future[None]) -> None:
         if all(task.done() for task in self.tasks) and not self._over:
