@@ -13,9 +13,13 @@ The contract is docs/cli.md. The rules:
   (or failed to initialize). Usage errors exit 2 (argparse's convention).
 * Commands that talk to a running supervisor find its run directory by
   `--run-dir`, else `$SUPERVISOR_RUN_DIR`, else the `run_dir` of the config
-  they would load (else `/tmp/ca-supervisor`, the default, when that config
-  does not load). `invoke` learns the CA port from supervisor.json; nothing
-  is assumed about a port.
+  they would load, read even when the file has other problems (else
+  `/tmp/ca-supervisor`, the default, when the file cannot be read as TOML).
+  When a config decides it, `status` and `reload` also judge that config:
+  its problems go to stderr and they exit 2 (`status` still shows the
+  supervisor the file's run_dir leads to; `reload` asks for nothing), as
+  `validate` would. `invoke` learns the CA port from supervisor.json;
+  nothing is assumed about a port.
 * stdout carries only the result (the table, the JSON object, the handler's
   bytes); diagnostics go to stderr, so `supervisor status --json | jq` and
   `supervisor invoke f > out.bin` stay clean.
@@ -39,15 +43,17 @@ import json
 import os
 import sys
 import time
+import tomllib
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn
 
 from supervisor.runstate import RunPaths, read_state, supervisor_alive
 
 if TYPE_CHECKING:
+    from supervisor.config import Problem
     from supervisor.v1.control_pb2 import (
         ComponentStatus,
         FunctionStatus,
@@ -78,28 +84,70 @@ EXIT_NOT_SERVING = 5  # reload --wait: applied, but the new workers do not serve
 # exactly these; function objects may carry more (init_error, mode counts...).
 COMPONENT_KEYS = ("name", "pid", "state", "restarts", "uptime_s")
 FUNCTION_KEYS = ("name", "runtime", "min_warm", "max_workers", "concurrency", "queue_depth", "inflight", "workers")
-WORKER_KEYS = ("id", "pid", "state", "inflight", "served", "age_s", "rss_bytes")
+WORKER_KEYS = ("id", "pid", "state", "inflight", "served", "age_s", "rss_bytes", "mode")
 
 
 # --- finding the supervisor ----------------------------------------------------------
 
 
-def resolve_run_dir(cli_run_dir: str | None, env: Mapping[str, str], cwd: Path,
-                    config_path: str | None = None) -> Path:
-    """--run-dir, else $SUPERVISOR_RUN_DIR, else the config's run_dir, else /tmp/ca-supervisor."""
+class RunDirLookup(NamedTuple):
+    """Where a running supervisor is looked for, and what was wrong with the config that said so."""
+
+    run_dir: Path | None  # None: the config decides it, and it cannot be read as TOML
+    config: Path | None  # the config that decided it (None: --run-dir or $SUPERVISOR_RUN_DIR did)
+    problems: list[Problem]  # that config's problems (none when it is valid or did not decide)
+
+
+def config_run_dir(path: Path) -> Path | None:
+    """The run_dir a config file names, read even when the file has other
+    problems: only the TOML and ``[supervisor] run_dir`` itself must be sound
+    (the default when the key is absent); None when they are not."""
+    from supervisor.config import MAX_FILE
+
+    try:
+        with path.open("rb") as file:
+            data = tomllib.loads(file.read(MAX_FILE).decode("utf-8"))
+    except (OSError, ValueError, RecursionError):  # unreadable, not UTF-8, not TOML
+        return None
+    table = data.get("supervisor", {})
+    value = table.get("run_dir", str(DEFAULT_RUN_DIR)) if isinstance(table, dict) else None
+    if not isinstance(value, str) or not value or "\0" in value:
+        return None
+    try:
+        return (path.parent / Path(value).expanduser()).absolute()
+    except RuntimeError:  # "~nosuchuser/..."
+        return None
+
+
+def find_run_dir(cli_run_dir: str | None, env: Mapping[str, str], cwd: Path,
+                 config_path: str | None = None) -> RunDirLookup:
+    """--run-dir, else $SUPERVISOR_RUN_DIR, else the config's run_dir (with the config's problems)."""
     # An empty variable counts as unset, as in the config's own env overrides.
     for given in (cli_run_dir, env.get("SUPERVISOR_RUN_DIR")):
         if given:
-            return (cwd / Path(given).expanduser()).absolute()
+            return RunDirLookup((cwd / Path(given).expanduser()).absolute(), None, [])
     from supervisor.config import ConfigError, load_config, resolve_config_path
 
     path = resolve_config_path(config_path, env, cwd)
     try:
-        return load_config(path, env).supervisor.run_dir.absolute()
-    except (ConfigError, UnicodeDecodeError):
-        # A broken config must not stop us from looking at a supervisor that
-        # runs with the default; `validate` is where the config gets judged.
-        return DEFAULT_RUN_DIR
+        return RunDirLookup(load_config(path, env).supervisor.run_dir.absolute(), path, [])
+    except ConfigError as exc:
+        return RunDirLookup(config_run_dir(path), path, exc.problems)
+
+
+def resolve_run_dir(cli_run_dir: str | None, env: Mapping[str, str], cwd: Path,
+                    config_path: str | None = None) -> Path:
+    """--run-dir, else $SUPERVISOR_RUN_DIR, else the config's run_dir, else /tmp/ca-supervisor
+    (a config that cannot be read as TOML must not stop us from looking at a
+    supervisor that runs with the default)."""
+    return find_run_dir(cli_run_dir, env, cwd, config_path).run_dir or DEFAULT_RUN_DIR
+
+
+def _config_problems(lookup: RunDirLookup, consequence: str) -> None:
+    """The problems of the config that decided the run dir, on stderr."""
+    print(f"{lookup.config}: invalid config ({consequence}):", file=sys.stderr)
+    for problem in lookup.problems:
+        print(_problem_line(problem.path, problem.message), file=sys.stderr)
 
 
 def _no_supervisor(run_dir: Path) -> None:
@@ -157,6 +205,7 @@ def _function(function: FunctionStatus) -> dict[str, Any]:
                 "served": w.served,
                 "age_s": round(w.age_s, 3),
                 "rss_bytes": w.rss_bytes,
+                "mode": w.mode or None,
             }
             for w in function.workers
         ],
@@ -304,7 +353,17 @@ def fetch_status(paths: RunPaths, timeout_s: float = STATUS_TIMEOUT_S) -> Status
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    run_dir = resolve_run_dir(args.run_dir, os.environ, Path.cwd(), args.config)
+    lookup = find_run_dir(args.run_dir, os.environ, Path.cwd(), args.config)
+    if lookup.problems:
+        _config_problems(lookup, "status shows the supervisor its run_dir leads to" if lookup.run_dir
+                         else "its run_dir cannot be read")
+    if lookup.run_dir is None:
+        return EXIT_INVALID
+    code = _status(args, lookup.run_dir)
+    return EXIT_INVALID if lookup.problems else code
+
+
+def _status(args: argparse.Namespace, run_dir: Path) -> int:
     paths = RunPaths(run_dir)
     state = read_state(paths) if supervisor_alive(paths) else None
     if state is None:
@@ -355,6 +414,12 @@ def render_reload(reply: ReloadReply) -> str:
         ("added", reply.added), ("changed", reply.changed),
         ("removed", reply.removed), ("unchanged", reply.unchanged)) if names]
     return f"reloaded (generation {reply.generation})" + (": " + "; ".join(parts) if parts else "") + "\n"
+
+
+def reload_refused_document(problems: Sequence[Problem]) -> dict[str, Any]:
+    """`reload --json` when the config is refused here, before any supervisor is asked (generation null)."""
+    return {"ok": False, "problems": [{"path": p.path, "message": p.message} for p in problems],
+            "added": [], "removed": [], "changed": [], "unchanged": [], "generation": None}
 
 
 def render_reload_refused(reply: ReloadReply) -> str:
@@ -450,6 +515,13 @@ def _wait_seconds(text: str) -> float:
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
+    lookup = find_run_dir(args.run_dir, os.environ, Path.cwd(), args.config)
+    if lookup.problems:
+        # The supervisor would refuse it the same way; nothing is asked of it.
+        _config_problems(lookup, "reload not requested; the running config stays")
+        if args.json:
+            print(json.dumps(reload_refused_document(lookup.problems)))
+        return EXIT_INVALID
     paths = _live_paths(args)
     if paths is None:
         return EXIT_NO_SUPERVISOR
@@ -548,7 +620,8 @@ def cmd_invoke(args: argparse.Namespace) -> int:
         reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
         print(f"invoke {args.function} at {url} failed: {reason}", file=sys.stderr)
         return EXIT_INVOKE_FAILED
-    sys.stdout.buffer.write(body)
+    # A shell prompt must not start on the result's last line; --raw keeps the bytes exact.
+    sys.stdout.buffer.write(body if args.raw or body.endswith(b"\n") else body + b"\n")
     sys.stdout.buffer.flush()
     return EXIT_OK
 
@@ -557,7 +630,7 @@ def cmd_invoke(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from supervisor.config import ConfigError, Problem, load_config, resolve_config_path
+    from supervisor.config import Config, ConfigError, Problem, SupervisorSettings, load_config, resolve_config_path
     from supervisor.control.sandbox import check_config
 
     path = resolve_config_path(args.config, os.environ, Path.cwd())
@@ -566,6 +639,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
         problems = check_config(config)
     except ConfigError as exc:
         problems = exc.problems
+        if exc.functions:
+            # One pass: the functions whose own tables are sound are imported too.
+            partial = Config(supervisor=exc.settings or SupervisorSettings(), functions=exc.functions, path=path)
+            problems = problems + check_config(partial)
     except UnicodeDecodeError as exc:
         # tomllib decodes before it parses and lets this one through.
         problems = [Problem(str(path), f"not valid TOML: the file is not UTF-8 ({exc.reason} at byte {exc.start})")]
@@ -657,6 +734,8 @@ def build_parser() -> argparse.ArgumentParser:
     invoke.add_argument("--config", metavar="PATH", help=find_config_help)
     invoke.add_argument("--timeout", type=_positive_float, default=300.0, metavar="SECONDS",
                         help="give up waiting for the answer after this long (default 300)")
+    invoke.add_argument("--raw", action="store_true",
+                        help="print the result's bytes exactly (by default a newline ends the output)")
     invoke.set_defaults(handler=cmd_invoke)
 
     reload = commands.add_parser(

@@ -72,10 +72,18 @@ class Problem(NamedTuple):
 
 
 class ConfigError(Exception):
-    """A config that cannot be used; `problems` lists every reason."""
+    """A config that cannot be used; `problems` lists every reason.
 
-    def __init__(self, problems: list[Problem]) -> None:
+    ``functions`` holds the functions whose own tables validated, and
+    ``settings`` the ``[supervisor]`` table when it did (``validate`` imports
+    those functions' handlers too, so that one pass reports everything).
+    """
+
+    def __init__(self, problems: list[Problem], *, settings: SupervisorSettings | None = None,
+                 functions: Mapping[str, FunctionConfig] | None = None) -> None:
         self.problems = list(problems)
+        self.settings = settings
+        self.functions = dict(functions or {})
         super().__init__(
             "\n".join(f"{p.path}: {p.message}" if p.path else p.message for p in self.problems)
         )
@@ -723,7 +731,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, env: Mapping[str, str]
         problems.append(Problem("supervisor.default_function", f"{_show(default)} is not a configured function (configured: {known})"))
 
     if problems or settings is None:
-        raise ConfigError(problems)
+        raise ConfigError(problems, settings=settings, functions=functions)
     return Config(supervisor=settings, functions=functions, path=path)
 
 

@@ -37,6 +37,10 @@ Rules:
 - Every deadline (start, idle) is in freeze-safe awake time
   (``supervisor.clock``): a thaw does not look like a hang, and it restarts
   every worker's idle time (FC thaws a container to send it a request).
+- ``status`` counts what the data plane counts when it is asked:
+  ``fresh_counts`` has the attached data plane report every function's
+  counts first (``ReportCounts``), waited for at most ``COUNTS_WAIT_S``, so
+  a worker's ``served`` includes every invocation answered before.
 """
 
 from __future__ import annotations
@@ -71,6 +75,7 @@ log = get_logger()
 MEMORY_POLL_S = 2.0
 RECONCILE_S = 0.5
 REPORT_WAIT_S = 0.5  # how long an unasked exit waits for the data plane's WorkerDisconnected
+COUNTS_WAIT_S = 0.5  # how long `status` waits for the data plane's counts (then answers with the last ones)
 SEED_WAIT_S = 3.0
 STRAY_S = 2.0  # how long a pool waits for its starting seed before it spawns instead
 GRACEFUL_REASONS = exits.GRACEFUL_REASONS
@@ -209,6 +214,8 @@ class PoolManager:
         self._retired_seeds: list[SeedProcess] = []
         self._seed_restarts: dict[str, int] = {}
         self._frozen_seen = 0.0
+        self._counts_asked = 0  # the last ReportCounts sequence number
+        self._counts_waiters: dict[int, asyncio.Future[None]] = {}
         if isolation is not None:
             log.info("worker isolation", cgroups=isolation.describe_cgroups())
         self._log_sandboxes(list(config.functions))
@@ -614,6 +621,29 @@ class PoolManager:
                 self.kill(record, event.kill.reason or "crashed")
         elif which == "due":
             self._on_due(event.due)
+        elif which == "reported":
+            # Answers come in the order of the questions: every earlier one is answered too.
+            for seq in [seq for seq in self._counts_waiters if seq <= event.reported.seq]:
+                waiter = self._counts_waiters.pop(seq)
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    async def fresh_counts(self, timeout_s: float = COUNTS_WAIT_S) -> bool:
+        """Has the attached data plane report its counts now (see the module
+        docstring); False when none is attached or it did not within ``timeout_s``."""
+        if not self.data_plane_attached:
+            return False
+        self._counts_asked += 1
+        seq = self._counts_asked
+        waiter = self._counts_waiters[seq] = asyncio.get_running_loop().create_future()
+        self.sink(cpb.ControlEvent(report=cpb.ReportCounts(seq=seq)))
+        try:
+            await asyncio.wait_for(waiter, timeout_s)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            self._counts_waiters.pop(seq, None)
 
     def on_attach(self) -> None:
         """A (new) data plane session: disposable workers that served are drained here,

@@ -103,6 +103,7 @@ class ControlPlaneService(rpc.ControlPlaneServicer):  # type: ignore[misc]  # ge
         return cpb.StopWorkersReply(stopped=stopped)
 
     async def GetStatus(self, request: cpb.StatusRequest, context: Any) -> cpb.StatusReply:
+        await self.manager.fresh_counts()  # counts as of now: `served` includes what was just answered
         return self.manager.status()
 
     async def Reload(self, request: cpb.ReloadRequest, context: Any) -> cpb.ReloadReply:

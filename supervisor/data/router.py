@@ -431,6 +431,8 @@ class Router:
             self._on_health(event.health)
         elif which == "config":
             self._on_config(event.config)
+        elif which == "report":
+            self._report_counts(event.report.seq)
 
     def _on_config(self, update: cpb.ConfigUpdate) -> None:
         """The control plane runs a reloaded config: take its function table."""
@@ -539,6 +541,17 @@ class Router:
         function.demand_sent = key
         function.demand_at = now
         self.outbox(cpb.DataPlaneEvent(demand=self.demand(function)))
+
+    def _report_counts(self, seq: int) -> None:
+        """``supervisor status`` asks: every function's counts now, then the answer
+        (a worker's ``served`` grows before its invocation's answer is sent)."""
+        now = self.loop.time()
+        for function in self.functions.values():
+            pool = function.pool
+            function.demand_sent = (pool.queue_depth, pool.inflight, len(pool.workers))
+            function.demand_at = now
+            self.outbox(cpb.DataPlaneEvent(demand=self.demand(function)))
+        self.outbox(cpb.DataPlaneEvent(reported=cpb.CountsReported(seq=seq)))
 
     def demand(self, function: FunctionState) -> cpb.Demand:
         pool = function.pool

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DataPlaneEvent(_message.Message):
-    __slots__ = ("hello", "session", "ready", "init_failed", "disconnected", "kill", "demand", "due")
+    __slots__ = ("hello", "session", "ready", "init_failed", "disconnected", "kill", "demand", "due", "reported")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
@@ -16,6 +16,7 @@ class DataPlaneEvent(_message.Message):
     KILL_FIELD_NUMBER: _ClassVar[int]
     DEMAND_FIELD_NUMBER: _ClassVar[int]
     DUE_FIELD_NUMBER: _ClassVar[int]
+    REPORTED_FIELD_NUMBER: _ClassVar[int]
     hello: DataPlaneHello
     session: WorkerSession
     ready: WorkerReady
@@ -24,7 +25,8 @@ class DataPlaneEvent(_message.Message):
     kill: KillWorker
     demand: Demand
     due: WorkerDue
-    def __init__(self, hello: _Optional[_Union[DataPlaneHello, _Mapping]] = ..., session: _Optional[_Union[WorkerSession, _Mapping]] = ..., ready: _Optional[_Union[WorkerReady, _Mapping]] = ..., init_failed: _Optional[_Union[WorkerInitFailed, _Mapping]] = ..., disconnected: _Optional[_Union[WorkerDisconnected, _Mapping]] = ..., kill: _Optional[_Union[KillWorker, _Mapping]] = ..., demand: _Optional[_Union[Demand, _Mapping]] = ..., due: _Optional[_Union[WorkerDue, _Mapping]] = ...) -> None: ...
+    reported: CountsReported
+    def __init__(self, hello: _Optional[_Union[DataPlaneHello, _Mapping]] = ..., session: _Optional[_Union[WorkerSession, _Mapping]] = ..., ready: _Optional[_Union[WorkerReady, _Mapping]] = ..., init_failed: _Optional[_Union[WorkerInitFailed, _Mapping]] = ..., disconnected: _Optional[_Union[WorkerDisconnected, _Mapping]] = ..., kill: _Optional[_Union[KillWorker, _Mapping]] = ..., demand: _Optional[_Union[Demand, _Mapping]] = ..., due: _Optional[_Union[WorkerDue, _Mapping]] = ..., reported: _Optional[_Union[CountsReported, _Mapping]] = ...) -> None: ...
 
 class DataPlaneHello(_message.Message):
     __slots__ = ("pid",)
@@ -104,6 +106,12 @@ class Demand(_message.Message):
     busy_seconds: float
     def __init__(self, function: _Optional[str] = ..., queue_depth: _Optional[int] = ..., inflight: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerLoad, _Mapping]]] = ..., draining: _Optional[bool] = ..., busy_seconds: _Optional[float] = ...) -> None: ...
 
+class CountsReported(_message.Message):
+    __slots__ = ("seq",)
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    def __init__(self, seq: _Optional[int] = ...) -> None: ...
+
 class WorkerDue(_message.Message):
     __slots__ = ("worker_id", "reason")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -113,20 +121,28 @@ class WorkerDue(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ControlEvent(_message.Message):
-    __slots__ = ("snapshot", "added", "removed", "drain", "health", "config")
+    __slots__ = ("snapshot", "added", "removed", "drain", "health", "config", "report")
     SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     ADDED_FIELD_NUMBER: _ClassVar[int]
     REMOVED_FIELD_NUMBER: _ClassVar[int]
     DRAIN_FIELD_NUMBER: _ClassVar[int]
     HEALTH_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
+    REPORT_FIELD_NUMBER: _ClassVar[int]
     snapshot: Snapshot
     added: WorkerAdded
     removed: WorkerRemoved
     drain: DrainWorker
     health: PoolHealth
     config: ConfigUpdate
-    def __init__(self, snapshot: _Optional[_Union[Snapshot, _Mapping]] = ..., added: _Optional[_Union[WorkerAdded, _Mapping]] = ..., removed: _Optional[_Union[WorkerRemoved, _Mapping]] = ..., drain: _Optional[_Union[DrainWorker, _Mapping]] = ..., health: _Optional[_Union[PoolHealth, _Mapping]] = ..., config: _Optional[_Union[ConfigUpdate, _Mapping]] = ...) -> None: ...
+    report: ReportCounts
+    def __init__(self, snapshot: _Optional[_Union[Snapshot, _Mapping]] = ..., added: _Optional[_Union[WorkerAdded, _Mapping]] = ..., removed: _Optional[_Union[WorkerRemoved, _Mapping]] = ..., drain: _Optional[_Union[DrainWorker, _Mapping]] = ..., health: _Optional[_Union[PoolHealth, _Mapping]] = ..., config: _Optional[_Union[ConfigUpdate, _Mapping]] = ..., report: _Optional[_Union[ReportCounts, _Mapping]] = ...) -> None: ...
+
+class ReportCounts(_message.Message):
+    __slots__ = ("seq",)
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    def __init__(self, seq: _Optional[int] = ...) -> None: ...
 
 class ConfigUpdate(_message.Message):
     __slots__ = ("toml", "base_dir", "path", "generation")

@@ -33,7 +33,9 @@ from supervisor.cli import (
     COMPONENT_KEYS,
     FUNCTION_KEYS,
     WORKER_KEYS,
+    config_run_dir,
     dispatch,
+    find_run_dir,
     format_age,
     format_bytes,
     format_duration,
@@ -113,7 +115,7 @@ def test_status_document_has_exactly_the_contract_keys() -> None:
             assert tuple(worker) == WORKER_KEYS
     hello, web = doc["functions"]
     assert hello["workers"][0] == {"id": "hello-1", "pid": 4242, "state": "busy", "inflight": 1,
-                                   "served": 17, "age_s": 75.25, "rss_bytes": 25 * 1024 * 1024}
+                                   "served": 17, "age_s": 75.25, "rss_bytes": 25 * 1024 * 1024, "mode": "fork"}
     assert (hello["queue_depth"], hello["inflight"], hello["concurrency"]) == (3, 1, 2)
     assert hello["init_error"] is None and web["init_error"] == "InitializationError: boom"
     assert web["workers"] == []
@@ -350,6 +352,38 @@ def test_resolve_run_dir_falls_back_when_the_config_is_bad(tmp_path: Path) -> No
     assert resolve_run_dir(None, {"SUPERVISOR_CONFIG": str(bad)}, tmp_path) == Path("/tmp/ca-supervisor")
 
 
+def test_find_run_dir_reads_the_run_dir_of_an_invalid_config(tmp_path: Path) -> None:
+    bad = write_config(tmp_path, 'run_dir = "state"\nca_prot = 1')
+    lookup = find_run_dir(None, {}, tmp_path, str(bad))
+    assert lookup.run_dir == tmp_path / "state" and lookup.config == bad
+    assert [p.path for p in lookup.problems] == ["supervisor.ca_prot"]
+    assert resolve_run_dir(None, {}, tmp_path, str(bad)) == tmp_path / "state"
+    # --run-dir and $SUPERVISOR_RUN_DIR decide without judging any config.
+    assert find_run_dir("/a", {}, tmp_path, str(bad)) == (Path("/a"), None, [])
+    assert find_run_dir(None, {"SUPERVISOR_RUN_DIR": "/b"}, tmp_path, str(bad)) == (Path("/b"), None, [])
+    # A valid config: its run_dir, no problems.
+    (tmp_path / "good").mkdir()
+    good = write_config(tmp_path / "good", 'run_dir = "/x/y"')
+    assert find_run_dir(None, {}, tmp_path, str(good)) == (Path("/x/y"), good, [])
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ('[supervisor]\nrun_dir = "rel/dir"\nca_port = "nope"\n', "rel/dir"),
+    ('[supervisor]\nca_port = "nope"\n', "/tmp/ca-supervisor"),  # the key's default
+    ('[functions.f]\ntimout = 1\n', "/tmp/ca-supervisor"),
+    ('[supervisor]\nrun_dir = 7\n', None),
+    ('[supervisor]\nrun_dir = ""\n', None),
+    ('[supervisor]\nrun_dir = "a\\u0000b"\n', None),
+    ('supervisor = 3\n', None),
+    ('[supervisor\n', None),
+])
+def test_config_run_dir(tmp_path: Path, text: str, expected: str | None) -> None:
+    path = tmp_path / "supervisor.toml"
+    path.write_text(text)
+    assert config_run_dir(path) == (None if expected is None else tmp_path / expected)
+    assert config_run_dir(tmp_path / "missing.toml") is None
+
+
 # --- runstate --------------------------------------------------------------------
 
 
@@ -497,6 +531,30 @@ def test_validate_reports_every_problem(tmp_path: Path, capsys: pytest.CaptureFi
     assert any(line.startswith("supervisor.ca_prot: ") for line in lines)
     assert any(line.startswith("functions.hello.timeout: ") for line in lines)
     assert any(line.startswith("functions.hello.min_warm: ") for line in lines)
+
+
+def test_validate_imports_handlers_of_a_config_with_other_problems(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path, "ca_prot = 9100", handler="hello:nope")
+    assert dispatch(["validate", "--config", str(config)]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("supervisor.ca_prot: ")  # structural first, then what importing found
+    assert lines[1].startswith("functions.hello.handler: ") and "nope" in lines[1]
+
+
+def test_status_and_reload_judge_the_config_that_decides_the_run_dir(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path, f'run_dir = "{tmp_path / "run"}"\nca_prot = 1')
+    assert dispatch(["status", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert f"{config}: invalid config" in err and "supervisor.ca_prot: " in err
+    assert f"no supervisor running in {tmp_path / 'run'}" in err  # looked where the file says
+    assert dispatch(["reload", "--json", "--config", str(config)]) == 2
+    out, err = capsys.readouterr()
+    document = json.loads(out)
+    assert [problem["path"] for problem in document.pop("problems")] == ["supervisor.ca_prot"]
+    assert document == {"ok": False, "added": [], "removed": [], "changed": [], "unchanged": [], "generation": None}
+    assert "reload not requested" in err and "no supervisor running" not in err
 
 
 def test_validate_imports_handlers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -767,19 +825,21 @@ def front(run_dir: Path, lock_holder: Callable[[RunPaths], subprocess.Popen[byte
 def test_invoke_success(front: Path, capsysbinary: pytest.CaptureFixture[bytes]) -> None:
     assert dispatch(["invoke", "hello", "--data", "hi", "--run-dir", str(front)]) == 0
     out, err = capsysbinary.readouterr()
-    assert out == b"\x00echo:hi" and err == b""
+    assert out == b"\x00echo:hi\n" and err == b""  # a newline ends the output
     assert FakeFront.seen == [("/invoke", "hello", b"hi")]
+    assert dispatch(["invoke", "hello", "--raw", "--data", "hi", "--run-dir", str(front)]) == 0
+    assert capsysbinary.readouterr().out == b"\x00echo:hi"  # --raw: the bytes exactly
 
 
 def test_invoke_data_from_file_and_stdin(front: Path, tmp_path: Path, capsysbinary: pytest.CaptureFixture[bytes], monkeypatch: pytest.MonkeyPatch) -> None:
     event = tmp_path / "event.bin"
     event.write_bytes(b"\xff\x00file")
     assert dispatch(["invoke", "hello", "--data", f"@{event}", "--run-dir", str(front)]) == 0
-    assert capsysbinary.readouterr().out == b"\x00echo:\xff\x00file"
+    assert capsysbinary.readouterr().out == b"\x00echo:\xff\x00file\n"
     stdin = types.SimpleNamespace(buffer=types.SimpleNamespace(read=lambda: b"from stdin"))
     monkeypatch.setattr(sys, "stdin", stdin)
     assert dispatch(["invoke", "hello", "--data", "-", "--run-dir", str(front)]) == 0
-    assert capsysbinary.readouterr().out == b"\x00echo:from stdin"
+    assert capsysbinary.readouterr().out == b"\x00echo:from stdin\n"
     assert dispatch(["invoke", "hello", "--run-dir", str(front)]) == 0  # no --data: empty event
     assert FakeFront.seen[-1] == ("/invoke", "hello", b"")
 
