@@ -133,9 +133,30 @@ def _flatten(first: Sequence[str], headers: Headers) -> list[str]:
     return strings
 
 
-def _pairs(strings: list[str], start: int) -> list[Header]:
-    it = iter(strings[start:])
-    return list(zip(it, it))
+def _decode_fields(payload: bytes, start: int, end: int, lengths: Sequence[int],
+                   leading: int) -> tuple[list[str], list[Header]]:
+    """The UTF-8 fields of ``payload[start:end]`` (cut as ``_decode_texts`` does): the first
+    ``leading`` ones, and the rest as (name, value) pairs, built in one pass."""
+    text = payload[start:end].decode()
+    if not text.isascii():
+        strings = _decode_texts(payload, start, end, lengths)
+        rest = iter(strings[leading:])
+        return strings[:leading], list(zip(rest, rest))
+    fields: list[str] = []
+    offset = 0
+    it = iter(lengths)
+    for _ in range(leading):
+        stop = offset + next(it)
+        fields.append(text[offset:stop])
+        offset = stop
+    headers: list[Header] = []
+    append = headers.append
+    for name_length, value_length in zip(it, it):
+        middle = offset + name_length
+        stop = middle + value_length
+        append((text[offset:middle], text[middle:stop]))
+        offset = stop
+    return fields, headers
 
 
 def _exact(kind: str, payload: bytes, size: int) -> None:
@@ -338,8 +359,8 @@ class Invoke(_Message):
             lengths = _header_lengths(payload, _INVOKE.size, 2 + 2 * count)
             end = start + sum(lengths)
             _exact("Invoke", payload, end + n_body)
-            strings = _decode_texts(payload, start, end, lengths)
-            return cls(strings[0], strings[1], _pairs(strings, 2) if count else [], timeout_ms, payload[end:])
+            (request_id, kind), headers = _decode_fields(payload, start, end, lengths, 2)
+            return cls(request_id, kind, headers, timeout_ms, payload[end:])
         except (struct.error, ValueError, IndexError) as exc:
             raise _protocol_error("Invoke", exc) from None
 
@@ -378,10 +399,10 @@ class Result(_Message):
         try:
             ok, n_body, n_type, n_error_type, n_message, n_trace = _RESULT.unpack_from(payload)
             start = _RESULT.size
-            if not (n_error_type or n_message or n_trace):
+            if not (n_error_type or n_message or n_trace) and ok < 2:  # the usual answer, inline
                 end = start + n_type
                 _exact("Result", payload, end + n_body)
-                return cls(_bool("Result", ok), payload[end:], payload[start:end].decode())
+                return cls(ok == 1, payload[end:], payload[start:end].decode())
             end = start + n_type + n_error_type + n_message + n_trace
             _exact("Result", payload, end + n_body)
             content_type, error_type, message, trace = _decode_texts(
@@ -436,11 +457,11 @@ class HttpRequest(_Message):
             lengths = _header_lengths(payload, _REQUEST.size, 5 + 2 * count)
             end = start + sum(lengths)
             _exact("HttpRequest", payload, end + n_path + n_query + n_body)
-            strings = _decode_texts(payload, start, end, lengths)
+            strings, headers = _decode_fields(payload, start, end, lengths, 5)
             query_at = end + n_path
             body_at = query_at + n_query
             return cls(strings[0], strings[1], payload[end:query_at], payload[query_at:body_at],
-                       _pairs(strings, 5) if count else [], timeout_ms, payload[body_at:],
+                       headers, timeout_ms, payload[body_at:],
                        _bool("HttpRequest", more), strings[2], strings[3], strings[4], port)
         except (struct.error, ValueError, IndexError) as exc:
             raise _protocol_error("HttpRequest", exc) from None
@@ -473,6 +494,6 @@ class HttpResponseStart(_Message):
             lengths = _header_lengths(payload, _START.size, 2 * count)
             end = start + sum(lengths)
             _exact("HttpResponseStart", payload, end)
-            return cls(status, _pairs(_decode_texts(payload, start, end, lengths), 0) if count else [])
+            return cls(status, _decode_fields(payload, start, end, lengths, 0)[1])
         except (struct.error, ValueError, IndexError) as exc:
             raise _protocol_error("HttpResponseStart", exc) from None
