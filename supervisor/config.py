@@ -46,7 +46,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import tomllib
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -390,6 +389,8 @@ class FunctionConfig(BaseModel):
     recycle_memory_share: Annotated[float, Field(ge=0, le=1)] = 0.9
     disposable: bool = False
     seed: bool = True  # python: fork workers from a preloaded seed; false: a fresh interpreter each
+    # python: asyncio's own loop, or the uvloop the function ships (in its own directories; worker/python/paths.py)
+    event_loop: Literal["asyncio", "uvloop"] = "asyncio"
     max_body: Annotated[int, BeforeValidator(_size_in(1, MAX_BODY))] = 6 << 20
     env: dict[EnvName, EnvValue] = Field(default_factory=dict)
     limits: Limits = Field(default_factory=Limits)
@@ -610,6 +611,8 @@ def _function_checks(prefix: str, raw: Mapping[str, Any], failed: set[str]) -> l
                 problems.append(Problem(f"{prefix}.{key}", f'only python functions take {key}; a {runtime} function gets lifecycle calls through hooks = ["initialize", ...]'))
         if ok("interface") and values["interface"] != "event":
             problems.append(Problem(f"{prefix}.interface", f"only python functions take interface; a {runtime} function serves HTTP from its command"))
+        if ok("event_loop") and "event_loop" in raw:
+            problems.append(Problem(f"{prefix}.event_loop", f"only python functions take event_loop; a {runtime} function's own process runs its loop"))
     if ok("disposable", "concurrency") and values["disposable"] and values["concurrency"] > 1:
         problems.append(Problem(f"{prefix}.concurrency", f"a disposable worker serves exactly one invocation; concurrency must be 1, got {values['concurrency']}"))
     if ok("seed", "runtime") and "seed" in raw and runtime != "python":
@@ -812,48 +815,22 @@ def resolve_config_path(cli_path: str | None, env: Mapping[str, str], cwd: Path)
 
 # --- importing handlers, out of process ---------------------------------------------
 
-# Runs in a fresh interpreter inside code_dir. Results go to the real stdout
-# behind a marker, because user modules may print while they are imported.
-_CHECK_SCRIPT = r"""
-import importlib, json, sys
-marker, specs, plan = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[4])
-if plan:  # importing is running user code: isolated as the function's workers are
-    from worker import isolation
-    isolation.apply(plan)
-out, sys.stdout = sys.stdout, sys.stderr
-sys.path.insert(0, sys.argv[3])
-found = {}
-for key, spec in specs:
-    module_name, _, attrs = spec.partition(":")
-    try:
-        target = importlib.import_module(module_name)
-        for i, attr in enumerate(attrs.split(".")):
-            if not hasattr(target, attr):
-                owner = module_name if i == 0 else ".".join(attrs.split(".")[:i])
-                raise LookupError(f"{'module' if i == 0 else 'object'} {owner!r} has no attribute {attr!r}")
-            target = getattr(target, attr)
-        if not callable(target):
-            found[key] = f"{spec!r} is not callable (it is {type(target).__name__!r})"
-    except LookupError as exc:
-        found[key] = f"cannot import {spec!r}: {exc}"
-    except BaseException as exc:
-        found[key] = f"cannot import {spec!r}: {type(exc).__name__}: {exc}"
-out.write("\n" + marker + json.dumps(found) + "\n")
-out.flush()
-"""
+# worker/check.py imports the handlers in a fresh interpreter started like a worker
+# (worker/boot.py: the function's sys.path, never the supervisor's packages).
+# Results go to the real stdout behind a marker: user modules may print at import.
 _MARKER = "@@ca-supervisor-check@@"
 
 
 def _check_function(function: FunctionConfig, timeout_s: float, plan: dict[str, Any] | None) -> list[Problem]:
-    from supervisor.control.launcher import worker_env
+    from supervisor.control.launcher import python_argv, worker_env
 
     prefix = f"functions.{function.name}"
     specs = [(key, getattr(function, key)) for key in ("handler", *_HOOK_FIELDS) if getattr(function, key)]
     # The environment a worker gets, not the supervisor's (which may hold secrets).
     env = {**worker_env(function, "check", os.environ), "PYTHONDONTWRITEBYTECODE": "1"}
-    # -P: nothing in the code dir can stand in for a module imported before the sandbox is up.
-    argv = [sys.executable, "-P", "-c", _CHECK_SCRIPT, _MARKER, json.dumps(specs), str(function.code_dir),
-            json.dumps(plan or {})]
+    job = {"specs": specs, "code_dir": str(function.code_dir), "event_loop": function.event_loop,
+           "python_packages": str(getattr(function, "python_packages", "") or ""), "plan": plan or {}}
+    argv = [*python_argv("worker.check"), _MARKER, json.dumps(job)]
     # Its own session, so a timeout kills anything the module started too.
     process = subprocess.Popen(argv, cwd=function.code_dir, env=env, stdin=subprocess.DEVNULL,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
@@ -870,7 +847,8 @@ def _check_function(function: FunctionConfig, timeout_s: float, plan: dict[str, 
     for line in reversed(stdout.decode(errors="replace").splitlines()):
         if line.startswith(_MARKER):
             found: dict[str, str] = json.loads(line[len(_MARKER):])
-            return [Problem(f"{prefix}.{key}", found[key]) for key, _ in specs if key in found]
+            return [Problem(f"{prefix}.{key}", found[key]) for key in ("event_loop", *(k for k, _ in specs))
+                    if key in found]
     tail = stderr.decode(errors="replace").strip().splitlines()[-3:]
     return [Problem(prefix, f"checking the handlers crashed Python (exit code {process.returncode})" + (f": {' | '.join(tail)}" if tail else ""))]
 

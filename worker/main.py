@@ -1,8 +1,13 @@
 """A worker process: authenticate to the data plane, initialize, serve.
 
-Started by the control plane as ``python -m worker.main`` with its spec (a
-JSON object) on file descriptor 3, never in argv or the environment, because
-the spec holds the worker's one-time credential.
+Started by the control plane with its spec (a JSON object) on file
+descriptor 3, never in argv or the environment, because the spec holds the
+worker's one-time credential: a Python function's worker as ``python -S -P
+worker/boot.py worker.main`` (the standard library and the worker's own code
+only; ``sys.path`` becomes the function's, see ``worker.python.paths``, and
+the loop is asyncio's unless the function ships uvloop and asks for it with
+``event_loop = "uvloop"``), a custom, lambda or scf runtime's as ``python
+-m worker.main`` (no user Python runs there; it uses uvloop).
 
 Lifecycle (the rules):
 1. Dial the data plane's worker socket and present ``HELLO(worker_id,
@@ -37,6 +42,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from calink import frames
@@ -402,6 +408,19 @@ async def amain(spec: dict[str, Any]) -> int:
         await worker.host.close()
 
 
+def event_loop_factory(spec: dict[str, Any]) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The worker's loop (None: asyncio's own). A Python function gets asyncio's
+    unless it says ``event_loop = "uvloop"``: then the uvloop it ships (found on its
+    own ``sys.path``; the supervisor's packages are not on it). Custom, lambda and
+    scf runtimes run no user Python here and keep the supervisor's uvloop."""
+    if spec.get("runtime", "python") == "python" and spec.get("event_loop", "asyncio") != "uvloop":
+        return None
+    import uvloop
+
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
 def main() -> None:
     start(read_spec())
 
@@ -426,14 +445,19 @@ def start(spec: dict[str, Any]) -> None:
     watch_for_orphaning(int(spec["parent_pid"]), float(spec["timeout_s"]) + ORPHAN_LINGER_S)
     die_with_parent(int(spec["parent_pid"]))
     output.install()
-    code_dir = spec["code_dir"]
-    os.chdir(code_dir)
-    if code_dir not in sys.path:  # a forked worker has it from its seed
-        sys.path.insert(0, code_dir)
-    try:
-        import uvloop
+    os.chdir(spec["code_dir"])
+    if spec.get("runtime", "python") == "python":
+        from worker.python import paths
 
-        code = uvloop.run(amain(spec))
+        paths.enter(spec)  # the function's own directories, then the standard library
+    try:
+        factory = event_loop_factory(spec)
+    except (ImportError, AttributeError) as exc:  # the check at start and reload says so before a worker starts
+        output.log_error(f"event_loop = \"uvloop\": the function ships no usable uvloop ({type(exc).__name__}: {exc})")
+        os._exit(EXIT_INIT_FAILED)
+    try:
+        with asyncio.Runner(loop_factory=factory) as runner:
+            code = runner.run(amain(spec))
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
     sys.stdout.flush()

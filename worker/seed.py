@@ -32,6 +32,11 @@ Rules:
   plane, exactly like a spawned worker, so the control plane reaps it, reads
   its exit status, and its parent-death signal follows the control plane,
   not the seed. A seed that dies or is replaced takes no worker with it.
+- The seed is started like a worker (``worker/boot.py``): before the
+  function's module it imports only the standard library and the worker's
+  own code, with ``sys.path`` the function's (``worker.python.paths``).
+  ``event_loop = "uvloop"`` imports the function's uvloop here, so its
+  workers have it already.
 - The child does what ``os.fork`` does after a fork (``PyOS_AfterFork_Child``:
   fresh locks, at-fork handlers, which also re-seed ``random``), becomes its
   own session, takes its pipes as stdout/stderr and then runs exactly the
@@ -166,21 +171,22 @@ class Seed:
     def preload(self) -> float:
         """Imports the runtime and the function; returns the milliseconds it took."""
         started = time.perf_counter()
-        code_dir = self.spec["code_dir"]
-        os.chdir(code_dir)
-        sys.path.insert(0, code_dir)
+        os.chdir(self.spec["code_dir"])
+        from worker.python import paths
+
+        paths.enter(self.spec)  # the function's own directories, then the standard library
         # The worker's whole runtime, so that a forked worker imports nothing of ours.
         import asyncio  # noqa: F401
-
-        import uvloop  # noqa: F401  # imported, never run here
 
         import worker.main  # noqa: F401
         from worker.python import host, log
 
         log.install()  # what the function logs at import is a record too
+        if self.spec.get("event_loop") == "uvloop":
+            import uvloop  # noqa: F401  # the function's own (its directories come first); imported, never run here
 
         if self.spec.get("interface", "event") != "event":
-            import worker.python.http  # noqa: F401  # the ASGI/WSGI host, and a2wsgi with it
+            import worker.python.http  # noqa: F401  # the ASGI/WSGI host
 
         for key in ("handler", "initializer", "pre_freeze", "pre_stop"):
             if self.spec.get(key):

@@ -28,13 +28,24 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from supervisor.config import FunctionConfig
 
 # -P: the working directory (the function's code dir) is not put on sys.path,
 # so nothing there can stand in for a module this process imports as root.
+# This is how custom, lambda and scf runtimes start: no user Python runs there.
 WORKER_ARGV = [sys.executable, "-P", "-m", "worker.main"]
+# A Python function's processes (worker, seed, handler check) start through
+# worker/boot.py with -S -P: the standard library and the worker's own code,
+# never the supervisor's site-packages (worker/boot.py, worker/python/paths.py).
+BOOT = str(Path(__file__).resolve().parents[2] / "worker" / "boot.py")
+
+
+def python_argv(module: str) -> list[str]:
+    """argv of a Python function's process running ``module`` (worker.main, worker.seed, worker.check)."""
+    return [sys.executable, "-S", "-P", BOOT, module]
 SPEC_FD = 3
 # Variables of the supervisor's own environment a worker may see.
 PASSTHROUGH_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "PYTHONPATH")
@@ -86,7 +97,8 @@ def spawn(spec: Mapping[str, Any], env: Mapping[str, str], cwd: str) -> Process:
     """Starts ``python -m worker.main`` with ``spec`` on fd 3."""
     spec_r, spec_w = os.pipe()
     try:
-        process = spawn_with_fd(WORKER_ARGV, env, cwd, spec_r)
+        argv = python_argv("worker.main") if spec.get("runtime", "python") == "python" else WORKER_ARGV
+        process = spawn_with_fd(argv, env, cwd, spec_r)
     except BaseException:
         os.close(spec_w)
         raise

@@ -41,7 +41,7 @@ from supervisor.logs import get_logger
 
 log = get_logger()
 
-SEED_ARGV = [*launcher.WORKER_ARGV[:-1], "worker.seed"]
+SEED_ARGV = launcher.python_argv("worker.seed")
 HEALTHY_S = 30.0
 FORK_TIMEOUT_S = 5.0  # a seed that does not answer a fork request in this long is killed (and restarted)
 MAX_PACKET = 1 << 20
