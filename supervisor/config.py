@@ -279,6 +279,27 @@ def _directory(value: Any, info: ValidationInfo) -> Path:
     return path
 
 
+MAX_PACKAGES_PATH = 1024  # bytes of python_packages: it travels in a worker's start spec with the other paths
+
+
+def _packages_path(value: str) -> str:
+    """python_packages: a relative path to a directory inside code_dir, normalized
+    (``supervisor deps`` replaces that directory whole; workers see code_dir read-only)."""
+    why = _unreachable(value, "a path")
+    if why is not None:
+        raise ValueError(why)
+    if len(os.fsencode(value)) > MAX_PACKAGES_PATH:
+        raise ValueError(f"must be at most {MAX_PACKAGES_PATH} bytes, got {len(os.fsencode(value))}")
+    if value.startswith(("/", "~")):
+        raise ValueError(f"must be a path relative to code_dir (the directory is part of the function's code), "
+                         f"got {_show(value)}")
+    normal = os.path.normpath(value)
+    if normal in (".", "..") or normal.startswith("../"):
+        raise ValueError(f"must name a directory inside code_dir, not code_dir itself or a place outside it "
+                         f"(`supervisor deps` replaces that directory whole), got {_show(value)}")
+    return normal
+
+
 def _run_dir(value: Any, info: ValidationInfo) -> Path:
     return _path_text(value, info)  # it need not exist yet: the supervisor creates it
 
@@ -391,6 +412,8 @@ class FunctionConfig(BaseModel):
     seed: bool = True  # python: fork workers from a preloaded seed; false: a fresh interpreter each
     # python: asyncio's own loop, or the uvloop the function ships (in its own directories; worker/python/paths.py)
     event_loop: Literal["asyncio", "uvloop"] = "asyncio"
+    # python: where `supervisor deps` installs requirements.txt (supervisor/deps.py), inside code_dir
+    python_packages: Annotated[str, AfterValidator(_packages_path)] = ".python_packages"
     max_body: Annotated[int, BeforeValidator(_size_in(1, MAX_BODY))] = 6 << 20
     env: dict[EnvName, EnvValue] = Field(default_factory=dict)
     limits: Limits = Field(default_factory=Limits)
@@ -613,6 +636,8 @@ def _function_checks(prefix: str, raw: Mapping[str, Any], failed: set[str]) -> l
             problems.append(Problem(f"{prefix}.interface", f"only python functions take interface; a {runtime} function serves HTTP from its command"))
         if ok("event_loop") and "event_loop" in raw:
             problems.append(Problem(f"{prefix}.event_loop", f"only python functions take event_loop; a {runtime} function's own process runs its loop"))
+        if ok("python_packages") and "python_packages" in raw:
+            problems.append(Problem(f"{prefix}.python_packages", f"only python functions take python_packages; a {runtime} function's command finds its own dependencies"))
     if ok("disposable", "concurrency") and values["disposable"] and values["concurrency"] > 1:
         problems.append(Problem(f"{prefix}.concurrency", f"a disposable worker serves exactly one invocation; concurrency must be 1, got {values['concurrency']}"))
     if ok("seed", "runtime") and "seed" in raw and runtime != "python":
