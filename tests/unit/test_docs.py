@@ -53,10 +53,10 @@ from supervisor import cli, config, metrics
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
 
-# Documented ahead of their code (issue 12): config keys and CLI commands, and a page of
-# docs/ linked before it is written (docs/worker-protocol.md, the worker link's frames).
-PENDING = {"python_packages", "access_log", "deps"}
-PENDING_PAGES = {DOCS / "worker-protocol.md"}
+# Documented ahead of their code (issue 12): config keys and CLI commands, and pages of
+# docs/ linked before they are written.
+PENDING = {"access_log", "deps"}
+PENDING_PAGES: set[Path] = set()
 
 
 # --- reading Markdown -------------------------------------------------------------------
