@@ -401,7 +401,8 @@ class Result(_Message):
             start = _RESULT.size
             if not (n_error_type or n_message or n_trace) and ok < 2:  # the usual answer, inline
                 end = start + n_type
-                _exact("Result", payload, end + n_body)
+                if end + n_body != len(payload):
+                    _exact("Result", payload, end + n_body)  # raises
                 return cls(ok == 1, payload[end:], payload[start:end].decode())
             end = start + n_type + n_error_type + n_message + n_trace
             _exact("Result", payload, end + n_body)
