@@ -854,7 +854,7 @@ def _check_function(function: FunctionConfig, timeout_s: float, plan: dict[str, 
     # The environment a worker gets, not the supervisor's (which may hold secrets).
     env = {**worker_env(function, "check", os.environ), "PYTHONDONTWRITEBYTECODE": "1"}
     job = {"specs": specs, "code_dir": str(function.code_dir), "event_loop": function.event_loop,
-           "python_packages": str(getattr(function, "python_packages", "") or ""), "plan": plan or {}}
+           "python_packages": function.python_packages, "plan": plan or {}}
     argv = [*python_argv("worker.check"), _MARKER, json.dumps(job)]
     # Its own session, so a timeout kills anything the module started too.
     process = subprocess.Popen(argv, cwd=function.code_dir, env=env, stdin=subprocess.DEVNULL,

@@ -302,7 +302,7 @@ class PoolManager:
         spec = {"function": fn.name, "code_dir": str(fn.code_dir), "handler": fn.handler,
                 "initializer": fn.initializer, "pre_freeze": fn.pre_freeze, "pre_stop": fn.pre_stop,
                 "interface": fn.interface, "parent_pid": os.getpid(), "event_loop": fn.event_loop,
-                "python_packages": str(getattr(fn, "python_packages", "") or "")}
+                "python_packages": fn.python_packages}
         pool.seed = SeedProcess(fn.name, spec, launcher.worker_env(fn, self.instance_id, self.base_env),
                                 str(fn.code_dir), self.config.supervisor.log_format, self._seed_changed,
                                 isolate=(lambda: self._seed_isolation(fn)) if fn.name in self.sandboxes else None,
@@ -414,7 +414,7 @@ class PoolManager:
             "max_frame": fn.max_body + 64 * 1024, "max_body": fn.max_body, "parent_pid": os.getpid(),
             "command": list(fn.command or ()), "ready": fn.ready, "startup_timeout_s": fn.startup_timeout,
             "hooks": list(fn.hooks), "ca_port": self.config.supervisor.ca_port, "event_loop": fn.event_loop,
-            "python_packages": str(getattr(fn, "python_packages", "") or ""),
+            "python_packages": fn.python_packages,
         }
         sandbox = self.sandboxes.get(fn.name)
         record.uid = sandbox.identity.uid if sandbox is not None and sandbox.identity is not None else os.geteuid()

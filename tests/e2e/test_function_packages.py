@@ -274,3 +274,27 @@ def test_event_loop_uvloop_without_uvloop_shipped_is_refused(tmp_path: Path) -> 
         assert problems and "uvloop" in json.dumps(problems), sup.log_path.read_text()[-2000:]
     finally:
         sup.kill_all()
+
+
+def test_sys_path_is_code_dir_packages_dir_pythonpath_then_the_standard_library(tmp_path: Path) -> None:
+    code = tmp_path / "code"
+    for where in ("vendor", "extra", ""):  # the same module name in three places: the first one wins
+        (code / where / "which").mkdir(parents=True)
+        (code / where / "which" / "__init__.py").write_text(f"PLACE = {where or 'code_dir'!r}\n")
+    (code / "vendor" / "only_vendored").mkdir()
+    (code / "vendor" / "only_vendored" / "__init__.py").write_text("__shadow__ = True\n")
+    (code / "extra" / "only_extra.py").write_text("__shadow__ = True\n")
+    (code / "shadowed.py").write_text(HANDLER + '''
+
+def which(event, context):
+    import which
+    return which.PLACE
+''')
+    fn = function("shadowed:handler", code_dir=str(code), python_packages="vendor", env={"PYTHONPATH": "extra"})
+    with started(tmp_path, {"fn": fn, "which": {**fn, "handler": "shadowed:which"}}) as sup:
+        answer = sup.invoke({"names": ["only_vendored", "only_extra"]}, function="fn")
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        assert body["sys_path"][:3] == [str(code), str(code / "vendor"), str(code / "extra")], body["sys_path"]
+        assert all(found["shadow"] for found in body["found"].values()), body["found"]
+        assert sup.invoke(function="which").text == "code_dir"
