@@ -1,4 +1,4 @@
-"""The `supervisor` command line: run | validate | status | invoke | reload | scale.
+"""The `supervisor` command line: run | validate | deps | status | invoke | reload | scale.
 
 The contract is docs/cli.md. The rules:
 
@@ -10,7 +10,9 @@ The contract is docs/cli.md. The rules:
   refused (the running config stays), 3 when its control plane does not
   answer, 4 when no supervisor is running; `reload --wait` 5 when the
   config was applied but its new workers did not serve within `--timeout`
-  (or failed to initialize). Usage errors exit 2 (argparse's convention).
+  (or failed to initialize); `deps` 0 when every install was done, 1 when
+  one failed, 2 when the config is invalid or `--function` names no Python
+  function (supervisor/deps.py). Usage errors exit 2 (argparse's convention).
 * Commands that talk to a running supervisor find its run directory by
   `--run-dir`, else `$SUPERVISOR_RUN_DIR`, else the `run_dir` of the config
   they would load, read even when the file has other problems (else
@@ -75,6 +77,7 @@ UINT32_MAX = 2**32 - 1  # min_warm / max_workers travel as uint32
 
 EXIT_OK = 0
 EXIT_INVOKE_FAILED = 1
+EXIT_DEPS_FAILED = 1  # deps: an install failed
 EXIT_INVALID = 2
 EXIT_NOT_RUNNING_WELL = 3
 EXIT_NO_SUPERVISOR = 4
@@ -656,6 +659,48 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_deps(args: argparse.Namespace) -> int:
+    from supervisor import deps
+    from supervisor.config import ConfigError, load_config, resolve_config_path
+
+    path = resolve_config_path(args.config, os.environ, Path.cwd())
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        print(f"{path}: invalid config, nothing installed:", file=sys.stderr)
+        for problem in exc.problems:
+            print(_problem_line(problem.path, problem.message), file=sys.stderr)
+        return EXIT_INVALID
+    chosen = config.functions.get(args.function) if args.function is not None else None
+    if args.function is not None and (chosen is None or chosen.runtime != "python"):
+        python = [f.name for f in config.functions.values() if f.runtime == "python"]
+        print(f"{args.function} is not a Python function of {path} (its Python functions: "
+              f"{', '.join(python) or 'none'})", file=sys.stderr)
+        return EXIT_INVALID
+    plan = deps.plan(config.functions.values(), lambda requirements: requirements.is_file())
+    if plan.problems:
+        for problem in plan.problems:
+            print(_problem_line(problem.path, problem.message), file=sys.stderr)
+        return EXIT_INVALID
+    for name in plan.without:
+        if chosen is None or name == chosen.name:
+            print(f"{name}: no {deps.REQUIREMENTS} in {config.functions[name].code_dir}, nothing to install")
+    failed = 0
+    # --function: its install, which the functions sharing its python_packages share.
+    for job in (job for job in plan.installs if chosen is None or chosen.name in job.functions):
+        print(f"{', '.join(job.functions)}: installing {job.requirements} into {job.directory}", file=sys.stderr)
+        try:
+            installed = deps.install(job, sys.stderr, args.timeout)
+        except deps.InstallFailed as exc:
+            print(f"{', '.join(job.functions)}: not installed: {exc}; {job.directory} stays as it was",
+                  file=sys.stderr)
+            failed += 1
+            continue
+        sys.stdout.write(deps.describe(job, installed) + "\n")
+        sys.stdout.flush()
+    return EXIT_DEPS_FAILED if failed else EXIT_OK
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from supervisor.config import resolve_config_path
     from supervisor.entry.main import run  # the whole process tree; only `run` needs it
@@ -720,6 +765,15 @@ def build_parser() -> argparse.ArgumentParser:
     validate = commands.add_parser("validate", help="check a config; exit 0, or print every problem and exit 2")
     validate.add_argument("--config", metavar="PATH", help=config_help)
     validate.set_defaults(handler=cmd_validate)
+
+    deps = commands.add_parser(
+        "deps", help="install each Python function's requirements.txt into its python_packages directory "
+                     "(exit 0, 1 an install failed, 2 invalid config)")
+    deps.add_argument("--config", metavar="PATH", help=config_help)
+    deps.add_argument("--function", metavar="NAME", help="only this Python function (and those sharing its install)")
+    deps.add_argument("--timeout", type=_wait_seconds, default=1800.0, metavar="SECONDS",
+                      help="give up on one install (pip killed) after this long (default 1800)")
+    deps.set_defaults(handler=cmd_deps)
 
     status = commands.add_parser("status", help="one look at a running supervisor (exit 0 all running, 3 not, 4 none)")
     status.add_argument("--json", action="store_true", help="print one JSON object instead of the table")

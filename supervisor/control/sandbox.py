@@ -360,9 +360,10 @@ def plan_function(fn: FunctionConfig, caps: Capabilities, *, others: Iterable[st
                 where = blocked_at(path, identity, stat_fn)
                 if where is not None:
                     assert identity is not None
-                    problems.append(Problem(f"{key}.user", f"user {identity.name} (uid {identity.uid}) cannot reach "
-                                                           f"{path}: {where} is closed to it, and without a mount "
-                                                           f"namespace ({why}) it cannot be bound in"))
+                    problems.append(Problem(f"{key}.user", f"{runs_as(identity)}: make {where} traversable by "
+                                                           f"them (chmod a+x {where}) so that they reach {path}; "
+                                                           f"without a mount namespace ({why}) it cannot be bound "
+                                                           f"in"))
                     break
 
     # ---- a pull runtime's API (worker/runtimes/gate.py) ----
@@ -450,6 +451,96 @@ class Isolation:
         return self.tree.describe() if self.tree is not None else f"none ({self.caps.cgroups})"
 
 
+def runs_as(who: Identity) -> str:
+    """The start of a message about what the workers' user cannot do."""
+    return f"workers run as uid {who.uid} ({who.name})"
+
+
+def _readable(st: os.stat_result, who: Identity, directory: bool) -> bool:
+    """Whether ``who`` (its uid and gid only: workers drop supplementary groups) can read
+    the file, or list and traverse the directory, of ``st``."""
+    if who.uid == 0:
+        return True
+    shift = 6 if st.st_uid == who.uid else 3 if st.st_gid == who.gid else 0
+    wanted = (0o5 if directory else 0o4) << shift
+    return st.st_mode & wanted == wanted
+
+
+MAX_CODE_ENTRIES = 100_000  # what one function's code check looks at, at most (the rest is not)
+
+
+def unreadable_code(code_dir: str, who: Identity, skip: Iterable[str] = (), limit: int = MAX_CODE_ENTRIES,
+                    stat_fn: Callable[[str], os.stat_result] = os.stat) -> list[str]:
+    """Whatever in ``code_dir`` (itself included) ``who`` cannot read: a file it cannot
+    read, a directory it cannot list or traverse (what is inside one is not looked at),
+    in walk order. ``skip``: directories left out (the run directory, if it is there)."""
+    found: list[str] = []
+    seen = 0
+    skipped = {os.path.normpath(path) for path in skip}
+    stack = [code_dir]
+    while stack and seen < limit:
+        directory = stack.pop()
+        try:
+            st = stat_fn(directory)
+        except OSError:
+            continue  # gone, or a link to nowhere: nothing a worker could read either way
+        seen += 1
+        if not _readable(st, who, True):
+            found.append(directory)
+            continue
+        try:
+            entries = sorted(os.scandir(directory), key=lambda entry: entry.name)
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                if os.path.normpath(entry.path) not in skipped:
+                    stack.append(entry.path)
+                continue
+            try:
+                st = stat_fn(entry.path)
+            except OSError:
+                continue
+            seen += 1
+            if stat.S_ISDIR(st.st_mode):  # a link to a directory: the worker may go there, the walk does not
+                ok = _readable(st, who, True)
+            else:
+                ok = not stat.S_ISREG(st.st_mode) or _readable(st, who, False)
+            if not ok:
+                found.append(entry.path)
+    return found
+
+
+def code_problems(config: Config, sandboxes: Mapping[str, Sandbox], names: Iterable[str] | None = None) -> list[Problem]:
+    """A problem for each function (of ``names``, default all) whose workers, running as
+    another user than the supervisor, cannot read all of its code."""
+    problems = []
+    run_dir = os.path.abspath(config.supervisor.run_dir)
+    for name in config.functions if names is None else names:
+        sandbox, fn = sandboxes.get(name), config.functions[name]
+        if sandbox is None or sandbox.identity is None:
+            continue  # the supervisor's own user (or root, as configured)
+        found = unreadable_code(str(fn.code_dir), sandbox.identity, skip=[run_dir])
+        if found:
+            more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+            problems.append(Problem(f"functions.{name}.code_dir", f"{runs_as(sandbox.identity)}: make {found[0]}"
+                                                                  f"{more} readable by them (chmod -R a+rX "
+                                                                  f"{fn.code_dir})"))
+    return problems
+
+
+def function_problems(config: Config, sandboxes: Mapping[str, Sandbox],
+                      names: Iterable[str] | None = None) -> list[Problem]:
+    """What makes functions (of ``names``, default all) unusable besides their sandbox: code
+    their workers cannot read, requirements not installed (``supervisor.deps``)."""
+    from supervisor.deps import requirements_problems
+
+    names = list(config.functions if names is None else names)
+    prefixes = tuple(f"functions.{name}." for name in names)
+    return code_problems(config, sandboxes, names) + [problem for problem in requirements_problems(config)
+                                                      if problem.path.startswith(prefixes)]
+
+
 def problems_of(sandboxes: Mapping[str, Sandbox]) -> list[Problem]:
     return [problem for sandbox in sandboxes.values() for problem in sandbox.problems]
 
@@ -457,8 +548,10 @@ def problems_of(sandboxes: Mapping[str, Sandbox]) -> list[Problem]:
 def check_config(config: Config) -> list[Problem]:
     """What ``run`` and ``validate`` refuse beyond the schema: isolation this
     container cannot give where the config requires it, users that do not
-    exist, paths the workers' user cannot reach, and handlers that do not
-    import (imported as the function's workers will be: isolated)."""
+    exist, paths the workers' user cannot reach, code it cannot read,
+    requirements that are not installed (``supervisor deps``), and handlers
+    that do not import (imported as the function's workers will be:
+    isolated)."""
     from supervisor.config import check_handlers
 
     isolation = Isolation.detect(Path(config.supervisor.run_dir), prepare_cgroups=False)
@@ -466,7 +559,12 @@ def check_config(config: Config) -> list[Problem]:
         isolation.tree.close()  # made to see that it can be; the control plane makes its own
     sandboxes = isolation.plan(config)
     problems = problems_of(sandboxes)
-    # A function whose sandbox cannot be made is not imported in it (that would only fail again).
-    checkable = {name: f for name, f in config.functions.items() if name not in sandboxes or not sandboxes[name].problems}
+    # A function whose sandbox cannot be made, whose code its workers cannot read or whose
+    # requirements are not installed is not imported (that would only fail again).
+    found = function_problems(config, sandboxes)
+    problems += found
+    unusable = {name for name in config.functions if (name in sandboxes and sandboxes[name].problems)
+                or any(problem.path.startswith(f"functions.{name}.") for problem in found)}
+    checkable = {name: f for name, f in config.functions.items() if name not in unusable}
     return problems + check_handlers(config.model_copy(update={"functions": checkable}),
                                      plans={name: s.plan for name, s in sandboxes.items()})
