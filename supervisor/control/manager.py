@@ -64,7 +64,14 @@ from supervisor.config import Config, ConfigError, FunctionConfig, Problem, chec
 from supervisor.control import exits, launcher, policy
 from supervisor.control.cgroups import Cgroup
 from supervisor.control.output import WorkerOutput
-from supervisor.control.sandbox import CPU_WINDOW_S, Isolation, Sandbox, cpu_over_limit, problems_of
+from supervisor.control.sandbox import (
+    CPU_WINDOW_S,
+    Isolation,
+    Sandbox,
+    cpu_over_limit,
+    function_problems,
+    problems_of,
+)
 from supervisor.control.seeds import SeedProcess
 from supervisor.logs import get_logger
 from supervisor.metrics import ControlPlaneMetrics
@@ -976,6 +983,8 @@ class PoolManager:
         to_check = {n: new.functions[n] for n in added + changed}
         sandboxes = self.isolation.plan(new) if self.isolation is not None else {}
         problems += problems_of({n: sandboxes[n] for n in to_check if n in sandboxes})
+        # Code its workers cannot read, requirements not installed (supervisor deps).
+        problems += await asyncio.to_thread(function_problems, new, sandboxes, list(to_check))
         if to_check and not problems:
             problems += await asyncio.to_thread(check_handlers, new.model_copy(update={"functions": to_check}),
                                                 plans={n: s.plan for n, s in sandboxes.items()})
