@@ -214,7 +214,7 @@ def test_status_json_has_the_contract_shape(sup: Running) -> None:
     assert {"name", "runtime", "min_warm", "max_workers", "concurrency", "queue_depth", "inflight",
             "workers"} <= set(fn)
     worker = fn["workers"][0]
-    assert set(worker) == {"id", "pid", "state", "inflight", "served", "age_s", "rss_bytes"}
+    assert set(worker) == {"id", "pid", "state", "inflight", "served", "age_s", "rss_bytes", "mode"}
     assert worker["state"] in ("starting", "idle", "busy", "draining")
     assert sup.cli("status", "--run-dir", str(sup.run_dir)).returncode == 0
 
