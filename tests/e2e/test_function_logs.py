@@ -53,8 +53,10 @@ def test_handler_logs_are_records_with_levels_and_fields(tmp_path: Path, seed: b
     with started(tmp_path, {"fn": function("logs_fn:handler", code_dir=str(code), seed=seed)}) as sup:
         answer = sup.invoke(headers={"x-fc-request-id": "req-logs-1"})
         assert answer.status_code == 200, answer.text
-        mine = wait_for(lambda: records_of(sup, "req-logs-1"), 10, "the handler's records")
+        mine = wait_for(lambda: records_of(sup, "req-logs-1"), 30, "the handler's records")
         by_event = {r["event"]: r for r in mine}
+        expected = {"structured", "stdlib error x", "lib warning", "stdlib info", "context debug", "failed", "bound"}
+        assert expected <= set(by_event), mine
 
         structured = by_event["structured"]
         assert structured["level"] == "info" and structured["n"] == 3 and structured["nested"] == {"a": [1, 2]}
