@@ -476,6 +476,7 @@ class SupervisorSettings(BaseModel):
     metrics_port: Annotated[int, Field(ge=0, le=65535)] = 9464  # 0 disables
     run_dir: Annotated[Path, BeforeValidator(_run_dir)] = Path("/tmp/ca-supervisor")
     log_format: Literal["json", "console"] = "json"
+    access_log: bool = True  # the data plane's record of every invocation (supervisor/data/access.py)
     default_function: str | None = None
     grace_period: Duration = 30.0
     # Clients of the CA and metrics ports (cahttp/server.py): a request head must arrive

@@ -55,6 +55,7 @@ __all__ = [
     "LineSink",
     "Logger",
     "configure_logging",
+    "access_line",
     "emit_marker_line",
     "emit_worker_line",
     "emit_worker_trace",
@@ -63,6 +64,7 @@ __all__ = [
     "is_sensitive_key",
     "redact",
     "utc_timestamp",
+    "write_lines",
 ]
 
 Logger = FilteringBoundLogger
@@ -540,6 +542,58 @@ def emit_worker_trace(
     if _MARKER_COLON in data:
         data = data.replace(_MARKER_COLON, _ESCAPED_COLON)
     sink.write_line(data + b"\n")
+
+
+def access_line(
+    *,
+    request_id: str,
+    function: str | None,
+    status: int | None,
+    outcome: str,
+    error_type: str | None,
+    duration_ms: float,
+    queue_ms: float,
+    worker: str | None = None,
+    method: str | None = None,
+    path: str | None = None,
+    component: str = "data-plane",
+) -> bytes:
+    """The data plane's access record of one invocation (:mod:`supervisor.data.access`)
+    as one line in the configured format, without its newline (see :func:`write_lines`).
+
+    A fast path like :func:`emit_worker_line` (one per invocation): the
+    fields are the supervisor's own, and in JSON the colon of ``RequestId:``
+    is escaped as in every line that is not a marker. ``worker``, ``method``
+    and ``path`` are left out when None.
+    """
+    line: dict[str, object] = {
+        "timestamp": utc_timestamp(),
+        "level": "info",
+        "event": "access",
+        "component": component,
+        "request_id": request_id,
+        "function": function,
+        "status": status,
+        "outcome": outcome,
+        "error_type": error_type,
+        "duration_ms": duration_ms,
+        "queue_ms": queue_ms,
+    }
+    if worker is not None:
+        line["worker"] = worker
+    if method is not None:
+        line["method"] = method
+        line["path"] = path
+    if _format == "console":
+        fields = " ".join(f"{key}={value}" for key, value in line.items() if key not in ("timestamp", "level", "event"))
+        return _one_line(f"{line['timestamp']} [info     ] access  {fields}").encode("utf-8", "replace")
+    return _json_serializer(line)
+
+
+def write_lines(lines: list[bytes]) -> None:
+    """Rendered lines (without newlines) to where this process's log lines go, in one write."""
+    if lines:
+        _OUTPUT.write(b"\n".join(lines))
 
 
 def marker_text(kind: str, phase: str, request_id: str) -> str:

@@ -36,7 +36,9 @@ Rules:
   and the application's slot is freed when its worker ends the stream (or is
   killed), not before.
 - Every exchange counts one outcome in ``supervisor_invocations_total``:
-  ``cancelled`` when the client left or was too slow.
+  ``cancelled`` when the client left or was too slow; its access record
+  (``access.py``) gets the same outcome, the status sent and, for a
+  response cut after it started, the cause's error type.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from supervisor.logs import get_logger
 
 if TYPE_CHECKING:
     from cahttp.server import ClientConnection
+    from supervisor.data.access import AccessRecord
     from supervisor.data.links import HttpCall
     from supervisor.data.router import FunctionState, Router
 
@@ -108,10 +111,10 @@ def client_head(head: HttpResponseStart, rid: bytes) -> tuple[int, list[tuple[by
 
 class TriggerExchange:
     __slots__ = ("router", "function", "scope", "request_id", "rid", "headers", "call", "started", "outcome",
-                 "connection")
+                 "connection", "record")
 
     def __init__(self, router: Router, function: FunctionState, scope: Scope, request_id: str, rid: bytes,
-                 headers: list[Header]) -> None:
+                 headers: list[Header], record: AccessRecord | None = None) -> None:
         self.router = router
         self.function = function
         self.scope = scope
@@ -123,6 +126,7 @@ class TriggerExchange:
         self.outcome = "crashed"  # what the exchange counts as when it ends without raising
         extensions = scope.get("extensions") or {}
         self.connection: ClientConnection | None = extensions.get("ca.connection")
+        self.record = record
 
     async def run(self, receive: Receive, send: Send, content_length: int) -> None:
         """Serves the request; raises the contract's error while no response has started."""
@@ -147,6 +151,8 @@ class TriggerExchange:
                 call.cancel()  # the exchange ended first (no-op once the stream has): the worker stops
                 call.on_failure = None
             self.function.series.outcome[outcome].inc()
+            if self.record is not None:
+                self.record.outcome = outcome
 
     async def _run(self, receive: Receive, send: Send, content_length: int) -> None:
         config = self.function.config
@@ -170,7 +176,7 @@ class TriggerExchange:
             headers=self.headers, body=first, more_body=more or bool(rest),
             http_version=scope.get("http_version", "1.1"), scheme=scope.get("scheme", "http"),
             client_host=client[0] or "", client_port=client[1] or 0)
-        call = self.call = await self.router.open_http(self.function, request)
+        call = self.call = await self.router.open_http(self.function, request, self.record)
         call.on_failure = self._on_failure
         pump = asyncio.ensure_future(self._pump(call, receive, rest, more, len(body), request.more_body))
         try:
@@ -204,6 +210,8 @@ class TriggerExchange:
         status, headers = client_head(head, self.rid)
         await send({"type": "http.response.start", "status": status, "headers": headers})
         self.started = True
+        if self.record is not None:
+            self.record.status = status
         keep_body = status not in BODILESS
         chunks = call.chunks
         while True:
@@ -241,6 +249,8 @@ class TriggerExchange:
     def _abort(self, cause: Exception) -> None:
         """The response started and cannot end well: the connection is cut."""
         self.outcome = cause.outcome if isinstance(cause, InvocationError) else "cancelled"
+        if self.record is not None and isinstance(cause, InvocationError):
+            self.record.error_type = cause.error_type
         if self.call is not None:
             self.call.cancel()
         if self.connection is not None:

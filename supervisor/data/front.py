@@ -10,6 +10,8 @@ one), streamed to it when it serves HTTP (``exchange.py``); otherwise 404.
 
 Rules:
 - Every answer carries ``x-fc-request-id`` (``cahttp/request_ids.py``).
+- Every ``/invoke`` and HTTP-trigger request is one access record when it
+  is over, whatever its end (``access.py``), unless ``access_log = false``.
 - Every failure is the contract's JSON (``errorType``, ``errorMessage``,
   ``stackTrace`` for handler exceptions) with ``x-fc-status: 404`` and the
   contract's status; see ``errors.py``.
@@ -31,7 +33,8 @@ import orjson
 from cahttp.request_ids import SAFE_REQUEST_ID, RequestIds
 from cahttp.server import ClientConnection
 from calink.messages import Header
-from supervisor.data import errors
+from supervisor.data import access, errors
+from supervisor.data.access import AccessRecord
 from supervisor.data.errors import InvocationError
 from supervisor.data.exchange import ClientGone, TriggerExchange
 from supervisor.data.router import Router
@@ -63,6 +66,8 @@ class Front:
         self.router = router
         self.lifecycle = lifecycle
         self.request_ids = RequestIds()
+        # A [supervisor] key: a reload cannot change it.
+        self.access_log = router.config.supervisor.access_log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -87,44 +92,61 @@ class Front:
             fc_headers.append(("x-fc-request-id", request_id))
         rid = request_id.encode("latin-1")
         path = scope["path"]
+        record: AccessRecord | None = None
+        if self.access_log and path not in HOOK_PATHS:
+            record = (AccessRecord(request_id, function_name) if path == "/invoke" else
+                      AccessRecord(request_id, function_name, scope["method"], path))
         try:
             if path == "/invoke":
                 if scope["method"] != "POST":
                     raise errors.method_not_allowed(scope["method"], path, "POST")
                 await self._invoke(function_name, request_id, rid, fc_headers, content_length, receive, send,
-                                   scope)
+                                   scope, record)
             elif path in HOOK_PATHS:
                 if scope["method"] not in ("GET", "POST"):
                     raise errors.method_not_allowed(scope["method"], path, "GET, POST")
                 await self._hook(HOOK_PATHS[path], request_id, rid, send)
             else:
-                await self._http(scope, function_name, request_id, rid, fc_headers, content_length, receive, send)
+                await self._http(scope, function_name, request_id, rid, fc_headers, content_length, receive, send,
+                                 record)
         except InvocationError as exc:
+            if record is not None:
+                record.failed(exc)
             await self._send_error(send, exc, rid, request_id, self._resolved(function_name))
         except ClientGone:
+            if record is not None:
+                record.client_left()
             return
         except Exception as exc:  # a bug here must still answer with the contract's JSON
             log.exception("unexpected error on the request path", request_id=request_id)
-            await self._send_error(send, InvocationError(500, "InternalError", f"the supervisor failed: {exc!r}",
-                                                         "crashed"), rid, request_id, self._resolved(function_name))
+            failure = InvocationError(500, "InternalError", f"the supervisor failed: {exc!r}", "crashed")
+            if record is not None:
+                record.failed(failure)
+            await self._send_error(send, failure, rid, request_id, self._resolved(function_name))
+        finally:
+            if record is not None:
+                record.emit()
 
     def _resolved(self, function_name: str | None) -> str | None:
         config = self.router.config.function_for(function_name)
         return config.name if config is not None else function_name
 
     async def _invoke(self, function_name: str | None, request_id: str, rid: bytes, headers: list[Header],
-                      content_length: int, receive: Receive, send: Send, scope: Scope) -> None:
+                      content_length: int, receive: Receive, send: Send, scope: Scope,
+                      record: AccessRecord | None = None) -> None:
         config = self.router.config.function_for(function_name)
         if config is None:
             raise errors.not_found(f"no function named {function_name!r} is configured here"
                                    if function_name else "no function named in x-fc-function-name and no "
                                    "default_function configured")
         function = self.router.functions[config.name]
+        if record is not None:
+            record.function = config.name
         try:
             if content_length > config.max_body:
                 raise errors.payload_too_large(config.name, config.max_body)
             body = await read_body(receive, config.max_body, config.name, connection_of(scope))
-            result = await self.router.invoke(function, "invoke", request_id, headers, body)
+            result = await self.router.invoke(function, "invoke", request_id, headers, body, record)
         except InvocationError as exc:
             function.series.outcome[exc.outcome].inc()
             raise
@@ -133,6 +155,8 @@ class Front:
             error = result.error
             raise errors.handler_failed(error.error_type, error.error_message, error.stack_trace)
         function.series.outcome["success"].inc()
+        if record is not None:
+            record.status = 200
         response_headers = [(b"x-fc-request-id", rid), (b"content-length", str(len(result.body)).encode())]
         if result.content_type:
             response_headers.append((b"content-type", result.content_type.encode("latin-1")))
@@ -140,15 +164,18 @@ class Front:
         await send({"type": "http.response.body", "body": result.body})
 
     async def _http(self, scope: Scope, function_name: str | None, request_id: str, rid: bytes,
-                    headers: list[Header], content_length: int, receive: Receive, send: Send) -> None:
+                    headers: list[Header], content_length: int, receive: Receive, send: Send,
+                    record: AccessRecord | None = None) -> None:
         """An HTTP-trigger request, streamed both ways through a worker (``exchange.py``)."""
         config = self.router.config.function_for(function_name)
+        if record is not None and config is not None:
+            record.function = config.name
         if config is None or not config.serves_http:
             what = (f"function {config.name!r} is an event function (invoke it with POST /invoke)"
                     if config is not None else "no function serves HTTP requests here")
             raise errors.not_found(f"{what}: {scope['method']} {scope['path']}")
         function = self.router.functions[config.name]
-        await TriggerExchange(self.router, function, scope, request_id, rid, headers).run(
+        await TriggerExchange(self.router, function, scope, request_id, rid, headers, record).run(
             receive, send, content_length)
 
     async def _hook(self, kind: str, request_id: str, rid: bytes, send: Send) -> None:
@@ -219,6 +246,7 @@ async def read_body(receive: Receive, limit: int, function: str, connection: Cli
 
 def flush_stdio() -> None:
     """Everything this process logged reaches stdout (pre-freeze, pre-stop, exit)."""
+    access.flush()
     flush_shared(2.0)
     for stream in (sys.stdout, sys.stderr):
         try:

@@ -22,6 +22,8 @@ Rules:
   drained after its result. A worker that reaches its ``max_requests`` is
   reported once and keeps serving until the control plane drains it (its
   replacement is ready first).
+- An invocation's access record, when there is one (``access.py``), gets
+  the worker it was given and how long it waited for a slot.
 - The function table follows the control plane's config (``ConfigUpdate``,
   after a reload): new functions are served at once; a removed one takes no
   new invocation and finishes what it has.
@@ -35,7 +37,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from calink import frames
 from calink.messages import ErrorInfo, Header, HttpRequest, Invoke, ProtocolError, Result, WorkerHello
@@ -61,6 +63,9 @@ DEMAND_HEARTBEAT_S = 2.0
 log = get_logger()
 
 Outbox = Callable[[cpb.DataPlaneEvent], None]
+
+if TYPE_CHECKING:
+    from supervisor.data.access import AccessRecord
 
 
 class FunctionState:
@@ -112,7 +117,7 @@ class Router:
 
     # ==== the request path ================================================
 
-    async def _acquire(self, function: FunctionState) -> WorkerLink:
+    async def _acquire(self, function: FunctionState, record: AccessRecord | None = None) -> WorkerLink:
         """A slot on a connected worker, now or after queueing; raises ``InvocationError``."""
         if self.draining:
             raise errors.shutting_down()
@@ -120,7 +125,7 @@ class Router:
         for _ in range(DISPATCH_ATTEMPTS):
             worker = pool.acquire()
             if worker is None:
-                worker = await self._wait_for_slot(function)
+                worker = await self._wait_for_slot(function, record)
             else:
                 function.series.queue_wait.observe(0.0)
             assert isinstance(worker, WorkerLink)
@@ -134,6 +139,8 @@ class Router:
             raise errors.worker_crashed(function.config.name, "workers kept disappearing before dispatch")
         if worker.limit and worker.taken >= worker.limit:
             self._due(worker, "disposable")  # its replacement starts now
+        if record is not None:
+            record.worker = worker.worker_id
         return worker
 
     def _begin(self, function: FunctionState) -> float:
@@ -152,9 +159,9 @@ class Router:
         return elapsed
 
     async def invoke(self, function: FunctionState, kind: str, request_id: str,
-                     headers: list[Header], body: bytes) -> Result:
+                     headers: list[Header], body: bytes, record: AccessRecord | None = None) -> Result:
         """Runs one invocation on a worker; raises ``InvocationError``."""
-        worker = await self._acquire(function)
+        worker = await self._acquire(function, record)
         config = function.config
         started = self._begin(function)
         message = Invoke(request_id=request_id, kind=kind, headers=headers,
@@ -172,7 +179,8 @@ class Router:
             worker.close()
             raise errors.worker_crashed(function.config.name, "the worker sent an undecodable result") from None
 
-    async def open_http(self, function: FunctionState, request: HttpRequest) -> HttpCall:
+    async def open_http(self, function: FunctionState, request: HttpRequest,
+                        record: AccessRecord | None = None) -> HttpCall:
         """Sends an HTTP-trigger request to a worker; raises ``InvocationError``.
 
         The worker's slot is held until the stream ends (its RESULT, the
@@ -180,14 +188,14 @@ class Router:
         client that leaves early does not free a slot the application still
         uses.
         """
-        worker = await self._acquire(function)
+        worker = await self._acquire(function, record)
         started = self._begin(function)
         request.timeout_ms = int(function.config.timeout * 1000)
         call = worker.open_stream(request, self.clock.awake() + function.config.timeout, self.loop)
         call.future.add_done_callback(lambda _: self._end(function, worker, started))
         return call
 
-    async def _wait_for_slot(self, function: FunctionState) -> Slotted:
+    async def _wait_for_slot(self, function: FunctionState, record: AccessRecord | None = None) -> Slotted:
         pool = function.pool
         health = function.health
         if health.init_failed and not pool.ready_count():
@@ -206,7 +214,14 @@ class Router:
             if future.done() and not future.cancelled() and future.exception() is None:
                 self._give_back(function, future.result())
             raise
-        function.series.queue_wait.observe(time.perf_counter() - started)
+        except errors.InvocationError:  # it waited too long, or the pool failed
+            if record is not None:
+                record.queue_s += time.perf_counter() - started
+            raise
+        waited = time.perf_counter() - started
+        function.series.queue_wait.observe(waited)
+        if record is not None:
+            record.queue_s += waited
         return worker
 
     def _release(self, function: FunctionState, worker: Slotted) -> None:
