@@ -20,7 +20,8 @@ Rules:
 * Cheap: a record is filled in along the request path (``Router`` writes
   the worker and the queue wait into it) and rendered with one call of
   :func:`supervisor.logs.access_line`, the same kind of fast path as a
-  worker's lines (about 3 us, where a structlog call costs about 15 us).
+  worker's lines (about 4 us in isolation, where the same fields through
+  structlog's processor chain cost about 8 us; bench/access_log.py).
   Rendered records are handed to the log writer together, at most
   ``FLUSH_S`` after the first of them or once ``FLUSH_BYTES`` are waiting
   (one hand-over, one wake-up of the writer thread and one write per batch
