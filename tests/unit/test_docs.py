@@ -55,7 +55,7 @@ DOCS = ROOT / "docs"
 
 # Documented ahead of their code (issue 12): config keys and CLI commands, and pages of
 # docs/ linked before they are written.
-PENDING = {"access_log"}
+PENDING: set[str] = set()
 PENDING_PAGES: set[Path] = set()
 
 
