@@ -141,6 +141,7 @@ def test_cannot_reach_the_network(sup: Running) -> None:
 def test_cannot_ptrace_or_make_namespaces(sup: Running) -> None:
     assert "EPERM" in refused(sup, "ptrace", victim_pid(sup))
     assert "EPERM" in refused(sup, "unshare")
+    assert "ENOSYS" in refused(sup, "clone3")  # so that libc falls back to clone, which is filtered
 
 
 def test_cannot_read_the_supervisors_environment(sup: Running) -> None:

@@ -208,6 +208,22 @@ def handler(event, context):
             err = ctypes.get_errno()
             raise OSError(err, os.strerror(err))
         return _result(unshare)
+    if what == "clone3":
+        # clone3 takes its flags in a struct seccomp cannot read: it must be refused
+        # whole, or CLONE_NEWUSER passes where clone's namespace flags are refused.
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.syscall.restype = ctypes.c_long
+        def clone3():
+            args = (ctypes.c_uint64 * 11)(0x10000000, 0, 0, 0, 17, 0, 0, 0, 0, 0, 0)  # CLONE_NEWUSER, SIGCHLD
+            pid = libc.syscall(435, ctypes.byref(args), ctypes.c_size_t(88))
+            if pid == 0:
+                os._exit(0)
+            if pid > 0:
+                os.waitpid(pid, 0)
+                return "made a user namespace"
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+        return _result(clone3)
     if what == "allocate":
         return _allocate(int(arg))
     if what == "allocate_shared":
