@@ -29,6 +29,7 @@ import enum
 import importlib
 import inspect
 import json
+import math
 import sys
 import traceback
 import uuid
@@ -85,11 +86,28 @@ def encode_value(value: Any) -> tuple[bytes, str]:
         return bytes(value), "application/octet-stream"
     if isinstance(value, str):
         return value.encode(), "text/plain; charset=utf-8"
-    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=_json_default)
+    try:
+        text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=_json_default, allow_nan=False)
+    except ValueError as exc:
+        if "Out of range float" not in str(exc):
+            raise  # a circular reference: the handler's error
+        value = _finite(value)  # NaN and infinities are null, as JSON has no such number
+        text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=_json_default)
     try:
         return text.encode(), "application/json"
     except UnicodeEncodeError:  # a lone surrogate: escaped, the JSON stays valid
         return json.dumps(value, separators=(",", ":"), default=_json_default).encode(), "application/json"
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every NaN or infinite float (in dicts, lists and tuples) as None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def cancelled_from_outside(exc: BaseException) -> bool:
