@@ -462,6 +462,17 @@ def emit_worker_line(
              + (f" worker={worker}" if worker else "") + f"{extra} stream={stream}\n").encode("utf-8", "replace")
         )
         return
+    line = _output_keys(timestamp, level, event, component, function, worker, request_id, stream, truncated)
+    if fields:
+        line.update(fields)
+        sink.write_line(_json_serializer(line) + b"\n")  # its values may be what orjson refuses
+        return
+    _write_record(sink, line)
+
+
+def _output_keys(timestamp: str, level: str, event: str, component: str, function: str, worker: str,
+                   request_id: str | None, stream: str, truncated: int) -> dict[str, object]:
+    """The keys every record of a worker's output has, in their order."""
     line: dict[str, object] = {
         "timestamp": timestamp,
         "level": level,
@@ -476,10 +487,10 @@ def emit_worker_line(
     line["stream"] = stream
     if truncated:
         line["truncated_bytes"] = truncated
-    if fields:
-        line.update(fields)
-        sink.write_line(_json_serializer(line) + b"\n")  # its values may be what orjson refuses
-        return
+    return line
+
+
+def _write_record(sink: LineSink, line: dict[str, object]) -> None:
     # Not OPT_APPEND_NEWLINE: orjson's result keeps a ~4 KiB allocation
     # (measured: 4.1 KiB of RSS per queued 175-byte line), and the sink may
     # hold thousands of lines. The concatenation is a right-sized copy.
@@ -523,25 +534,9 @@ def emit_worker_trace(
              + (f" worker={worker}" if worker else "") + f"{extra} stream={stream} exception={text!r}\n"
              ).encode("utf-8", "replace"))
         return
-    line: dict[str, object] = {
-        "timestamp": timestamp,
-        "level": "error",
-        "event": message,
-        "component": component,
-        "function": function,
-    }
-    if worker:
-        line["worker"] = worker
-    if request_id is not None:
-        line["request_id"] = request_id
-    line["stream"] = stream
-    if truncated:
-        line["truncated_bytes"] = truncated
+    line = _output_keys(timestamp, "error", message, component, function, worker, request_id, stream, truncated)
     line["exception"] = text
-    data = orjson.dumps(line)
-    if _MARKER_COLON in data:
-        data = data.replace(_MARKER_COLON, _ESCAPED_COLON)
-    sink.write_line(data + b"\n")
+    _write_record(sink, line)
 
 
 def access_line(
