@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import os
 import select
+import stat
 import threading
 from collections import deque
 
@@ -51,10 +52,19 @@ __all__ = ["BoundedLineWriter", "shared_sink", "flush_shared"]
 DEFAULT_MAX_BUFFER = 4 * 1024 * 1024
 # A Linux pipe holds 64 KiB: a batch no bigger goes into an empty pipe in one piece.
 DEFAULT_MAX_BATCH = 64 * 1024
+# Into a regular file (stdout redirected to a file): larger batches, see BoundedLineWriter.
+FILE_MAX_BATCH = 1024 * 1024
 # What a queued line costs beyond its bytes: the bytes object's header and
 # allocator rounding plus its deque slot. Counting it keeps the bound on real
 # memory when lines are short (a 100-byte line really takes ~160).
 LINE_OVERHEAD = 64
+
+
+def _regular_file(fd: int) -> bool:
+    try:
+        return stat.S_ISREG(os.fstat(fd).st_mode)
+    except OSError:
+        return False
 
 
 class BoundedLineWriter:
@@ -76,6 +86,10 @@ class BoundedLineWriter:
         self._fd = fd
         self._max_buffer = max_buffer
         self._max_batch = max_batch
+        if _regular_file(fd):
+            # A regular file takes any write whole: the pipe's 64 KiB reason does
+            # not hold, and a bigger batch per GIL turn keeps up with a busy loop.
+            self._max_batch = max(max_batch, FILE_MAX_BATCH)
         self._component = component
         self._lines: deque[bytes] = deque()
         self._pending = 0  # bytes queued or being written
